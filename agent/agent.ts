@@ -1,0 +1,142 @@
+import type { Logger } from 'pino';
+import { CgroupTree } from '../src/cgroup/cgroup.ts';
+import { Criu, readKernelRelease } from '../src/criu/criu.ts';
+import { capacity, freeBytes } from '../src/host/doctor.ts';
+import type { Capability } from '../src/protocol/host.ts';
+import type { RequestHandlers } from './control.ts';
+import { ControlConnection } from './control.ts';
+import { AgentMetrics } from './metrics.ts';
+import { DestinationSessions } from './migration/destination.ts';
+import { MigrationJournal } from './migration/journal.ts';
+import { recoverMigrations } from './migration/recovery.ts';
+import { MigrationSource } from './migration/source.ts';
+import { checkpointToDirectory, restoreFromDirectory } from './runtime/checkpoint.ts';
+import { ContainerRuntime } from './runtime/runtime.ts';
+import { AgentEndpoint, type TlsFiles } from './server.ts';
+
+export interface AgentOptions {
+  name: string;
+  host: string;
+  port: number;
+  token: string;
+  stateDir: string;
+  cgroupRoot: string;
+  logger: Logger;
+  tls?: TlsFiles;
+  criuPath?: string;
+}
+
+export interface RunningAgent {
+  url: string;
+  close(): Promise<void>;
+}
+
+/** Assembles the agent from its parts; each part gets only what it needs. */
+export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
+  const { logger } = options;
+  const runtime = new ContainerRuntime({
+    stateDir: options.stateDir,
+    cgroups: await CgroupTree.open(options.cgroupRoot),
+    hostName: options.name,
+    logger,
+  });
+  const criu = lazyCriu(options.criuPath);
+  const journal = new MigrationJournal(options.stateDir);
+  const metrics = new AgentMetrics(async () => (await runtime.store.names()).length);
+  const destinations = new DestinationSessions({ runtime, criu, journal, logger });
+  let outgoing = 0;
+
+  const handlers: RequestHandlers = {
+    info: async () => ({
+      name: options.name,
+      kernel: await readKernelRelease(),
+      ...(await criu().then(
+        (found) => ({ criu: { path: found.path, version: found.version.text } }),
+        () => ({}),
+      )),
+      capabilities: await capabilities(criu),
+      capacity: capacity(await freeBytes(options.stateDir)),
+      containers: await runtime.list(),
+      migrations: outgoing + destinations.size,
+    }),
+    run: async (request) => runtime.run(request.spec),
+    list: async () => ({ containers: await runtime.list() }),
+    logs: async (request) => ({ text: await runtime.logs(request.name, request.tailBytes) }),
+    stop: async (request) => runtime.stop(request.name, request.graceMs),
+    remove: async (request) => {
+      await runtime.remove(request.name, request.force);
+      return { removed: request.name };
+    },
+    checkpoint: async (request) => {
+      const result = await checkpointToDirectory(runtime, await criu(), request.name, request.directory, request.keepRunning);
+      return { directory: request.directory, frozenMs: result.frozenMs, dumpStats: result.dumpStats };
+    },
+    restore: async (request) => {
+      const { record } = await restoreFromDirectory(runtime, await criu(), request.directory, request.name);
+      return runtime.describe(record);
+    },
+    migrate: async (request, context) => {
+      outgoing += 1;
+      try {
+        const source = new MigrationSource(
+          { runtime, criu, journal, logger },
+          { ...request, progress: context.progress, signal: context.signal },
+        );
+        const report = await source.run();
+        metrics.migrationSucceeded(report);
+        return report;
+      } catch (error) {
+        metrics.migrationFailed('source');
+        throw error;
+      } finally {
+        outgoing -= 1;
+      }
+    },
+    cancel: async () => ({ cancelled: false }),
+    'migration-status': async (request) => {
+      const entry = await journal.read(request.migrationId);
+      return { migrationId: request.migrationId, state: entry?.state ?? 'unknown' };
+    },
+  };
+
+  const endpoint = new AgentEndpoint({
+    host: options.host,
+    port: options.port,
+    token: options.token,
+    logger,
+    ...(options.tls ? { tls: options.tls } : {}),
+    onControl: (socket) => new ControlConnection(socket, logger, handlers, destinations, options.name),
+    onData: (socket, migrationId, channel) => destinations.onData(socket, migrationId, channel),
+    onHttp: async (request, response) => {
+      if (request.url !== '/metrics') return false;
+      response.setHeader('content-type', metrics.registry.contentType);
+      response.end(await metrics.registry.metrics());
+      return true;
+    },
+  });
+  await endpoint.listen();
+  void recoverMigrations({ runtime, journal, logger, hostName: options.name });
+  return { url: endpoint.url, close: () => endpoint.close() };
+}
+
+/** CRIU is looked up on first use, so an agent without it still serves `info` and runs nothing CRIU needs. */
+function lazyCriu(explicitPath: string | undefined): () => Promise<Criu> {
+  let found: Promise<Criu> | undefined;
+  return () => {
+    found ??= Criu.locate(explicitPath).catch((error: unknown) => {
+      found = undefined;
+      throw error;
+    });
+    return found;
+  };
+}
+
+async function capabilities(criu: () => Promise<Criu>): Promise<Capability[]> {
+  const found = await criu().catch(() => undefined);
+  if (!found) return [{ name: 'criu', ok: false, value: 'missing', required: true }];
+  const dirty = await found.check('mem_dirty_track');
+  return [
+    { name: 'criu', ok: true, value: found.version.text, required: true },
+    { name: 'memory dirty tracking', ok: !dirty, value: dirty ? 'absent' : 'present', required: false },
+  ];
+}

@@ -1,0 +1,138 @@
+import type { Logger } from 'pino';
+import type { WebSocket } from 'ws';
+import { z } from 'zod';
+import { FerryError, toFerryError } from '../src/errors.ts';
+import {
+  describeIssues,
+  helloSchema,
+  protocolVersion,
+  requestSchema,
+  type Request,
+  type RequestType,
+} from '../src/protocol/messages.ts';
+import { peerMessageSchema, type PeerMessage, type ProgressEvent } from '../src/protocol/migration.ts';
+import { keepAlive } from '../src/transport/heartbeat.ts';
+
+export interface RequestContext {
+  progress: (event: ProgressEvent) => void;
+  signal: AbortSignal;
+  logger: Logger;
+}
+
+export type RequestHandlers = {
+  [T in RequestType]: (request: Extract<Request, { type: T }>, context: RequestContext) => Promise<unknown>;
+};
+
+/** Peer-to-peer migration messages arrive on a control connection from another agent. */
+export interface PeerHandler {
+  onPeerMessage(message: PeerMessage, connection: ControlConnection): Promise<void>;
+  onPeerClosed(connection: ControlConnection): void;
+}
+
+const peerTypes = new Set<string>(peerMessageSchema.options.map((option) => option.shape.type.value));
+
+/** One client's control connection: hello first, then requests, replies and progress. */
+export class ControlConnection {
+  readonly socket: WebSocket;
+  private readonly logger: Logger;
+  private readonly handlers: RequestHandlers;
+  private readonly peer: PeerHandler;
+  private greeted = false;
+  private readonly inFlight = new Map<string, AbortController>();
+
+  constructor(socket: WebSocket, logger: Logger, handlers: RequestHandlers, peer: PeerHandler, hostName: string) {
+    this.socket = socket;
+    this.logger = logger;
+    this.handlers = handlers;
+    this.peer = peer;
+    keepAlive(socket);
+    socket.on('message', (data, isBinary) => {
+      if (isBinary) return this.refuse(undefined, 'binary frames are not allowed on the control channel');
+      this.onText(data.toString(), hostName);
+    });
+    socket.on('close', () => {
+      for (const controller of this.inFlight.values()) controller.abort();
+      this.peer.onPeerClosed(this);
+    });
+  }
+
+  send(message: object): void {
+    if (this.socket.readyState === this.socket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  private onText(text: string, hostName: string): void {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      return this.refuse(undefined, 'message is not JSON');
+    }
+    const id = typeof (raw as { id?: unknown })?.id === 'string' ? (raw as { id: string }).id : undefined;
+    if (!this.greeted) return this.onHello(raw, hostName);
+    const type = (raw as { type?: unknown })?.type;
+    if (typeof type === 'string' && peerTypes.has(type)) {
+      const message = peerMessageSchema.safeParse(raw);
+      if (!message.success) return this.refuse(id, describeIssues(message.error));
+      this.peer.onPeerMessage(message.data, this).catch((error: unknown) => {
+        this.logger.error({ err: error }, 'peer message failed');
+      });
+      return;
+    }
+    const request = requestSchema.safeParse(raw);
+    if (!request.success) return this.refuse(id, describeIssues(request.error));
+    void this.dispatch(request.data);
+  }
+
+  private onHello(raw: unknown, hostName: string): void {
+    const hello = helloSchema.safeParse(raw);
+    if (!hello.success) {
+      this.refuse(undefined, `expected hello first: ${describeIssues(hello.error)}`);
+      this.socket.close();
+      return;
+    }
+    if (hello.data.version !== protocolVersion) {
+      this.send({
+        type: 'error',
+        error: { code: 'PROTOCOL_VERSION', message: `agent speaks protocol ${protocolVersion}, client ${hello.data.version}` },
+      });
+      this.socket.close();
+      return;
+    }
+    this.greeted = true;
+    this.send({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName });
+  }
+
+  private async dispatch(request: Request): Promise<void> {
+    if (request.type === 'cancel') {
+      const target = this.inFlight.get(request.target);
+      target?.abort(new FerryError('CANCELLED', 'cancelled by the client'));
+      this.send({ type: 'result', id: request.id, result: { cancelled: !!target } });
+      return;
+    }
+    const controller = new AbortController();
+    this.inFlight.set(request.id, controller);
+    const context: RequestContext = {
+      progress: (event) => this.send({ type: 'progress', id: request.id, event }),
+      signal: controller.signal,
+      logger: this.logger,
+    };
+    try {
+      const handler = this.handlers[request.type] as (request: Request, context: RequestContext) => Promise<unknown>;
+      const result = await handler(request, context);
+      this.send({ type: 'result', id: request.id, result });
+    } catch (error) {
+      const ferryError = error instanceof z.ZodError
+        ? new FerryError('BAD_REQUEST', describeIssues(error))
+        : toFerryError(error, undefined);
+      this.logger.warn({ request: request.type, code: ferryError.code, phase: ferryError.phase, err: ferryError }, 'request failed');
+      this.send({ type: 'error', id: request.id, error: ferryError.toJSON() });
+    } finally {
+      this.inFlight.delete(request.id);
+    }
+  }
+
+  private refuse(id: string | undefined, message: string): void {
+    this.logger.warn({ message }, 'malformed message refused');
+    this.send({ type: 'error', ...(id ? { id } : {}), error: { code: 'BAD_MESSAGE', message } });
+  }
+}

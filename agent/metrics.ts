@@ -1,0 +1,63 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { MigrationReport } from '../src/protocol/migration.ts';
+
+/** The agent's Prometheus metrics, served at /metrics. */
+export class AgentMetrics {
+  readonly registry = new Registry();
+  private readonly migrations: Counter<'role' | 'outcome'>;
+  private readonly downtime: Histogram;
+  private readonly duration: Histogram;
+  private readonly bytes: Counter<'part'>;
+  readonly containers: Gauge;
+
+  constructor(countContainers: () => Promise<number>) {
+    collectDefaultMetrics({ register: this.registry, prefix: 'ferry_agent_' });
+    this.migrations = new Counter({
+      name: 'ferry_migrations_total',
+      help: 'Migrations by role and outcome',
+      labelNames: ['role', 'outcome'],
+      registers: [this.registry],
+    });
+    this.downtime = new Histogram({
+      name: 'ferry_migration_downtime_seconds',
+      help: 'From freeze on the source to running on the destination',
+      buckets: [0.05, 0.1, 0.15, 0.3, 0.5, 1, 2, 5, 10, 30],
+      registers: [this.registry],
+    });
+    this.duration = new Histogram({
+      name: 'ferry_migration_duration_seconds',
+      help: 'Whole migration, preflight to cleanup',
+      buckets: [0.1, 0.5, 1, 2, 5, 10, 30, 60, 300],
+      registers: [this.registry],
+    });
+    this.bytes = new Counter({
+      name: 'ferry_migration_bytes_total',
+      help: 'Bytes sent by outgoing migrations, by part',
+      labelNames: ['part'],
+      registers: [this.registry],
+    });
+    this.containers = new Gauge({
+      name: 'ferry_containers',
+      help: 'Containers on this host',
+      registers: [this.registry],
+      async collect() {
+        this.set(await countContainers());
+      },
+    });
+  }
+
+  migrationSucceeded(report: MigrationReport): void {
+    this.migrations.inc({ role: 'source', outcome: report.outcome });
+    this.downtime.observe(report.downtimeMs / 1000);
+    this.duration.observe(report.totalMs / 1000);
+    for (const [part, value] of Object.entries(report.bytes)) this.bytes.inc({ part }, value);
+  }
+
+  migrationFailed(role: 'source' | 'destination'): void {
+    this.migrations.inc({ role, outcome: 'rolled-back' });
+  }
+
+  incomingSucceeded(): void {
+    this.migrations.inc({ role: 'destination', outcome: 'succeeded' });
+  }
+}

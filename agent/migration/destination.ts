@@ -1,0 +1,315 @@
+import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type WebSocket from 'ws';
+import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/criu.ts';
+import { FerryError, toFerryError } from '../../src/errors.ts';
+import type { PeerMessage } from '../../src/protocol/migration.ts';
+import { compareDigests } from '../../src/rootfs/digest.ts';
+import { unpackInto } from '../../src/rootfs/unpack.ts';
+import { ChannelReceiver, ChannelSender, nextStreamEnd, tunnel } from '../../src/transport/channel.ts';
+import { faultActive } from '../../src/transport/faults.ts';
+import { freeBytes } from '../../src/host/doctor.ts';
+import type { ControlConnection, PeerHandler } from '../control.ts';
+import { restoreContainer } from '../runtime/checkpoint.ts';
+import type { ContainerRuntime } from '../runtime/runtime.ts';
+import type { MigrationJournal } from './journal.ts';
+import { resumeContainer } from './resume.ts';
+import { withTimeout } from './timing.ts';
+
+type Offer = Extract<PeerMessage, { type: 'offer' }>;
+
+export interface DestinationDependencies {
+  runtime: ContainerRuntime;
+  criu: () => Promise<Criu>;
+  journal: MigrationJournal;
+  logger: Logger;
+}
+
+/** All incoming migrations of this agent, keyed by migration id. */
+export class DestinationSessions implements PeerHandler {
+  private readonly deps: DestinationDependencies;
+  private readonly sessions = new Map<string, DestinationSession>();
+
+  constructor(deps: DestinationDependencies) {
+    this.deps = deps;
+  }
+
+  get size(): number {
+    return this.sessions.size;
+  }
+
+  async onPeerMessage(message: PeerMessage, connection: ControlConnection): Promise<void> {
+    if (message.type === 'offer') return this.offer(message, connection);
+    if (message.type === 'decision') return this.decide(message.migrationId, message.decision, connection);
+    const session = this.sessions.get(message.migrationId);
+    if (!session) {
+      connection.send({
+        type: 'abort',
+        migrationId: message.migrationId,
+        error: { code: 'NOT_FOUND', message: `no migration ${message.migrationId} here` },
+      });
+      return;
+    }
+    if (message.type === 'transfer-complete') await session.restore();
+    else if (message.type === 'abort') await this.finish(session, 'abort', message.error.message);
+  }
+
+  onPeerClosed(connection: ControlConnection): void {
+    for (const session of this.sessions.values()) {
+      if (session.connection !== connection) continue;
+      // Once prepared, only the source's decision may drop the copy: it may have committed.
+      if (session.state === 'prepared') {
+        session.logger.warn('source disconnected after prepare; keeping the stopped copy until its decision arrives');
+      } else {
+        void this.finish(session, 'abort', 'source disconnected');
+      }
+    }
+  }
+
+  onData(socket: WebSocket, migrationId: string, channel: string): void {
+    const session = this.sessions.get(migrationId);
+    if (!session || (channel !== 'files' && channel !== 'pages')) {
+      socket.close(4004, 'no such migration channel');
+      return;
+    }
+    session.attach(channel, socket);
+  }
+
+  private async offer(offer: Offer, connection: ControlConnection): Promise<void> {
+    const session = new DestinationSession(this.deps, offer, connection);
+    try {
+      await session.preflight();
+      this.sessions.set(offer.migrationId, session);
+      connection.send({
+        type: 'accept',
+        migrationId: offer.migrationId,
+        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion },
+      });
+    } catch (error) {
+      const failure = toFerryError(error, 'preflight');
+      session.logger.warn({ code: failure.code, err: failure }, 'offer refused');
+      await session.discard();
+      connection.send({ type: 'abort', migrationId: offer.migrationId, error: failure.toJSON() });
+    }
+  }
+
+  /**
+   * The source's decision, in the session or re-delivered after a restart;
+   * the journal makes it idempotent.
+   */
+  private async decide(migrationId: string, decision: 'commit' | 'abort', connection: ControlConnection): Promise<void> {
+    const session = this.sessions.get(migrationId);
+    if (session) {
+      await this.finish(session, decision, 'source decided abort');
+    } else {
+      await decideFromJournal(this.deps, migrationId, decision);
+    }
+    const entry = await this.deps.journal.read(migrationId);
+    const outcome = entry?.state === 'done' ? 'commit' : 'abort';
+    connection.send({ type: 'decided', migrationId, decision: outcome });
+  }
+
+  private async finish(session: DestinationSession, decision: 'commit' | 'abort', reason: string): Promise<void> {
+    this.sessions.delete(session.migrationId);
+    if (decision === 'commit') await session.commit();
+    else await session.discard(reason);
+  }
+}
+
+/** Applies a decision for a migration this agent only knows from its journal (after a restart). */
+export async function decideFromJournal(
+  deps: DestinationDependencies,
+  migrationId: string,
+  decision: 'commit' | 'abort',
+): Promise<void> {
+  const entry = await deps.journal.read(migrationId);
+  if (!entry || entry.role !== 'destination' || entry.state === 'done' || entry.state === 'aborted') return;
+  if (decision === 'commit' && entry.state === 'prepared') {
+    await resumeContainer(deps.runtime, entry.container);
+    await deps.journal.update(migrationId, 'done');
+    return;
+  }
+  await deps.runtime.destroy(entry.container);
+  await deps.journal.update(migrationId, 'aborted', 'source decided abort');
+  await deps.journal.removeImages(migrationId);
+}
+
+/** One incoming migration: preflight, receive, restore stopped, then commit or discard. */
+class DestinationSession {
+  readonly migrationId: string;
+  readonly connection: ControlConnection;
+  readonly logger: Logger;
+  state: 'receiving' | 'prepared' = 'receiving';
+  criuVersion = '';
+  private readonly deps: DestinationDependencies;
+  private readonly offer: Offer;
+  private criu!: Criu;
+  private releaseName: (() => void) | undefined;
+  private files: Promise<void> | undefined;
+  private pages: Promise<void> | undefined;
+  private channels: WebSocket[] = [];
+
+  constructor(deps: DestinationDependencies, offer: Offer, connection: ControlConnection) {
+    this.deps = deps;
+    this.offer = offer;
+    this.migrationId = offer.migrationId;
+    this.connection = connection;
+    this.logger = deps.logger.child({ migrationId: offer.migrationId, container: offer.spec.name });
+  }
+
+  private get name(): string {
+    return this.offer.spec.name;
+  }
+
+  private get directory(): string {
+    return this.deps.journal.directory(this.migrationId);
+  }
+
+  private get imagesDir(): string {
+    return join(this.directory, 'images');
+  }
+
+  /** Everything that can be checked before the source freezes anything. */
+  async preflight(): Promise<void> {
+    this.logger.info({ phase: 'preflight', from: this.offer.source.host }, 'phase');
+    this.criu = await this.deps.criu();
+    this.criuVersion = this.criu.version.text;
+    const sourceVersion = parseCriuVersion(`Version: ${this.offer.source.criuVersion}`);
+    if (!sourceVersion || compareVersions(this.criu.version, sourceVersion) < 0) {
+      throw new FerryError(
+        'INCOMPATIBLE',
+        `CRIU ${this.criu.version.text} here is older than the source's ${this.offer.source.criuVersion}`,
+        { phase: 'preflight' },
+      );
+    }
+    this.releaseName = await this.deps.runtime.claim(this.name);
+    await mkdir(this.imagesDir, { recursive: true });
+    const cpuinfoDir = join(this.directory, 'cpuinfo');
+    await mkdir(cpuinfoDir, { recursive: true });
+    await writeFile(join(cpuinfoDir, 'cpuinfo.img'), Buffer.from(this.offer.cpuinfo, 'base64'));
+    const cpuProblem = await this.criu.cpuinfoCheck(cpuinfoDir);
+    if (cpuProblem) throw new FerryError('INCOMPATIBLE', `CPU of this host cannot run the source's images: ${cpuProblem}`);
+    const needed = Math.ceil((this.offer.needs.rootfsBytes + this.offer.needs.memoryBytes) * 1.2);
+    const free = await freeBytes(this.deps.runtime.store.root);
+    if (free < needed) throw new FerryError('NO_SPACE', `needs ${needed} bytes in the state directory, ${free} free`);
+    await this.deps.runtime.cgroup(this.name).create();
+    await this.deps.journal.write({
+      migrationId: this.migrationId,
+      role: 'destination',
+      container: this.name,
+      state: 'started',
+    });
+  }
+
+  attach(channel: 'files' | 'pages', socket: WebSocket): void {
+    this.channels.push(socket);
+    const work = channel === 'files' ? this.receiveFiles(socket) : this.servePages(socket);
+    work.catch((error: unknown) => this.fail(error));
+    if (channel === 'files') this.files = work;
+    else this.pages = work;
+  }
+
+  /** The rootfs, then the non-page CRIU images, each unpacked while it arrives. */
+  private async receiveFiles(socket: WebSocket): Promise<void> {
+    const receiver = new ChannelReceiver(socket);
+    await this.receiveTar(receiver, 'rootfs', this.deps.runtime.store.rootfs(this.name));
+    await this.receiveTar(receiver, 'images', this.imagesDir);
+  }
+
+  private async receiveTar(receiver: ChannelReceiver, expected: string, into: string): Promise<void> {
+    const stream = await receiver.next();
+    if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`);
+    const digests = new Map<string, string>();
+    const [, end] = await Promise.all([unpackInto(into, stream.body, digests), stream.end]);
+    const problems = compareDigests(new Map(Object.entries(end.files ?? {})), digests);
+    if (problems.length) {
+      throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });
+    }
+    this.logger.info({ stream: expected, bytes: end.bytes }, 'stream received');
+  }
+
+  /** CRIU's page server, fed through the pages channel. */
+  private async servePages(socket: WebSocket): Promise<void> {
+    const server = this.criu.pageServer({ imagesDir: this.imagesDir, logFile: join(this.directory, 'page-server.log') });
+    const sourceEnd = nextStreamEnd(socket);
+    sourceEnd.catch(() => undefined);
+    const [, carried, sent] = await Promise.all([
+      server.done,
+      tunnel(server.channel!, socket, new ChannelSender(socket, 'pages-reply')),
+      sourceEnd,
+    ]);
+    if (carried.received.sha256 !== sent.sha256 || carried.received.bytes !== sent.bytes) {
+      throw new FerryError('CHECKSUM_MISMATCH', `memory pages: received ${carried.received.bytes} bytes that do not match the source's sha256`, {
+        phase: 'stream',
+      });
+    }
+  }
+
+  async restore(): Promise<void> {
+    try {
+      if (!this.files || !this.pages) throw new FerryError('BAD_MESSAGE', 'restore requested before all data channels opened');
+      await withTimeout(Promise.all([this.files, this.pages]), 60_000, 'receiving the images', 'stream');
+      this.logger.info({ phase: 'restore' }, 'phase');
+      // Test fault: a real criu restore failure, from an image that is not there.
+      if (faultActive('fail-restore')) await rm(join(this.imagesDir, 'pstree.img'), { force: true });
+      const started = performance.now();
+      const { record, restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
+        spec: this.offer.spec,
+        history: this.offer.history,
+        imagesDir: this.imagesDir,
+        rootfs: this.deps.runtime.store.rootfs(this.name),
+        leaveStopped: true,
+        logFile: join(this.directory, 'restore.log'),
+      });
+      await this.deps.runtime.store.write({ ...record, migrationId: this.migrationId });
+      await this.deps.journal.update(this.migrationId, 'prepared');
+      this.state = 'prepared';
+      this.connection.send({
+        type: 'prepared',
+        migrationId: this.migrationId,
+        restoreMs: Math.round(performance.now() - started),
+        ...(restoreStats ? { restoreStats } : {}),
+      });
+    } catch (error) {
+      await this.fail(error);
+    }
+  }
+
+  async commit(): Promise<void> {
+    await resumeContainer(this.deps.runtime, this.name);
+    await this.deps.journal.update(this.migrationId, 'done');
+    await this.deps.journal.removeImages(this.migrationId);
+    this.closeChannels();
+    this.releaseName?.();
+    this.logger.info({ phase: 'confirm' }, 'container running here');
+  }
+
+  /** Drops everything this migration made here: tasks, cgroup, rootfs, images. */
+  async discard(reason?: string): Promise<void> {
+    this.closeChannels();
+    if (this.releaseName) {
+      await this.deps.runtime.destroy(this.name).catch((error: unknown) => this.logger.error({ err: error }, 'cleanup failed'));
+      this.releaseName();
+      this.releaseName = undefined;
+    }
+    await this.deps.journal.update(this.migrationId, 'aborted', reason).catch(() => undefined);
+    await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);
+    if (reason) this.logger.warn({ reason }, 'incoming migration discarded');
+  }
+
+  private failed = false;
+
+  private async fail(error: unknown): Promise<void> {
+    if (this.failed || this.state === 'prepared') return;
+    this.failed = true;
+    const failure = toFerryError(error, 'restore');
+    this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
+    this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
+    await this.discard(failure.message);
+  }
+
+  private closeChannels(): void {
+    for (const socket of this.channels) socket.close();
+  }
+}

@@ -1,0 +1,128 @@
+import type WebSocket from 'ws';
+import { FerryError, type Phase } from '../../src/errors.ts';
+import { helloSchema, protocolVersion, type Destination } from '../../src/protocol/messages.ts';
+import { peerMessageSchema, type DataChannel, type PeerMessage } from '../../src/protocol/migration.ts';
+import { openSocket, type ConnectOptions } from '../../src/transport/client.ts';
+import { keepAlive } from '../../src/transport/heartbeat.ts';
+
+type MessageOf<T extends PeerMessage['type']> = Extract<PeerMessage, { type: T }>;
+
+/**
+ * The source's control link to the destination agent of one migration: send
+ * peer messages, wait for the next one of a type. An `abort` from the peer or
+ * a dead connection rejects every wait.
+ */
+export class PeerLink {
+  readonly socket: WebSocket;
+  readonly peerName: string;
+  private readonly connectOptions: ConnectOptions;
+  private readonly inbox: PeerMessage[] = [];
+  private waiter: (() => void) | undefined;
+  private failure: FerryError | undefined;
+
+  private constructor(socket: WebSocket, peerName: string, connectOptions: ConnectOptions) {
+    this.socket = socket;
+    this.peerName = peerName;
+    this.connectOptions = connectOptions;
+    keepAlive(socket);
+    socket.on('message', (data, isBinary) => {
+      if (!isBinary) this.receive(data.toString());
+    });
+    socket.on('close', () => this.fail(new FerryError('PEER_GONE', `lost the connection to ${peerName}`)));
+  }
+
+  static async connect(destination: Destination, hostName: string): Promise<PeerLink> {
+    const options: ConnectOptions = {
+      url: destination.url,
+      token: destination.token,
+      peer: 'agent',
+      name: hostName,
+      ...(destination.ca ? { ca: destination.ca } : {}),
+    };
+    const socket = await openSocket(options);
+    socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName }));
+    const peerName = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new FerryError('TIMEOUT', 'no hello from the destination')), 10_000);
+      socket.once('message', (data) => {
+        clearTimeout(timer);
+        const hello = helloSchema.safeParse(JSON.parse(data.toString()));
+        if (hello.success && hello.data.version === protocolVersion) resolve(hello.data.name ?? destination.url);
+        else reject(new FerryError('PROTOCOL_VERSION', `destination refused hello: ${data.toString().slice(0, 200)}`));
+      });
+      socket.once('close', () => reject(new FerryError('PEER_GONE', 'destination closed during hello')));
+    }).catch((error: unknown) => {
+      socket.terminate();
+      throw error;
+    });
+    return new PeerLink(socket, peerName, options);
+  }
+
+  /** Opens one of the migration's data channels on the destination. */
+  openChannel(migrationId: string, channel: DataChannel): Promise<WebSocket> {
+    return openSocket(this.connectOptions, `/migrations/${migrationId}/${channel}`, 'stream');
+  }
+
+  send(message: PeerMessage): void {
+    if (this.socket.readyState === this.socket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  async expect<T extends PeerMessage['type']>(type: T, timeoutMs: number, phase: Phase): Promise<MessageOf<T>> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const index = this.inbox.findIndex((message) => message.type === type || message.type === 'abort');
+      if (index >= 0) {
+        const [message] = this.inbox.splice(index, 1);
+        if (message!.type === 'abort') {
+          const { code, message: text, phase: remotePhase, details } = message!.error;
+          throw new FerryError(
+            code as FerryError['code'],
+            `destination ${this.peerName}: ${text}`,
+            { phase: (remotePhase as Phase | undefined) ?? phase, ...(details ? { details } : {}) },
+          );
+        }
+        return message as MessageOf<T>;
+      }
+      if (this.failure) throw new FerryError(this.failure.code, this.failure.message, { phase });
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new FerryError('TIMEOUT', `no ${type} from ${this.peerName} in ${timeoutMs} ms`, { phase });
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, remaining);
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+  }
+
+  close(): void {
+    this.socket.close();
+  }
+
+  private receive(text: string): void {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      return;
+    }
+    const message = peerMessageSchema.safeParse(raw);
+    if (message.success) this.inbox.push(message.data);
+    else if ((raw as { type?: string }).type === 'error') {
+      const error = (raw as { error: { code: FerryError['code']; message: string } }).error;
+      this.inbox.push({ type: 'abort', migrationId: '', error });
+    }
+    this.wake();
+  }
+
+  private fail(error: FerryError): void {
+    this.failure ??= error;
+    this.wake();
+  }
+
+  private wake(): void {
+    const waiter = this.waiter;
+    this.waiter = undefined;
+    waiter?.();
+  }
+}

@@ -1,0 +1,85 @@
+import type { Logger } from 'pino';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { ContainerRuntime } from '../runtime/runtime.ts';
+import type { JournalEntry, MigrationJournal } from './journal.ts';
+import { PeerLink } from './peer.ts';
+
+export interface RecoveryDependencies {
+  runtime: ContainerRuntime;
+  journal: MigrationJournal;
+  logger: Logger;
+  hostName: string;
+}
+
+/**
+ * After a restart, finish what a crash interrupted. The source decides: with
+ * no decision written it aborts (thaws here, tells the destination); with a
+ * commit written it makes sure the local copy is gone and re-delivers the
+ * commit. A destination drops unprepared copies and waits for prepared ones.
+ */
+export async function recoverMigrations(deps: RecoveryDependencies): Promise<void> {
+  for (const entry of await deps.journal.unfinished()) {
+    const logger = deps.logger.child({ migrationId: entry.migrationId, container: entry.container });
+    try {
+      if (entry.role === 'source') await recoverSource(deps, entry, logger);
+      else await recoverDestination(deps, entry, logger);
+    } catch (error) {
+      logger.error({ err: error }, 'recovery failed');
+    }
+  }
+}
+
+async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, logger: Logger): Promise<void> {
+  const decision = entry.state === 'committed' ? 'commit' : 'abort';
+  if (decision === 'abort') {
+    const record = await deps.runtime.store.read(entry.container);
+    if (record) {
+      await deps.runtime.cgroup(entry.container).thaw().catch(() => undefined);
+      const { migrationId: _, ...rest } = record;
+      await deps.runtime.store.write(rest);
+    }
+    await deps.journal.update(entry.migrationId, 'aborted', 'source agent restarted before the decision');
+    logger.warn('interrupted outgoing migration rolled back: container thawed here');
+  } else {
+    await deps.runtime.destroy(entry.container);
+    logger.warn('interrupted outgoing migration was committed: local copy removed');
+  }
+  if (entry.destination) void deliverDecision(deps, entry, decision, logger);
+}
+
+async function recoverDestination(deps: RecoveryDependencies, entry: JournalEntry, logger: Logger): Promise<void> {
+  if (entry.state === 'prepared') {
+    logger.warn('incoming migration prepared before a restart; waiting for the source\'s decision');
+    return;
+  }
+  await deps.runtime.destroy(entry.container);
+  await deps.journal.update(entry.migrationId, 'aborted', 'destination agent restarted while receiving');
+  await deps.journal.removeImages(entry.migrationId);
+  logger.warn('interrupted incoming migration discarded');
+}
+
+/** Retries until the destination acknowledges the decision (bounded: about 10 minutes). */
+export async function deliverDecision(
+  deps: RecoveryDependencies,
+  entry: JournalEntry,
+  decision: 'commit' | 'abort',
+  logger: Logger,
+): Promise<void> {
+  for (let attempt = 0; attempt < 120; attempt += 1) {
+    try {
+      const link = await PeerLink.connect(entry.destination!, deps.hostName);
+      try {
+        link.send({ type: 'decision', migrationId: entry.migrationId, decision });
+        const decided = await link.expect('decided', 30_000, 'confirm');
+        if (decision === 'commit') await deps.journal.update(entry.migrationId, 'done');
+        logger.info({ decision, outcome: decided.decision }, 'decision delivered');
+        return;
+      } finally {
+        link.close();
+      }
+    } catch (error) {
+      logger.warn({ err: error, attempt }, 'could not deliver the decision yet');
+      await sleep(5_000);
+    }
+  }
+}

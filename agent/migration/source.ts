@@ -1,0 +1,289 @@
+import { randomUUID } from 'node:crypto';
+import { mkdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type WebSocket from 'ws';
+import type { Criu } from '../../src/criu/criu.ts';
+import { readKernelRelease } from '../../src/criu/criu.ts';
+import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
+import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
+import type { Destination } from '../../src/protocol/messages.ts';
+import type { MigrationOptions, MigrationReport, ProgressEvent } from '../../src/protocol/migration.ts';
+import { packDirectory } from '../../src/rootfs/pack.ts';
+import { ChannelSender, tunnel } from '../../src/transport/channel.ts';
+import { dumpFrozen } from '../runtime/checkpoint.ts';
+import { directorySize } from '../runtime/disk.ts';
+import { residentBytes } from '../runtime/process.ts';
+import type { ContainerRuntime } from '../runtime/runtime.ts';
+import type { ContainerRecord } from '../runtime/store.ts';
+import { MigrationJournal } from './journal.ts';
+import { PeerLink } from './peer.ts';
+import { deliverDecision } from './recovery.ts';
+import { PhaseTimer, withTimeout } from './timing.ts';
+import { TransferMeter } from './meter.ts';
+
+export interface SourceDependencies {
+  runtime: ContainerRuntime;
+  criu: () => Promise<Criu>;
+  journal: MigrationJournal;
+  logger: Logger;
+}
+
+export interface MigrateRequest {
+  name: string;
+  destination: Destination;
+  options: MigrationOptions;
+  progress: (event: ProgressEvent) => void;
+  signal: AbortSignal;
+}
+
+/**
+ * One outgoing migration, top to bottom: preflight, freeze, snapshot + dump +
+ * stream (overlapped), restore on the destination, the commit decision,
+ * cleanup. Any failure before the decision thaws the container here.
+ */
+export class MigrationSource {
+  private readonly deps: SourceDependencies;
+  private readonly request: MigrateRequest;
+  readonly migrationId = randomUUID();
+  private readonly logger: Logger;
+  private readonly timer: PhaseTimer;
+  private readonly meter = new TransferMeter();
+  private record!: ContainerRecord;
+  private criu!: Criu;
+  private peer: PeerLink | undefined;
+  private channels: { files: WebSocket; pages: WebSocket } | undefined;
+  private frozenAt: number | undefined;
+  private dumpStats: DumpStats | undefined;
+  private restoreStats: RestoreStats | undefined;
+  private readonly startedAt = performance.now();
+  /** When the destination confirmed the container runs there: the end of downtime. */
+  private runningAt: number | undefined;
+
+  constructor(deps: SourceDependencies, request: MigrateRequest) {
+    this.deps = deps;
+    this.request = request;
+    this.logger = deps.logger.child({ migrationId: this.migrationId, container: request.name });
+    this.timer = new PhaseTimer((phase) => {
+      this.logger.info({ phase }, 'phase');
+      this.emit(phase);
+    });
+  }
+
+  private get directory(): string {
+    return this.deps.journal.directory(this.migrationId);
+  }
+
+  private get imagesDir(): string {
+    return join(this.directory, 'images');
+  }
+
+  async run(): Promise<MigrationReport> {
+    await this.claim();
+    // A timeout or a cancel cuts the connections, which fails whatever step is waiting.
+    let stopReason: FerryError | undefined;
+    const stop = (reason: FerryError) => {
+      stopReason ??= reason;
+      this.disconnect();
+    };
+    const { timeoutMs } = this.request.options;
+    const deadline = setTimeout(() => stop(new FerryError('TIMEOUT', `migration exceeded ${timeoutMs} ms`)), timeoutMs);
+    const onCancel = () => stop(new FerryError('CANCELLED', 'migration cancelled'));
+    this.request.signal.addEventListener('abort', onCancel);
+    try {
+      await this.timer.run('preflight', () => this.preflight());
+      await this.timer.run('freeze', () => this.freeze());
+      await this.timer.run('dump', () => this.snapshotDumpAndStream());
+      await this.timer.run('restore', () => this.restoreOnDestination());
+    } catch (error) {
+      const failure = stopReason
+        ? new FerryError(stopReason.code, stopReason.message, { phase: this.timer.current, cause: error })
+        : toFerryError(error, this.timer.current);
+      await this.rollback(failure);
+      throw failure;
+    } finally {
+      clearTimeout(deadline);
+      this.request.signal.removeEventListener('abort', onCancel);
+    }
+    try {
+      const confirmed = await this.timer.run('confirm', () => this.commit());
+      await this.timer.run('cleanup', () => this.cleanup(confirmed));
+      return this.report(confirmed ? 'succeeded' : 'in-doubt');
+    } finally {
+      this.peer?.close();
+    }
+  }
+
+  private async claim(): Promise<void> {
+    this.record = await this.deps.runtime.get(this.request.name);
+    const status = await this.deps.runtime.status(this.record);
+    if (status !== 'running') {
+      throw new FerryError('CONTAINER_NOT_RUNNING', `container ${this.request.name} is ${status}`, { phase: 'preflight' });
+    }
+    this.record = { ...this.record, migrationId: this.migrationId };
+    await this.deps.runtime.store.write(this.record);
+  }
+
+  private disconnect(): void {
+    this.peer?.socket.terminate();
+    this.channels?.files.terminate();
+    this.channels?.pages.terminate();
+  }
+
+  private async preflight(): Promise<void> {
+    this.criu = await this.deps.criu();
+    await mkdir(this.imagesDir, { recursive: true });
+    await this.deps.journal.write({
+      migrationId: this.migrationId,
+      role: 'source',
+      container: this.request.name,
+      state: 'started',
+      destination: this.request.destination,
+    });
+    const cpuinfoDir = join(this.directory, 'cpuinfo');
+    await mkdir(cpuinfoDir, { recursive: true });
+    await this.criu.cpuinfoDump(cpuinfoDir);
+    this.peer = await PeerLink.connect(this.request.destination, this.deps.runtime.hostName);
+    const rootfsBytes = await directorySize(this.deps.runtime.store.rootfs(this.request.name));
+    const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
+    this.meter.expect(rootfsBytes + memoryBytes);
+    this.peer.send({
+      type: 'offer',
+      migrationId: this.migrationId,
+      spec: this.record.spec,
+      history: this.record.history,
+      source: { host: this.deps.runtime.hostName, criuVersion: this.criu.version.text, kernel: await readKernelRelease() },
+      cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
+      needs: { rootfsBytes, memoryBytes },
+    });
+    await this.peer.expect('accept', 60_000, 'preflight');
+    // Data channels are opened before the freeze so their set-up is not downtime.
+    const [files, pages] = await Promise.all([
+      this.peer.openChannel(this.migrationId, 'files'),
+      this.peer.openChannel(this.migrationId, 'pages'),
+    ]);
+    this.channels = { files, pages };
+  }
+
+  private async freeze(): Promise<void> {
+    this.frozenAt = performance.now();
+    await this.deps.runtime.cgroup(this.request.name).freeze();
+  }
+
+  /** Rootfs snapshot and CRIU dump run at once: both only read the frozen container. */
+  private async snapshotDumpAndStream(): Promise<void> {
+    const { files, pages } = this.channels!;
+    const filesSender = new ChannelSender(files, 'files');
+    const pagesSender = new ChannelSender(pages, 'pages');
+    const rootfsDigests = new Map<string, string>();
+    const rootfs = this.timer.run('snapshot', () =>
+      filesSender.sendStream(
+        'rootfs',
+        packDirectory(this.deps.runtime.store.rootfs(this.request.name), { digests: rootfsDigests }),
+        () => Object.fromEntries(rootfsDigests),
+        this.meter.counter('rootfs'),
+      ),
+    );
+    const dump = dumpFrozen(this.criu, this.record, this.deps.runtime.cgroup(this.request.name), this.imagesDir, join(this.directory, 'dump.log'), true);
+    const pagesTunnel = tunnel(dump.channel!, pages, pagesSender, this.meter.counter('pages'));
+    const progress = setInterval(() => this.emit('stream'), 250);
+    try {
+      const [, , tunnelResult] = await Promise.all([rootfs, dump.done.then((stats) => (this.dumpStats = stats)), pagesTunnel]);
+      pagesSender.sendControl({ type: 'stream-end', ...tunnelResult.sent });
+      const imageDigests = new Map<string, string>();
+      await this.timer.run('stream', () =>
+        filesSender.sendStream(
+          'images',
+          packDirectory(this.imagesDir, { digests: imageDigests }),
+          () => Object.fromEntries(imageDigests),
+          this.meter.counter('images'),
+        ),
+      );
+    } catch (error) {
+      dump.kill();
+      throw error;
+    } finally {
+      clearInterval(progress);
+    }
+  }
+
+  private async restoreOnDestination(): Promise<void> {
+    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId });
+    const prepared = await this.peer!.expect('prepared', 5 * 60_000, 'restore');
+    this.restoreStats = prepared.restoreStats;
+  }
+
+  /**
+   * The decision: written to the journal first, then sent; the frozen copy
+   * here is killed. Returns whether the destination confirmed it runs.
+   */
+  private async commit(): Promise<boolean> {
+    await this.deps.journal.update(this.migrationId, 'committed');
+    this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' });
+    await this.deps.runtime.cgroup(this.request.name).kill();
+    try {
+      await this.peer!.expect('decided', 60_000, 'confirm');
+      this.runningAt = performance.now();
+      return true;
+    } catch (error) {
+      // Committed but unconfirmed: recovery re-delivers the decision.
+      this.logger.error({ err: error }, 'destination did not confirm the commit; will retry');
+      return false;
+    }
+  }
+
+  private async cleanup(confirmed: boolean): Promise<void> {
+    await this.deps.runtime.destroy(this.request.name);
+    await this.deps.journal.removeImages(this.migrationId);
+    if (confirmed) {
+      await this.deps.journal.update(this.migrationId, 'done');
+      return;
+    }
+    const entry = await this.deps.journal.read(this.migrationId);
+    const recovery = { ...this.deps, hostName: this.deps.runtime.hostName };
+    if (entry) void deliverDecision(recovery, entry, 'commit', this.logger);
+  }
+
+  /** Before the decision: the container thaws here, the destination drops its copy. */
+  private async rollback(error: FerryError): Promise<void> {
+    this.logger.error({ code: error.code, phase: error.phase, err: error }, 'migration failed; rolling back');
+    this.peer?.send({
+      type: 'abort',
+      migrationId: this.migrationId,
+      error: { code: error.code, message: error.message, ...(error.phase ? { phase: error.phase } : {}) },
+    });
+    this.disconnect();
+    const cgroup = this.deps.runtime.cgroup(this.request.name);
+    await cgroup.thaw().catch((thawError: unknown) => this.logger.error({ err: thawError }, 'thaw failed'));
+    const { migrationId: _, ...record } = this.record;
+    await this.deps.runtime.store.write(record);
+    await this.deps.journal.update(this.migrationId, 'aborted', `${error.code}: ${error.message}`).catch(() => undefined);
+    await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);
+    this.peer?.close();
+  }
+
+  private emit(phase: Phase): void {
+    this.request.progress({ migrationId: this.migrationId, phase, ...this.meter.snapshot() });
+  }
+
+  private report(outcome: MigrationReport['outcome']): MigrationReport {
+    const end = this.runningAt ?? performance.now();
+    return {
+      migrationId: this.migrationId,
+      container: this.request.name,
+      source: this.deps.runtime.hostName,
+      destination: this.peer?.peerName ?? this.request.destination.url,
+      outcome,
+      strategy: 'stop-and-copy',
+      downtimeMs: round(end - (this.frozenAt ?? end)),
+      totalMs: round(performance.now() - this.startedAt),
+      bytes: this.meter.totals(),
+      phases: this.timer.timings,
+      criu: { ...(this.dumpStats ? { dump: this.dumpStats } : {}), ...(this.restoreStats ? { restore: this.restoreStats } : {}) },
+    };
+  }
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}

@@ -1,0 +1,174 @@
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { z } from 'zod';
+import type { Cgroup } from '../../src/cgroup/cgroup.ts';
+import type { Criu } from '../../src/criu/criu.ts';
+import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
+import { FerryError, toFerryError } from '../../src/errors.ts';
+import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
+import { compareDigests } from '../../src/rootfs/digest.ts';
+import { packDirectory } from '../../src/rootfs/pack.ts';
+import { unpackInto } from '../../src/rootfs/unpack.ts';
+import { processStartTime } from './process.ts';
+import type { ContainerRuntime } from './runtime.ts';
+import type { ContainerRecord } from './store.ts';
+
+// The seed's order on one host: freeze the cgroup, snapshot the rootfs while
+// frozen, dump with CRIU (tasks kept frozen), then kill or thaw.
+
+const manifestSchema = z.object({
+  spec: containerSpecSchema,
+  history: z.array(z.string()),
+  rootfsDigests: z.record(z.string(), z.string()),
+  dumpStats: z.unknown().optional(),
+});
+
+export interface CheckpointResult {
+  dumpStats: DumpStats | undefined;
+  frozenMs: number;
+}
+
+export async function checkpointToDirectory(
+  runtime: ContainerRuntime,
+  criu: Criu,
+  name: string,
+  directory: string,
+  keepRunning: boolean,
+): Promise<CheckpointResult> {
+  const record = await runtime.get(name);
+  const cgroup = runtime.cgroup(name);
+  const imagesDir = join(directory, 'images');
+  await mkdir(imagesDir, { recursive: true });
+  const frozenAt = performance.now();
+  await freeze(cgroup);
+  try {
+    const digests = new Map<string, string>();
+    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar')))
+      .catch((error: unknown) => Promise.reject(toFerryError(error, 'snapshot')));
+    const dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
+    const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };
+    await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2));
+    if (keepRunning) await cgroup.thaw();
+    else await runtime.destroy(name);
+    return { dumpStats, frozenMs: performance.now() - frozenAt };
+  } catch (error) {
+    await cgroup.thaw().catch(() => undefined);
+    await rm(directory, { recursive: true, force: true });
+    throw toFerryError(error, 'dump');
+  }
+}
+
+export async function freeze(cgroup: Cgroup): Promise<void> {
+  await cgroup.freeze().catch((error: unknown) => Promise.reject(toFerryError(error, 'freeze', 'CGROUP_FAILED')));
+}
+
+/** CRIU dump of a container whose cgroup the caller froze; the tasks stay frozen. */
+export function dumpFrozen(
+  criu: Criu,
+  record: ContainerRecord,
+  cgroup: Cgroup,
+  imagesDir: string,
+  logFile: string,
+  pageServer = false,
+) {
+  return criu.dump(
+    {
+      pid: record.pid,
+      imagesDir,
+      logFile,
+      freezeCgroup: cgroup.path,
+      leaveRunning: true,
+    },
+    pageServer,
+  );
+}
+
+export interface RestoreRequest {
+  spec: ContainerSpec;
+  history: string[];
+  imagesDir: string;
+  /** An already unpacked rootfs inside the container's directory. */
+  rootfs: string;
+  /** Leave tasks stopped: the caller resumes them once the source let go. */
+  leaveStopped: boolean;
+  logFile: string;
+}
+
+export interface RestoreResult {
+  record: ContainerRecord;
+  restoreStats: RestoreStats | undefined;
+}
+
+/** criu restore into a fresh cgroup of this host; on failure nothing is left. */
+export async function restoreContainer(
+  runtime: ContainerRuntime,
+  criu: Criu,
+  request: RestoreRequest,
+): Promise<RestoreResult> {
+  const name = request.spec.name;
+  const cgroup = runtime.cgroup(name);
+  const pidFile = join(request.imagesDir, 'restore.pid');
+  try {
+    await cgroup.create();
+    const restoreStats = await criu.restore(
+      {
+        imagesDir: request.imagesDir,
+        logFile: request.logFile,
+        root: request.rootfs,
+        pidFile,
+        leaveStopped: request.leaveStopped,
+      },
+      cgroup.procsFile,
+    );
+    const pid = Number((await readFile(pidFile, 'utf8')).trim());
+    const record: ContainerRecord = {
+      spec: request.spec,
+      pid,
+      pidStartTime: (await processStartTime(pid)) ?? 0,
+      createdAt: new Date().toISOString(),
+      history: [...request.history, runtime.hostName],
+    };
+    await runtime.store.write(record);
+    return { record, restoreStats };
+  } catch (error) {
+    await cgroup.kill().catch(() => undefined);
+    await cgroup.remove().catch(() => undefined);
+    throw toFerryError(error, 'restore');
+  }
+}
+
+/** Restores a checkpoint directory written by checkpointToDirectory. */
+export async function restoreFromDirectory(
+  runtime: ContainerRuntime,
+  criu: Criu,
+  directory: string,
+  newName?: string,
+): Promise<RestoreResult> {
+  const text = await readFile(join(directory, 'container.json'), 'utf8').catch(() => undefined);
+  if (!text) throw new FerryError('NOT_FOUND', `${directory} holds no ferry checkpoint (container.json)`, { phase: 'restore' });
+  const manifest = manifestSchema.parse(JSON.parse(text));
+  const spec = { ...manifest.spec, name: newName ?? manifest.spec.name };
+  const release = await runtime.claim(spec.name);
+  const rootfs = runtime.store.rootfs(spec.name);
+  try {
+    const digests = new Map<string, string>();
+    await unpackInto(rootfs, createReadStream(join(directory, 'rootfs.tar')), digests);
+    const problems = compareDigests(new Map(Object.entries(manifest.rootfsDigests)), digests);
+    if (problems.length) {
+      throw new FerryError('CHECKSUM_MISMATCH', `rootfs differs from the checkpoint: ${problems[0]}`, {
+        phase: 'restore',
+        details: problems.slice(0, 20),
+      });
+    }
+    const imagesDir = join(directory, 'images');
+    const logFile = join(directory, 'restore.log');
+    return await restoreContainer(runtime, criu, { spec, history: manifest.history, imagesDir, rootfs, leaveStopped: false, logFile });
+  } catch (error) {
+    await runtime.store.remove(spec.name);
+    throw toFerryError(error, 'restore');
+  } finally {
+    release();
+  }
+}

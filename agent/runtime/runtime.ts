@@ -1,0 +1,177 @@
+import { createReadStream } from 'node:fs';
+import { mkdir, open, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createGunzip } from 'node:zlib';
+import { execa } from 'execa';
+import type { Logger } from 'pino';
+import { Cgroup, CgroupTree } from '../../src/cgroup/cgroup.ts';
+import { FerryError } from '../../src/errors.ts';
+import type { ContainerInfo, ContainerSpec, ContainerStatus } from '../../src/protocol/container.ts';
+import { unpackInto } from '../../src/rootfs/unpack.ts';
+import { consoleLogPath, startContainer } from './helper.ts';
+import { isSameProcess, processStartTime, residentBytes } from './process.ts';
+import { ContainerStore, type ContainerRecord } from './store.ts';
+
+export interface RuntimeOptions {
+  stateDir: string;
+  cgroups: CgroupTree;
+  /** This host's name, recorded in each container's history. */
+  hostName: string;
+  logger: Logger;
+}
+
+/** Runs containers that CRIU can dump, and remembers them across agent restarts. */
+export class ContainerRuntime {
+  readonly store: ContainerStore;
+  readonly cgroups: CgroupTree;
+  readonly hostName: string;
+  private readonly logger: Logger;
+  /** Names being created or moved right now, so two requests cannot race for one name. */
+  private readonly claimed = new Set<string>();
+
+  constructor(options: RuntimeOptions) {
+    this.store = new ContainerStore(options.stateDir);
+    this.cgroups = options.cgroups;
+    this.hostName = options.hostName;
+    this.logger = options.logger;
+  }
+
+  cgroup(name: string): Cgroup {
+    return this.cgroups.for(name);
+  }
+
+  /** Reserves a name; throws NAME_IN_USE when a container has it. */
+  async claim(name: string): Promise<() => void> {
+    if (this.claimed.has(name) || (await this.store.read(name))) {
+      throw new FerryError('NAME_IN_USE', `a container named ${name} already exists on ${this.hostName}`);
+    }
+    this.claimed.add(name);
+    return () => this.claimed.delete(name);
+  }
+
+  async run(spec: ContainerSpec): Promise<ContainerInfo> {
+    const release = await this.claim(spec.name);
+    const cgroup = this.cgroup(spec.name);
+    try {
+      const rootfs = this.store.rootfs(spec.name);
+      await copyRootfs(spec.rootfs, rootfs);
+      await cgroup.create();
+      const pid = await startContainer(spec, rootfs, cgroup.procsFile);
+      const record: ContainerRecord = {
+        spec,
+        pid,
+        pidStartTime: (await processStartTime(pid)) ?? 0,
+        createdAt: new Date().toISOString(),
+        history: [this.hostName],
+      };
+      await this.store.write(record);
+      this.logger.info({ container: spec.name, pid }, 'container started');
+      return await this.describe(record);
+    } catch (error) {
+      await cgroup.kill().catch(() => undefined);
+      await cgroup.remove().catch(() => undefined);
+      await this.store.remove(spec.name);
+      throw error;
+    } finally {
+      release();
+    }
+  }
+
+  async get(name: string): Promise<ContainerRecord> {
+    const record = await this.store.read(name);
+    if (!record) throw new FerryError('NOT_FOUND', `no container named ${name} on ${this.hostName}`);
+    return record;
+  }
+
+  async list(): Promise<ContainerInfo[]> {
+    const records = await Promise.all((await this.store.names()).map((name) => this.store.read(name)));
+    return Promise.all(records.filter((record) => record !== undefined).map((record) => this.describe(record)));
+  }
+
+  async status(record: ContainerRecord): Promise<ContainerStatus> {
+    if (record.migrationId) return 'migrating';
+    const cgroup = this.cgroup(record.spec.name);
+    if (!(await isSameProcess(record.pid, record.pidStartTime)) || !(await cgroup.pids()).length) return 'stopped';
+    return (await cgroup.isFrozen().catch(() => false)) ? 'frozen' : 'running';
+  }
+
+  async describe(record: ContainerRecord): Promise<ContainerInfo> {
+    const pids = await this.cgroup(record.spec.name).pids();
+    return {
+      name: record.spec.name,
+      status: await this.status(record),
+      pid: record.pid,
+      command: record.spec.command,
+      createdAt: record.createdAt,
+      history: record.history,
+      memoryBytes: await residentBytes(pids),
+      labels: record.spec.labels,
+    };
+  }
+
+  logPath(name: string): string {
+    return join(this.store.rootfs(name), consoleLogPath);
+  }
+
+  /** The last `tailBytes` of the container's console log. */
+  async logs(name: string, tailBytes = 64 * 1024): Promise<string> {
+    await this.get(name);
+    const handle = await open(this.logPath(name), 'r').catch(() => undefined);
+    if (!handle) return '';
+    try {
+      const { size } = await handle.stat();
+      const length = Math.min(size, tailBytes);
+      const buffer = Buffer.alloc(length);
+      await handle.read(buffer, 0, length, size - length);
+      return buffer.toString('utf8');
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** SIGTERM to the init, then SIGKILL through the cgroup after the grace period. */
+  async stop(name: string, graceMs = 5_000): Promise<ContainerInfo> {
+    const record = await this.get(name);
+    const cgroup = this.cgroup(name);
+    if (await cgroup.isFrozen().catch(() => false)) await cgroup.thaw();
+    if (await isSameProcess(record.pid, record.pidStartTime)) process.kill(record.pid, 'SIGTERM');
+    const deadline = Date.now() + graceMs;
+    while (Date.now() < deadline && (await cgroup.pids()).length) await sleep(50);
+    await cgroup.kill();
+    this.logger.info({ container: name }, 'container stopped');
+    return this.describe(record);
+  }
+
+  /** Removes a stopped container (or any, with force) and everything it owns. */
+  async remove(name: string, force = false): Promise<void> {
+    const record = await this.get(name);
+    if (!force && (await this.status(record)) !== 'stopped') {
+      throw new FerryError('BAD_REQUEST', `container ${name} is not stopped; stop it first or use --force`);
+    }
+    await this.destroy(name);
+    this.logger.info({ container: name }, 'container removed');
+  }
+
+  /** Kills the tasks and removes cgroup and state; used by rm and after a migration left. */
+  async destroy(name: string): Promise<void> {
+    const cgroup = this.cgroup(name);
+    await cgroup.kill();
+    await cgroup.remove();
+    await this.store.remove(name);
+  }
+}
+
+/** Copies a rootfs directory, or unpacks a rootfs tarball, into the container's own directory. */
+async function copyRootfs(source: string, destination: string): Promise<void> {
+  const stats = await stat(source).catch(() => undefined);
+  if (!stats) throw new FerryError('ROOTFS_MISSING', `rootfs ${source} does not exist`, { phase: 'runtime' });
+  await mkdir(destination, { recursive: true });
+  if (stats.isDirectory()) {
+    // cp -a keeps owners, modes, links and device nodes, which fs.cp does not.
+    await execa('cp', ['-a', '--', `${source}/.`, destination]);
+    return;
+  }
+  const input = createReadStream(source);
+  await unpackInto(destination, /\.t?gz$/.test(source) ? input.pipe(createGunzip()) : input);
+}

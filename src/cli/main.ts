@@ -1,0 +1,245 @@
+import { resolve } from 'node:path';
+import { Command, Option } from 'commander';
+import { examineHost } from '../host/doctor.ts';
+import { FerryError } from '../errors.ts';
+import { containerSpecSchema } from '../protocol/container.ts';
+import { migrationOptionsSchema } from '../protocol/migration.ts';
+import { AgentClient } from '../transport/client.ts';
+import { loadConfig, readPem, resolveHost, type Endpoint } from './config.ts';
+import { containersTable, doctorTable, progressPrinter, reportText } from './output.ts';
+
+interface GlobalOptions {
+  host?: string;
+  token?: string;
+  config?: string;
+  json?: boolean;
+}
+
+const program = new Command('ferry')
+  .description('Live migration of running Linux containers between hosts, built on CRIU')
+  .option('-H, --host <name|url>', 'agent to talk to: a name from the config or a ws(s):// URL')
+  .option('--token <token>', 'token for --host given as a URL (or FERRY_TOKEN)')
+  .option('--config <file>', 'config file (default: FERRY_CONFIG, ~/.config/ferry/config.json, /etc/ferry/config.json)')
+  .option('--json', 'machine-readable output');
+
+const globals = () => program.opts<GlobalOptions>();
+
+function endpoint(host?: string): Endpoint {
+  const options = globals();
+  return resolveHost(loadConfig(options.config), host ?? options.host, options.token);
+}
+
+async function withAgent<T>(host: string | undefined, work: (client: AgentClient) => Promise<T>): Promise<T> {
+  const target = endpoint(host);
+  const ca = readPem(target.ca);
+  const cert = readPem(target.cert);
+  const key = readPem(target.key);
+  const client = await AgentClient.connect({
+    url: target.url,
+    token: target.token,
+    ...(ca ? { ca } : {}),
+    ...(cert ? { cert } : {}),
+    ...(key ? { key } : {}),
+  });
+  try {
+    return await work(client);
+  } finally {
+    client.close();
+  }
+}
+
+function print(human: string, machine: unknown): void {
+  process.stdout.write(globals().json ? `${JSON.stringify(machine, null, 2)}\n` : `${human}\n`);
+}
+
+const collect = (value: string, previous: string[]) => [...previous, value];
+const pairs = (values: string[]) =>
+  Object.fromEntries(
+    values.map((pair) => {
+      const separator = pair.indexOf('=');
+      if (separator < 1) throw new FerryError('BAD_REQUEST', `expected KEY=VALUE, got ${pair}`);
+      return [pair.slice(0, separator), pair.slice(separator + 1)];
+    }),
+  );
+
+program
+  .command('doctor')
+  .description("what this host can do for ferry (CRIU, freezer, namespaces, dirty tracking, space)")
+  .option('--state-dir <dir>', 'state directory to check for space', '/var/lib/ferry')
+  .option('--criu <path>', 'CRIU binary to check')
+  .action(async (options: { stateDir: string; criu?: string }) => {
+    const report = await examineHost(options.stateDir, options.criu);
+    const verdict = report.blockers.length
+      ? `migration impossible here: ${report.blockers.map((blocker) => `${blocker.name} (${blocker.hint ?? blocker.value})`).join('; ')}`
+      : 'this host can run and migrate ferry containers';
+    print(`${doctorTable(report.capabilities)}\n\n${verdict}`, {
+      kernel: report.kernel,
+      criu: report.criu ? { path: report.criu.path, version: report.criu.version.text } : null,
+      capabilities: report.capabilities,
+      ok: !report.blockers.length,
+      verdict,
+    });
+    if (report.blockers.length) process.exitCode = 1;
+  });
+
+program
+  .command('agent')
+  .description('run the host agent (same options as agent/main.ts)')
+  .allowUnknownOption()
+  .helpOption(false)
+  .action(async () => {
+    process.argv.splice(2, 1);
+    await import('../../agent/main.ts');
+  });
+
+program
+  .command('run <name> <command...>')
+  .description('start a container from a rootfs directory or tarball')
+  .requiredOption('--rootfs <path>', 'rootfs directory or .tar/.tar.gz on the agent host')
+  .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', collect, [])
+  .option('--cwd <dir>', 'working directory inside the container', '/')
+  .option('--hostname <name>', 'hostname inside the container')
+  .option('--private-network', 'own network namespace with loopback only')
+  .option('-l, --label <KEY=VALUE>', 'label (repeatable)', collect, [])
+  .action(async (name: string, command: string[], options: { rootfs: string; env: string[]; cwd: string; hostname?: string; privateNetwork?: boolean; label: string[] }) => {
+    const spec = containerSpecSchema.parse({
+      name,
+      command,
+      rootfs: resolve(options.rootfs),
+      env: pairs(options.env),
+      cwd: options.cwd,
+      privateNetwork: !!options.privateNetwork,
+      labels: pairs(options.label),
+      ...(options.hostname ? { hostname: options.hostname } : {}),
+    });
+    const info = await withAgent(undefined, (client) => client.request('run', { spec }));
+    print(`${info.name} running, pid ${info.pid}`, info);
+  });
+
+program
+  .command('ps')
+  .alias('list')
+  .description('containers on the agent')
+  .action(async () => {
+    const result = await withAgent(undefined, (client) => client.request('list', {}));
+    print(containersTable(globals().host ?? 'local', result.containers), result);
+  });
+
+program
+  .command('logs <name>')
+  .description("a container's stdout and stderr (kept across checkpoints and migrations)")
+  .option('--tail <bytes>', 'last N bytes', (value) => Number(value), 65_536)
+  .action(async (name: string, options: { tail: number }) => {
+    const result = await withAgent(undefined, (client) => client.request('logs', { name, tailBytes: options.tail }));
+    if (globals().json) print('', result);
+    else process.stdout.write(result.text);
+  });
+
+program
+  .command('stop <name>')
+  .description('SIGTERM, then kill through the cgroup after the grace period')
+  .option('--grace <ms>', 'grace period', (value) => Number(value), 5_000)
+  .action(async (name: string, options: { grace: number }) => {
+    const info = await withAgent(undefined, (client) => client.request('stop', { name, graceMs: options.grace }));
+    print(`${name} ${info.status}`, info);
+  });
+
+program
+  .command('rm <name>')
+  .description('remove a stopped container')
+  .option('-f, --force', 'kill it first if it runs')
+  .action(async (name: string, options: { force?: boolean }) => {
+    const result = await withAgent(undefined, (client) => client.request('remove', { name, force: !!options.force }));
+    print(`${name} removed`, result);
+  });
+
+program
+  .command('checkpoint <name> <directory>')
+  .description('freeze, snapshot the rootfs and dump with CRIU into a directory on the agent host')
+  .option('--keep-running', 'thaw the container afterwards instead of killing it')
+  .action(async (name: string, directory: string, options: { keepRunning?: boolean }) => {
+    const result = await withAgent(undefined, (client) =>
+      client.request('checkpoint', { name, directory: resolve(directory), keepRunning: !!options.keepRunning }),
+    );
+    print(`${name} checkpointed to ${result.directory} (frozen ${result.frozenMs.toFixed(1)} ms)`, result);
+  });
+
+program
+  .command('restore <directory>')
+  .description('restore a checkpoint directory on the agent host')
+  .option('--name <name>', 'restore under another name')
+  .action(async (directory: string, options: { name?: string }) => {
+    const info = await withAgent(undefined, (client) =>
+      client.request('restore', { directory: resolve(directory), ...(options.name ? { name: options.name } : {}) }),
+    );
+    print(`${info.name} restored, pid ${info.pid}`, info);
+  });
+
+program
+  .command('migrate <name>')
+  .description('live-migrate a running container from one agent to another')
+  .requiredOption('--from <host>', 'source agent (name from the config, or URL)')
+  .requiredOption('--to <host>', 'destination agent (name from the config, or URL)')
+  .option('--to-token <token>', 'token of the destination when --to is a URL (default: --token)')
+  .addOption(new Option('--strategy <strategy>', 'memory transfer').choices(['auto', 'precopy', 'stop-and-copy']).default('auto'))
+  .option('--max-downtime <ms>', 'downtime budget for pre-copy', (value) => Number(value), 300)
+  .option('--max-rounds <n>', 'pre-copy rounds at most', (value) => Number(value), 8)
+  .option('--timeout <ms>', 'give up and roll back after this long', (value) => Number(value), 600_000)
+  .action(
+    async (
+      name: string,
+      options: { from: string; to: string; toToken?: string; strategy: string; maxDowntime: number; maxRounds: number; timeout: number },
+    ) => {
+      const destinationEndpoint = resolveHost(loadConfig(globals().config), options.to, options.toToken ?? globals().token);
+      const ca = readPem(destinationEndpoint.ca)?.toString();
+      const migrationOptions = migrationOptionsSchema.parse({
+        strategy: options.strategy,
+        maxDowntimeMs: options.maxDowntime,
+        maxRounds: options.maxRounds,
+        timeoutMs: options.timeout,
+      });
+      const progress = progressPrinter(!!globals().json);
+      try {
+        const report = await withAgent(options.from, (client) =>
+          client.request(
+            'migrate',
+            {
+              name,
+              destination: { url: destinationEndpoint.url, token: destinationEndpoint.token, ...(ca ? { ca } : {}) },
+              options: migrationOptions,
+            },
+            progress.update,
+          ),
+        );
+        progress.stop();
+        print(reportText(report), { report });
+      } catch (error) {
+        progress.stop();
+        throw error;
+      }
+    },
+  );
+
+program
+  .command('demo')
+  .description('start two hosts on this machine and live-migrate a running container between them')
+  .option('--keep', 'leave the hosts running until Ctrl-C')
+  .action(async (options: { keep?: boolean }) => {
+    const { runDemo } = await import('./demo.ts');
+    await runDemo({ keep: !!options.keep });
+  });
+
+try {
+  await program.parseAsync();
+} catch (error) {
+  const ferryError = error instanceof FerryError ? error : undefined;
+  if (globals().json) {
+    process.stdout.write(`${JSON.stringify({ error: ferryError?.toJSON() ?? { code: 'INTERNAL', message: String(error) } })}\n`);
+  } else if (ferryError) {
+    process.stderr.write(`ferry: ${ferryError.code}${ferryError.phase ? ` in ${ferryError.phase}` : ''}: ${ferryError.message}\n`);
+    for (const line of ferryError.details) process.stderr.write(`  ${line}\n`);
+  } else {
+    process.stderr.write(`ferry: ${error instanceof Error ? error.message : String(error)}\n`);
+  }
+  process.exitCode = ferryError?.code === 'BAD_REQUEST' ? 2 : 1;
+}

@@ -1,0 +1,100 @@
+import cliProgress from 'cli-progress';
+import { formatBytes } from '../host/doctor.ts';
+import type { Capability } from '../protocol/host.ts';
+import type { ContainerInfo } from '../protocol/container.ts';
+import type { MigrationReport, ProgressEvent } from '../protocol/migration.ts';
+
+/** Left-aligned columns, the width of the widest cell. */
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((cell, column) => Math.max(cell.length, ...rows.map((row) => (row[column] ?? '').length)));
+  const line = (cells: string[]) => cells.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join('  ').trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+export function containersTable(host: string, containers: ContainerInfo[]): string {
+  return table(
+    ['HOST', 'NAME', 'STATUS', 'PID', 'MEMORY', 'COMMAND', 'HISTORY'],
+    containers.map((container) => [
+      host,
+      container.name,
+      container.status,
+      String(container.pid ?? ''),
+      container.memoryBytes ? formatBytes(container.memoryBytes) : '',
+      container.command.join(' ').slice(0, 40),
+      container.history.join(' → '),
+    ]),
+  );
+}
+
+export function doctorTable(capabilities: Capability[]): string {
+  return table(
+    ['CHECK', 'OK', 'VALUE'],
+    capabilities.map((capability) => [
+      capability.name,
+      capability.ok ? 'yes' : capability.required ? 'NO (required)' : 'no',
+      capability.value,
+    ]),
+  );
+}
+
+const ms = (value: number) => `${value.toFixed(value < 10 ? 1 : 0)} ms`;
+const us = (value: number | undefined) => (value === undefined ? '-' : ms(value / 1000));
+
+export function reportText(report: MigrationReport): string {
+  const lines = [
+    `migration ${report.migrationId}: ${report.container} ${report.source} → ${report.destination}: ${report.outcome}`,
+    `  downtime ${ms(report.downtimeMs)} (freeze → running on ${report.destination}), total ${ms(report.totalMs)}, strategy ${report.strategy}${report.strategyNote ? ` (${report.strategyNote})` : ''}`,
+    `  bytes: rootfs ${formatBytes(report.bytes.rootfs)}, memory pages ${formatBytes(report.bytes.pages)}, other images ${formatBytes(report.bytes.images)}`,
+    '',
+    table(['PHASE', 'TIME'], report.phases.map((phase) => [phase.phase, ms(phase.ms)])),
+  ];
+  const dump = report.criu.dump;
+  const restore = report.criu.restore;
+  if (dump || restore) {
+    lines.push('', 'CRIU:');
+    if (dump) {
+      lines.push(
+        `  dump: frozen_time ${us(dump.frozenTime)}, memdump_time ${us(dump.memdumpTime)}, memwrite_time ${us(dump.memwriteTime)}, pages_written ${dump.pagesWritten}, pages_skipped_parent ${dump.pagesSkippedParent}`,
+      );
+    }
+    if (restore) {
+      lines.push(`  restore: restore_time ${us(restore.restoreTime)}, forking_time ${us(restore.forkingTime)}, pages_restored ${restore.pagesRestored}`);
+    }
+  }
+  return lines.join('\n');
+}
+
+/** Live progress: a bar on a terminal, JSON lines otherwise. */
+export function progressPrinter(json: boolean): { update: (event: ProgressEvent) => void; stop: () => void } {
+  if (json || !process.stderr.isTTY) {
+    return { update: (event) => process.stdout.write(`${JSON.stringify({ progress: event })}\n`), stop: () => undefined };
+  }
+  const bar = new cliProgress.SingleBar(
+    {
+      format: '{phase} |{bar}| {done} / {total} at {rate}/s, ETA {eta_formatted}',
+      stream: process.stderr,
+      hideCursor: true,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  let started = false;
+  return {
+    update: (event) => {
+      const total = event.totalBytes ?? 0;
+      const payload = {
+        phase: event.phase.padEnd(9),
+        done: formatBytes(event.bytes ?? 0),
+        total: formatBytes(total),
+        rate: formatBytes(event.bytesPerSecond ?? 0),
+      };
+      if (!started) {
+        bar.start(Math.max(total, 1), event.bytes ?? 0, payload);
+        started = true;
+      } else {
+        bar.setTotal(Math.max(total, 1));
+        bar.update(event.bytes ?? 0, payload);
+      }
+    },
+    stop: () => started && bar.stop(),
+  };
+}

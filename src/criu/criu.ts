@@ -1,0 +1,248 @@
+import { access, constants, readFile } from 'node:fs/promises';
+import { delimiter, join } from 'node:path';
+import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import type { Duplex } from 'node:stream';
+import { execa } from 'execa';
+import { CriuError, FerryError, type Phase } from '../errors.ts';
+import { readErrorLines } from './log.ts';
+import {
+  dumpArguments,
+  pageServerArguments,
+  preDumpArguments,
+  restoreArguments,
+  type DumpOptions,
+  type PageServerOptions,
+  type PreDumpOptions,
+  type RestoreOptions,
+} from './options.ts';
+import { readStats, type DumpStats, type RestoreStats } from './stats.ts';
+
+export const minimumCriuVersion = [4, 0] as const;
+const setupHint = 'run `bash scripts/setup.sh` (it provisions CRIU 4.x), or set FERRY_CRIU to a CRIU >= 4.0';
+
+export interface CriuVersion {
+  major: number;
+  minor: number;
+  patch: number;
+  text: string;
+}
+
+export function parseCriuVersion(output: string): CriuVersion | undefined {
+  const match = /Version:\s*(\d+)\.(\d+)(?:\.(\d+))?/.exec(output);
+  if (!match) return undefined;
+  const [, major, minor, patch] = match;
+  return {
+    major: Number(major),
+    minor: Number(minor),
+    patch: Number(patch ?? 0),
+    text: `${major}.${minor}${patch ? `.${patch}` : ''}`,
+  };
+}
+
+export function compareVersions(left: CriuVersion, right: CriuVersion): number {
+  return left.major - right.major || left.minor - right.minor || left.patch - right.patch;
+}
+
+/** Everything CRIU is asked to do goes through here. */
+export class Criu {
+  readonly path: string;
+  readonly version: CriuVersion;
+
+  constructor(path: string, version: CriuVersion) {
+    this.path = path;
+    this.version = version;
+  }
+
+  /** Finds a usable CRIU: explicit path, FERRY_CRIU, the set-up's prefix, then PATH. */
+  static async locate(explicitPath?: string): Promise<Criu> {
+    const candidates = [explicitPath, process.env.FERRY_CRIU, '/opt/ferry/criu/bin/criu', ...pathEntries('criu')];
+    const path = await firstExecutable(candidates.filter((candidate): candidate is string => !!candidate));
+    if (!path) throw new FerryError('CRIU_MISSING', `CRIU not found; ${setupHint}`, { phase: 'setup' });
+    const result = await execa(path, ['--version'], { reject: false, timeout: 10_000 });
+    const version = parseCriuVersion(`${result.stdout}`);
+    if (result.exitCode !== 0 || !version) {
+      throw new FerryError('CRIU_MISSING', `${path} --version failed: ${result.stderr || result.stdout}; ${setupHint}`, {
+        phase: 'setup',
+      });
+    }
+    if (version.major < minimumCriuVersion[0]) {
+      throw new FerryError(
+        'CRIU_TOO_OLD',
+        `CRIU ${version.text} at ${path} is too old (need >= ${minimumCriuVersion.join('.')}: older CRIU fails on current kernels); ${setupHint}`,
+        { phase: 'setup' },
+      );
+    }
+    return new Criu(path, version);
+  }
+
+  /** `criu check`: undefined when it passes, else CRIU's complaint. */
+  async check(feature?: string): Promise<string | undefined> {
+    const args = feature ? ['check', '--feature', feature] : ['check'];
+    const result = await execa(this.path, args, { reject: false, timeout: 30_000, all: true });
+    if (result.exitCode === 0) return undefined;
+    return `${result.all ?? ''}`.trim() || `exit code ${result.exitCode}`;
+  }
+
+  /**
+   * Dumps the frozen container. With `pageServer`, pages go out through the
+   * returned duplex stream (CRIU's page-server protocol) instead of to disk.
+   */
+  dump(options: DumpOptions, pageServer = false): CriuRun<DumpStats | undefined> {
+    const args = dumpArguments({ ...options, ...(pageServer ? { pageServerFd: channelFd } : {}) });
+    return this.start(args, options.logFile, 'dump', { channel: pageServer }).map(() =>
+      readDumpStats(options.imagesDir),
+    );
+  }
+
+  preDump(options: PreDumpOptions, pageServer = false): CriuRun<DumpStats | undefined> {
+    const args = preDumpArguments({ ...options, ...(pageServer ? { pageServerFd: channelFd } : {}) });
+    return this.start(args, options.logFile, 'precopy', { channel: pageServer }).map(() =>
+      readDumpStats(options.imagesDir),
+    );
+  }
+
+  /**
+   * Restores with the criu process placed in `cgroupProcsFile` first, so the
+   * restored tasks are born inside the container's cgroup.
+   */
+  async restore(options: RestoreOptions, cgroupProcsFile: string): Promise<RestoreStats | undefined> {
+    const wrapper = ['-c', 'echo 0 > "$1" && shift && exec "$@"', 'sh', cgroupProcsFile, this.path];
+    await this.start(restoreArguments(options), options.logFile, 'restore', { wrapper }).done;
+    return (await readStats(join(options.imagesDir, 'stats-restore')))?.restore;
+  }
+
+  /** A page server fed through the returned channel; done when the dump side closes. */
+  pageServer(options: Omit<PageServerOptions, 'socketFd'>): CriuRun<void> {
+    return this.start(pageServerArguments({ ...options, socketFd: channelFd }), options.logFile, 'dump', {
+      channel: true,
+    });
+  }
+
+  async cpuinfoDump(imagesDir: string): Promise<void> {
+    await this.start(['cpuinfo', 'dump', '-D', imagesDir], undefined, 'preflight').done;
+  }
+
+  /** Undefined when this host can run images dumped where `imagesDir`'s cpuinfo came from. */
+  async cpuinfoCheck(imagesDir: string): Promise<string | undefined> {
+    const result = await execa(this.path, ['cpuinfo', 'check', '-D', imagesDir], {
+      reject: false,
+      all: true,
+      env: criuEnvironment(),
+    });
+    return result.exitCode === 0 ? undefined : `${result.all ?? ''}`.trim() || `exit code ${result.exitCode}`;
+  }
+
+  private start(
+    criuArgs: string[],
+    logFile: string | undefined,
+    phase: Phase,
+    options: { channel?: boolean; wrapper?: string[] } = {},
+  ): CriuRun<void> {
+    const [file, args] = options.wrapper ? ['/bin/sh', [...options.wrapper, ...criuArgs]] : [this.path, criuArgs];
+    const stdio: StdioOptions = ['ignore', 'pipe', 'pipe', ...(options.channel ? (['pipe'] as const) : [])];
+    const child = spawn(file, args, { stdio, env: criuEnvironment() });
+    const output = new BoundedOutput();
+    child.stdout?.on('data', (chunk: Buffer) => output.add(chunk));
+    child.stderr?.on('data', (chunk: Buffer) => output.add(chunk));
+    const done = new Promise<void>((resolve, reject) => {
+      child.once('error', (cause) =>
+        reject(new FerryError('CRIU_MISSING', `cannot run ${file}: ${cause.message}`, { phase, cause })),
+      );
+      child.once('close', (exitCode, signal) => {
+        if (exitCode === 0) return resolve();
+        failure(criuArgs[0] ?? 'criu', exitCode, signal, logFile, output.text(), phase).then(reject, reject);
+      });
+    });
+    const channel = options.channel ? (child.stdio[channelFd] as Duplex) : undefined;
+    return new CriuRun(done, child, channel);
+  }
+}
+
+/**
+ * CRIU_FAULT=130 makes compel step to sigreturn with PTRACE_SYSCALL instead of
+ * a hardware breakpoint. In VMs without debug-register support (Firecracker,
+ * some Xen) the breakpoint never fires and every dump hangs after the parasite
+ * is cured; CRIU itself once disabled breakpoints by default for this reason.
+ */
+export function criuEnvironment(): NodeJS.ProcessEnv {
+  if (process.env.FERRY_CRIU_BREAKPOINTS === '1') return process.env;
+  return { ...process.env, CRIU_FAULT: process.env.CRIU_FAULT ?? '130' };
+}
+
+/** The fd number CRIU sees its page-server channel on. */
+const channelFd = 3;
+
+/** A running CRIU call: its completion, and its page-server channel when it has one. */
+export class CriuRun<T> {
+  readonly done: Promise<T>;
+  readonly channel: Duplex | undefined;
+  private readonly child: ChildProcess;
+
+  constructor(done: Promise<T>, child: ChildProcess, channel: Duplex | undefined) {
+    this.done = done;
+    this.child = child;
+    this.channel = channel;
+  }
+
+  map<U>(next: (value: T) => Promise<U> | U): CriuRun<U> {
+    return new CriuRun(this.done.then(next), this.child, this.channel);
+  }
+
+  kill(): void {
+    this.child.kill('SIGKILL');
+  }
+}
+
+async function failure(
+  command: string,
+  exitCode: number | null,
+  signal: NodeJS.Signals | null,
+  logFile: string | undefined,
+  output: string,
+  phase: Phase,
+): Promise<CriuError> {
+  const details = logFile ? await readErrorLines(logFile) : [];
+  if (!details.length && output.trim()) details.push(...output.trim().split('\n').slice(-12));
+  const reason = signal ? `killed by ${signal}` : `exit code ${exitCode}`;
+  const last = details.at(-1);
+  return new CriuError(`criu ${command} failed (${reason})${last ? `: ${last}` : ''}`, {
+    phase,
+    details,
+    ...(logFile ? { logFile } : {}),
+  });
+}
+
+/** Keeps the last few KiB of a child's output for error messages. */
+class BoundedOutput {
+  private chunks: Buffer[] = [];
+  private size = 0;
+
+  add(chunk: Buffer): void {
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    while (this.size > 16_384 && this.chunks.length > 1) this.size -= this.chunks.shift()!.length;
+  }
+
+  text(): string {
+    return Buffer.concat(this.chunks).toString('utf8');
+  }
+}
+
+async function readDumpStats(imagesDir: string): Promise<DumpStats | undefined> {
+  return (await readStats(join(imagesDir, 'stats-dump')))?.dump;
+}
+
+function pathEntries(binary: string): string[] {
+  return (process.env.PATH ?? '').split(delimiter).map((directory) => join(directory, binary));
+}
+
+async function firstExecutable(candidates: string[]): Promise<string | undefined> {
+  for (const candidate of candidates) {
+    if (await access(candidate, constants.X_OK).then(() => true, () => false)) return candidate;
+  }
+  return undefined;
+}
+
+export async function readKernelRelease(): Promise<string> {
+  return (await readFile('/proc/sys/kernel/osrelease', 'utf8')).trim();
+}

@@ -1,0 +1,78 @@
+// Typed CRIU invocations, turned into argument lists in one place.
+
+export interface CommonOptions {
+  imagesDir: string;
+  /** Absolute path of CRIU's log for this call; kept for the operator. */
+  logFile: string;
+}
+
+export interface DumpOptions extends CommonOptions {
+  pid: number;
+  /** The container's cgroup, already frozen by the caller (CRIU issue 2572). */
+  freezeCgroup: string;
+  /** Keep the tasks alive after the dump: they stay frozen until thawed or killed. */
+  leaveRunning: boolean;
+  /** Directory of the previous pre-dump, relative to imagesDir, for incremental dumps. */
+  previousImagesDir?: string;
+  trackMemory?: boolean;
+  /** Send pages to a page server over this inherited fd instead of writing them. */
+  pageServerFd?: number;
+  tcpEstablished?: boolean;
+}
+
+export interface PreDumpOptions extends CommonOptions {
+  pid: number;
+  previousImagesDir?: string;
+  pageServerFd?: number;
+}
+
+export interface RestoreOptions extends CommonOptions {
+  root: string;
+  pidFile: string;
+  /** Leave the restored tasks stopped (SIGSTOP) so the caller decides when they run. */
+  leaveStopped: boolean;
+  tcpClose?: boolean;
+}
+
+export interface PageServerOptions extends CommonOptions {
+  /** Inherited fd of an already connected socket to the dumping side. */
+  socketFd: number;
+  previousImagesDir?: string;
+}
+
+function common(options: CommonOptions): string[] {
+  return ['-D', options.imagesDir, '-o', options.logFile, '-v4'];
+}
+
+export function dumpArguments(options: DumpOptions): string[] {
+  const args = ['dump', ...common(options), '-t', String(options.pid)];
+  args.push('--freeze-cgroup', options.freezeCgroup, '--manage-cgroups=ignore');
+  if (options.leaveRunning) args.push('--leave-running');
+  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
+  if (options.trackMemory) args.push('--track-mem');
+  if (options.pageServerFd !== undefined) args.push('--page-server', '--ps-socket', String(options.pageServerFd));
+  if (options.tcpEstablished) args.push('--tcp-established');
+  args.push('--file-locks');
+  return args;
+}
+
+export function preDumpArguments(options: PreDumpOptions): string[] {
+  const args = ['pre-dump', ...common(options), '-t', String(options.pid), '--track-mem'];
+  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
+  if (options.pageServerFd !== undefined) args.push('--page-server', '--ps-socket', String(options.pageServerFd));
+  return args;
+}
+
+export function restoreArguments(options: RestoreOptions): string[] {
+  const args = ['restore', ...common(options), '--root', options.root, '--restore-detached'];
+  args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
+  if (options.leaveStopped) args.push('--leave-stopped');
+  if (options.tcpClose) args.push('--tcp-close');
+  return args;
+}
+
+export function pageServerArguments(options: PageServerOptions): string[] {
+  const args = ['page-server', ...common(options), '--ps-socket', String(options.socketFd)];
+  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
+  return args;
+}

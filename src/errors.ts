@@ -1,0 +1,114 @@
+// One error type for the whole project: a stable machine-readable code, the
+// migration phase it happened in, and the cause. The code travels on the wire.
+
+export const phases = [
+  'setup',
+  'connect',
+  'auth',
+  'request',
+  'preflight',
+  'precopy',
+  'freeze',
+  'snapshot',
+  'dump',
+  'stream',
+  'restore',
+  'confirm',
+  'cleanup',
+  'rollback',
+  'runtime',
+] as const;
+export type Phase = (typeof phases)[number];
+
+export const errorCodes = [
+  'BAD_REQUEST',
+  'BAD_MESSAGE',
+  'UNAUTHORIZED',
+  'PROTOCOL_VERSION',
+  'NOT_FOUND',
+  'NAME_IN_USE',
+  'ROOTFS_MISSING',
+  'COMMAND_NOT_FOUND',
+  'CGROUP_FAILED',
+  'CONTAINER_SETUP_FAILED',
+  'CONTAINER_NOT_RUNNING',
+  'CRIU_MISSING',
+  'CRIU_TOO_OLD',
+  'CRIU_FAILED',
+  'HELPER_MISSING',
+  'INCOMPATIBLE',
+  'NO_SPACE',
+  'UNSAFE_ARCHIVE',
+  'CHECKSUM_MISMATCH',
+  'TRANSFER_FAILED',
+  'PEER_GONE',
+  'TIMEOUT',
+  'CANCELLED',
+  'BUSY',
+  'INTERNAL',
+] as const;
+export type ErrorCode = (typeof errorCodes)[number];
+
+export interface FerryErrorOptions {
+  phase?: Phase;
+  cause?: unknown;
+  /** Extra lines worth showing the operator, e.g. CRIU's own error lines. */
+  details?: string[];
+}
+
+export class FerryError extends Error {
+  override name = 'FerryError';
+  readonly code: ErrorCode;
+  readonly phase: Phase | undefined;
+  readonly details: string[];
+
+  constructor(code: ErrorCode, message: string, options: FerryErrorOptions = {}) {
+    super(message, { cause: options.cause });
+    this.code = code;
+    this.phase = options.phase;
+    this.details = options.details ?? [];
+  }
+
+  /** Same error, attributed to a phase when it has none yet. */
+  inPhase(phase: Phase): FerryError {
+    if (this.phase) return this;
+    return new FerryError(this.code, this.message, { phase, cause: this.cause, details: this.details });
+  }
+
+  toJSON(): WireError {
+    return {
+      code: this.code,
+      message: this.message,
+      ...(this.phase ? { phase: this.phase } : {}),
+      ...(this.details.length ? { details: this.details } : {}),
+    };
+  }
+}
+
+export interface WireError {
+  code: ErrorCode;
+  message: string;
+  phase?: Phase;
+  details?: string[];
+}
+
+export class CriuError extends FerryError {
+  override name = 'CriuError';
+  readonly logFile: string | undefined;
+
+  constructor(message: string, options: FerryErrorOptions & { logFile?: string } = {}) {
+    super('CRIU_FAILED', message, options);
+    this.logFile = options.logFile;
+  }
+}
+
+/** Wraps anything thrown into a FerryError, keeping FerryErrors as they are. */
+export function toFerryError(error: unknown, phase?: Phase, fallback: ErrorCode = 'INTERNAL'): FerryError {
+  if (error instanceof FerryError) return phase ? error.inPhase(phase) : error;
+  const message = error instanceof Error ? error.message : String(error);
+  return new FerryError(fallback, message, { phase, cause: error });
+}
+
+export function fromWire(error: WireError): FerryError {
+  return new FerryError(error.code, error.message, { phase: error.phase, details: error.details });
+}

@@ -1,0 +1,129 @@
+import { access, mkdir, rmdir, statfs } from 'node:fs/promises';
+import { cpus, freemem, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { readCgroupMounts } from '../cgroup/mounts.ts';
+import { Criu, readKernelRelease } from '../criu/criu.ts';
+import { FerryError } from '../errors.ts';
+import { helperExists, helperPath } from '../paths.ts';
+import type { Capability } from '../protocol/host.ts';
+
+export interface DoctorReport {
+  kernel: string;
+  criu: Criu | undefined;
+  capabilities: Capability[];
+  /** Migration cannot work on this host: the failed required capabilities. */
+  blockers: Capability[];
+}
+
+/** Probes what this host can do for ferry; every check is a real call, nothing assumed. */
+export async function examineHost(stateDir: string, criuPath?: string): Promise<DoctorReport> {
+  const capabilities: Capability[] = [];
+  const add = (capability: Capability) => capabilities.push(capability);
+  const kernel = await readKernelRelease();
+  add({ name: 'kernel', ok: true, value: kernel, required: false });
+
+  let criu: Criu | undefined;
+  try {
+    criu = await Criu.locate(criuPath);
+    add({ name: 'criu', ok: true, value: `${criu.version.text} (${criu.path})`, required: true });
+  } catch (error) {
+    const message = error instanceof FerryError ? error.message : String(error);
+    add({ name: 'criu', ok: false, value: 'unusable', required: true, hint: message });
+  }
+  if (criu) {
+    const complaint = await criu.check();
+    add({
+      name: 'criu check',
+      ok: !complaint,
+      value: complaint ? lastLine(complaint) : 'looks good',
+      required: true,
+      ...(complaint ? { hint: 'this kernel lacks something CRIU needs; see `criu check` output' } : {}),
+    });
+    const dirty = await criu.check('mem_dirty_track');
+    add({
+      name: 'memory dirty tracking',
+      ok: !dirty,
+      value: dirty ? 'absent (no soft-dirty): stop-and-copy only' : 'present: incremental pre-copy possible',
+      required: false,
+    });
+    const lazy = await criu.check('uffd-noncoop');
+    add({ name: 'userfaultfd (lazy pages)', ok: !lazy, value: lazy ? 'absent' : 'present', required: false });
+  }
+
+  const mounts = await readCgroupMounts();
+  const v2Freeze = mounts.v2 ? await probeV2Freeze(mounts.v2) : false;
+  add({
+    name: 'cgroup v2 freezer',
+    ok: v2Freeze,
+    value: mounts.v2 ? `${mounts.v2}${v2Freeze ? '' : ' (no cgroup.freeze)'}` : 'not mounted',
+    required: false,
+  });
+  add({ name: 'cgroup v1 freezer', ok: !!mounts.v1Freezer, value: mounts.v1Freezer ?? 'not mounted', required: false });
+  add({
+    name: 'a freezer',
+    ok: v2Freeze || !!mounts.v1Freezer,
+    value: v2Freeze ? 'cgroup v2' : mounts.v1Freezer ? 'cgroup v1' : 'none',
+    required: true,
+    hint: 'mount cgroup2 (or the v1 freezer controller)',
+  });
+
+  const netns = await execa('unshare', ['--net', 'true'], { reject: false });
+  add({ name: 'network namespaces', ok: netns.exitCode === 0, value: netns.exitCode === 0 ? 'yes' : 'no', required: true });
+
+  add({
+    name: 'ferry-helper',
+    ok: helperExists(),
+    value: helperPath(),
+    required: true,
+    hint: 'run `bash scripts/setup.sh` to build it',
+  });
+
+  const free = await freeBytes(stateDir);
+  add({ name: 'state directory free space', ok: free > 1 << 30, value: `${formatBytes(free)} at ${stateDir}`, required: false });
+  add({ name: 'memory', ok: true, value: `${formatBytes(freemem())} free of ${formatBytes(totalmem())}`, required: false });
+  add({ name: 'cpus', ok: true, value: String(cpus().length), required: false });
+
+  return { kernel, criu, capabilities, blockers: capabilities.filter((capability) => capability.required && !capability.ok) };
+}
+
+async function probeV2Freeze(mountPoint: string): Promise<boolean> {
+  const probe = join(mountPoint, `ferry-probe-${process.pid}`);
+  try {
+    await mkdir(probe);
+    await access(join(probe, 'cgroup.freeze'));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await rmdir(probe).catch(() => undefined);
+  }
+}
+
+/** Free bytes where `path` (or its nearest existing parent) lives. */
+export async function freeBytes(path: string): Promise<number> {
+  for (let current = path; ; current = join(current, '..')) {
+    const stats = await statfs(current).catch(() => undefined);
+    if (stats) return stats.bavail * stats.bsize;
+    if (current === '/') return 0;
+  }
+}
+
+export function capacity(diskFreeBytes: number) {
+  return { memoryBytes: totalmem(), memoryAvailableBytes: freemem(), cpus: cpus().length, diskFreeBytes };
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+}
+
+function lastLine(text: string): string {
+  return text.trim().split('\n').at(-1) ?? text;
+}

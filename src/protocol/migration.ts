@@ -1,0 +1,115 @@
+import { z } from 'zod';
+import { phases } from '../errors.ts';
+import { containerSpecSchema } from './container.ts';
+
+export const migrationOptionsSchema = z.object({
+  strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
+  /** Downtime budget for the pre-copy convergence policy. */
+  maxDowntimeMs: z.number().int().positive().default(300),
+  maxRounds: z.number().int().min(0).max(32).default(8),
+  /** Bound on the whole migration; on expiry it rolls back. */
+  timeoutMs: z.number().int().positive().default(10 * 60_000),
+});
+export type MigrationOptions = z.infer<typeof migrationOptionsSchema>;
+
+const dumpStatsSchema = z.object({
+  freezingTime: z.number(),
+  frozenTime: z.number(),
+  memdumpTime: z.number(),
+  memwriteTime: z.number(),
+  pagesScanned: z.number(),
+  pagesSkippedParent: z.number(),
+  pagesWritten: z.number(),
+  pagesLazy: z.number(),
+});
+
+const restoreStatsSchema = z.object({
+  pagesCompared: z.number(),
+  pagesSkippedCow: z.number(),
+  forkingTime: z.number(),
+  restoreTime: z.number(),
+  pagesRestored: z.number(),
+});
+
+export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: z.number() });
+
+export const migrationReportSchema = z.object({
+  migrationId: z.string(),
+  container: z.string(),
+  source: z.string(),
+  destination: z.string(),
+  outcome: z.enum(['succeeded', 'rolled-back', 'in-doubt']),
+  strategy: z.enum(['precopy', 'stop-and-copy']),
+  strategyNote: z.string().optional(),
+  /** From the freeze on the source to the container running on the destination. */
+  downtimeMs: z.number(),
+  totalMs: z.number(),
+  bytes: z.object({ rootfs: z.number(), pages: z.number(), images: z.number() }),
+  phases: z.array(phaseTimingSchema),
+  criu: z.object({ dump: dumpStatsSchema.optional(), restore: restoreStatsSchema.optional() }),
+  error: z
+    .object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() })
+    .optional(),
+});
+export type MigrationReport = z.infer<typeof migrationReportSchema>;
+
+export const progressEventSchema = z.object({
+  migrationId: z.string(),
+  phase: z.enum(phases),
+  message: z.string().optional(),
+  bytes: z.number().optional(),
+  totalBytes: z.number().optional(),
+  bytesPerSecond: z.number().optional(),
+});
+export type ProgressEvent = z.infer<typeof progressEventSchema>;
+
+const migrationId = z.string().regex(/^[a-zA-Z0-9-]{8,64}$/);
+
+/** Messages between the source and the destination agent of one migration. */
+export const peerMessageSchema = z.discriminatedUnion('type', [
+  z.object({
+    type: z.literal('offer'),
+    migrationId,
+    spec: containerSpecSchema,
+    history: z.array(z.string()),
+    source: z.object({ host: z.string(), criuVersion: z.string(), kernel: z.string() }),
+    /** `criu cpuinfo dump` of the source, base64. */
+    cpuinfo: z.string(),
+    needs: z.object({ rootfsBytes: z.number(), memoryBytes: z.number() }),
+  }),
+  z.object({
+    type: z.literal('accept'),
+    migrationId,
+    destination: z.object({ host: z.string(), criuVersion: z.string() }),
+  }),
+  /** Everything is sent: restore, leaving the tasks stopped. */
+  z.object({ type: z.literal('transfer-complete'), migrationId }),
+  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: z.number() }),
+  /** The source's decision, sent in the session or again after a restart until acknowledged. */
+  z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
+  /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
+  z.object({ type: z.literal('decided'), migrationId, decision: z.enum(['commit', 'abort']) }),
+  /** Either side gives up before the decision, saying why. */
+  z.object({
+    type: z.literal('abort'),
+    migrationId,
+    error: z.object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() }),
+  }),
+]);
+export type PeerMessage = z.infer<typeof peerMessageSchema>;
+
+/** Text frames on a data channel; binary frames between them are the payload. */
+export const dataFrameSchema = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('stream-open'), name: z.string() }),
+  z.object({
+    type: z.literal('stream-end'),
+    bytes: z.number().int().min(0),
+    sha256: z.string().regex(/^[0-9a-f]{64}$/),
+    /** sha256 of every regular file in a tar stream, by path. */
+    files: z.record(z.string(), z.string()).optional(),
+  }),
+]);
+export type DataFrame = z.infer<typeof dataFrameSchema>;
+
+export const dataChannels = ['files', 'pages'] as const;
+export type DataChannel = (typeof dataChannels)[number];

@@ -1,0 +1,24 @@
+import type { Hash } from 'node:crypto';
+import { Transform } from 'node:stream';
+
+/** A pass-through that feeds every chunk to `hash` on its way. */
+export function hashing(hash: Hash): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      hash.update(chunk);
+      callback(null, chunk);
+    },
+  });
+}
+
+/** Names of files whose digests differ or are missing on one side. */
+export function compareDigests(expected: Map<string, string>, actual: Map<string, string>): string[] {
+  const problems: string[] = [];
+  for (const [name, digest] of expected) {
+    const got = actual.get(name);
+    if (got === undefined) problems.push(`${name}: missing`);
+    else if (got !== digest) problems.push(`${name}: sha256 ${got} != ${digest}`);
+  }
+  for (const name of actual.keys()) if (!expected.has(name)) problems.push(`${name}: unexpected`);
+  return problems;
+}

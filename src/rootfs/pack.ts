@@ -1,0 +1,88 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { lstat, readdir, readlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { hashing } from './digest.ts';
+import { pipeline } from 'node:stream/promises';
+import tar from 'tar-stream';
+
+type EntryHeader = Parameters<tar.Pack['entry']>[0];
+
+export interface PackOptions {
+  /** Relative paths that are not archived. */
+  exclude?: (relativePath: string) => boolean;
+  /** Filled with the sha256 of every regular file archived, by relative path. */
+  digests?: Map<string, string>;
+}
+
+/**
+ * Streams a tar of `root` (the snapshot of a frozen container's rootfs).
+ * Entries are written one at a time with backpressure; nothing is buffered
+ * whole. Hard links are archived once, then as links.
+ */
+export function packDirectory(root: string, options: PackOptions = {}): Readable {
+  const pack = tar.pack();
+  writeEntries(pack, root, options).then(
+    () => pack.finalize(),
+    (error: Error) => pack.destroy(error),
+  );
+  // tar-stream is built on streamx, whose readables pipe like Node's.
+  return pack as unknown as Readable;
+}
+
+async function writeEntries(pack: tar.Pack, root: string, options: PackOptions): Promise<void> {
+  const firstPathOfInode = new Map<string, string>();
+  for await (const relativePath of walk(root, '')) {
+    if (options.exclude?.(relativePath)) continue;
+    const absolutePath = join(root, relativePath);
+    const stats = await lstat(absolutePath);
+    const header: EntryHeader = {
+      name: relativePath,
+      mode: stats.mode & 0o7777,
+      uid: stats.uid,
+      gid: stats.gid,
+      mtime: stats.mtime,
+    };
+    if (stats.isDirectory()) {
+      await addEntry(pack, { ...header, name: `${relativePath}/`, type: 'directory' });
+    } else if (stats.isSymbolicLink()) {
+      await addEntry(pack, { ...header, type: 'symlink', linkname: await readlink(absolutePath) });
+    } else if (stats.isFile()) {
+      const inode = `${stats.dev}:${stats.ino}`;
+      const linkTarget = stats.nlink > 1 ? firstPathOfInode.get(inode) : undefined;
+      if (linkTarget) {
+        await addEntry(pack, { ...header, type: 'link', linkname: linkTarget });
+        continue;
+      }
+      if (stats.nlink > 1) firstPathOfInode.set(inode, relativePath);
+      const entry = pack.entry({ ...header, type: 'file', size: stats.size });
+      const hash = createHash('sha256');
+      await pipeline(createReadStream(absolutePath), hashing(hash), entry);
+      options.digests?.set(relativePath, hash.digest('hex'));
+    } else if (stats.isCharacterDevice() || stats.isBlockDevice()) {
+      const type = stats.isCharacterDevice() ? 'character-device' : 'block-device';
+      const devmajor = Math.floor(stats.rdev / 256) & 0xfff;
+      const devminor = (stats.rdev & 0xff) | ((stats.rdev >> 12) & 0xfff00);
+      await addEntry(pack, { ...header, type, devmajor, devminor });
+    } else if (stats.isFIFO()) {
+      await addEntry(pack, { ...header, type: 'fifo' });
+    }
+    // Sockets are not archived: they belong to the processes, which CRIU handles.
+  }
+}
+
+function addEntry(pack: tar.Pack, header: EntryHeader): Promise<void> {
+  return new Promise((resolve, reject) => pack.entry(header, (error) => (error ? reject(error) : resolve())));
+}
+
+/** Depth-first, sorted, so archives of the same tree are identical. */
+async function* walk(root: string, relativeDir: string): AsyncGenerator<string> {
+  const names = (await readdir(join(root, relativeDir))).sort();
+  for (const name of names) {
+    const relativePath = relativeDir ? `${relativeDir}/${name}` : name;
+    yield relativePath;
+    const stats = await lstat(join(root, relativePath));
+    if (stats.isDirectory()) yield* walk(root, relativePath);
+  }
+}

@@ -1,0 +1,170 @@
+import { createHash } from 'node:crypto';
+import { constants } from 'node:fs';
+import { chmod, lchown, link, lstat, lutimes, mkdir, open, rm, symlink, utimes } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { execa } from 'execa';
+import tar from 'tar-stream';
+import { FerryError } from '../errors.ts';
+import { hashing } from './digest.ts';
+
+export interface UnpackSummary {
+  entries: number;
+  bytes: number;
+}
+
+/**
+ * Extracts a tar stream into `root`, refusing any entry that would land
+ * outside it: absolute names, `..`, paths through symlinks, hard links to
+ * outside files. Symlinks are created as they are but never followed here.
+ */
+export async function unpackInto(
+  root: string,
+  source: Readable,
+  digests?: Map<string, string>,
+): Promise<UnpackSummary> {
+  await mkdir(root, { recursive: true });
+  const extract = tar.extract();
+  const directories: Array<{ path: string; header: tar.Header }> = [];
+  const summary: UnpackSummary = { entries: 0, bytes: 0 };
+  const feeding = pipeline(source, extract as unknown as NodeJS.WritableStream);
+  feeding.catch(() => undefined);
+  try {
+    for await (const entry of extract) {
+      const header = entry.header;
+      const path = await resolveInside(root, header.name);
+      summary.entries += 1;
+      switch (header.type) {
+        case 'directory':
+          await makeDirectory(path);
+          directories.push({ path, header });
+          break;
+        case 'file':
+        case 'contiguous-file':
+          await replaceWithFile(path, entry as unknown as Readable, header, digests);
+          summary.bytes += header.size ?? 0;
+          break;
+        case 'symlink':
+          await clear(path);
+          await symlink(requireLinkname(header), path);
+          break;
+        case 'link':
+          await hardLink(root, path, header);
+          break;
+        case 'character-device':
+        case 'block-device':
+        case 'fifo':
+          await clear(path);
+          await makeNode(path, header);
+          break;
+        default:
+          throw unsafe(header.name, `unsupported entry type ${header.type}`);
+      }
+      entry.resume();
+      if (header.type !== 'directory') await applyMetadata(path, header);
+    }
+    await feeding;
+  } catch (error) {
+    extract.destroy();
+    source.destroy();
+    throw error;
+  }
+  // Children change a directory's mtime, so directories are finished last, deepest first.
+  for (const { path, header } of directories.reverse()) await applyMetadata(path, header);
+  return summary;
+}
+
+function unsafe(name: string, reason: string): FerryError {
+  return new FerryError('UNSAFE_ARCHIVE', `refused archive entry "${name}": ${reason}`, { phase: 'restore' });
+}
+
+/** The absolute path for an entry name, checked to stay inside `root`. */
+export async function resolveInside(root: string, name: string): Promise<string> {
+  if (name.startsWith('/')) throw unsafe(name, 'absolute path');
+  const parts = nameParts(name);
+  if (parts.includes('..')) throw unsafe(name, 'path contains ..');
+  if (parts.length === 0) throw unsafe(name, 'empty path');
+  let current = root;
+  for (const part of parts.slice(0, -1)) {
+    current = join(current, part);
+    const stats = await lstat(current).catch(() => undefined);
+    if (!stats) continue;
+    if (stats.isSymbolicLink()) throw unsafe(name, `goes through the symlink ${current.slice(root.length)}`);
+    if (!stats.isDirectory()) throw unsafe(name, `parent ${current.slice(root.length)} is not a directory`);
+  }
+  return join(root, ...parts);
+}
+
+function nameParts(name: string): string[] {
+  return name.split('/').filter((part) => part !== '' && part !== '.');
+}
+
+/** The form pack uses for digests: no leading "./", no trailing slash. */
+export function normalizeName(name: string): string {
+  return nameParts(name).join('/');
+}
+
+function requireLinkname(header: tar.Header): string {
+  if (!header.linkname) throw unsafe(header.name, 'link without a target');
+  return header.linkname;
+}
+
+async function makeDirectory(path: string): Promise<void> {
+  const stats = await lstat(path).catch(() => undefined);
+  if (stats?.isDirectory()) return;
+  if (stats) await rm(path, { force: true });
+  await mkdir(path, { recursive: true });
+}
+
+/** Removes whatever is at `path` unless it is a directory the archive also has. */
+async function clear(path: string): Promise<void> {
+  const stats = await lstat(path).catch(() => undefined);
+  if (!stats) return;
+  await rm(path, { recursive: stats.isDirectory(), force: true });
+}
+
+async function replaceWithFile(
+  path: string,
+  entry: Readable,
+  header: tar.Header,
+  digests: Map<string, string> | undefined,
+): Promise<void> {
+  await clear(path);
+  await mkdir(join(path, '..'), { recursive: true });
+  const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+  const handle = await open(path, flags, (header.mode ?? 0o644) & 0o777);
+  const hash = createHash('sha256');
+  await pipeline(entry, hashing(hash), handle.createWriteStream());
+  digests?.set(normalizeName(header.name), hash.digest('hex'));
+}
+
+async function hardLink(root: string, path: string, header: tar.Header): Promise<void> {
+  const target = await resolveInside(root, requireLinkname(header));
+  const stats = await lstat(target).catch(() => undefined);
+  if (!stats?.isFile()) throw unsafe(header.name, 'hard link to something that is not a regular file in the archive');
+  await clear(path);
+  await link(target, path);
+}
+
+async function makeNode(path: string, header: tar.Header): Promise<void> {
+  const mode = ((header.mode ?? 0o644) & 0o777).toString(8);
+  if (header.type === 'fifo') {
+    await execa('mkfifo', ['-m', mode, path]);
+    return;
+  }
+  const kind = header.type === 'character-device' ? 'c' : 'b';
+  await execa('mknod', ['-m', mode, path, kind, String(header.devmajor ?? 0), String(header.devminor ?? 0)]);
+}
+
+async function applyMetadata(path: string, header: tar.Header): Promise<void> {
+  await lchown(path, header.uid ?? 0, header.gid ?? 0);
+  const mtime = header.mtime ?? new Date();
+  if (header.type === 'symlink') {
+    await lutimes(path, mtime, mtime);
+    return;
+  }
+  // After chown: chown clears set-id bits.
+  await chmod(path, (header.mode ?? 0o644) & 0o7777);
+  await utimes(path, mtime, mtime);
+}

@@ -1,0 +1,265 @@
+import { createHash } from 'node:crypto';
+import { PassThrough, type Duplex, type Readable } from 'node:stream';
+import type WebSocket from 'ws';
+import { FerryError } from '../errors.ts';
+import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
+import { faultNumber } from './faults.ts';
+
+/** Bytes handed to ws but not yet written to the socket before the sender waits. */
+const inFlightLimit = 4 * 1024 * 1024;
+/** Received bytes buffered for a slow consumer before the socket is paused. */
+const receiveHighWater = 8 * 1024 * 1024;
+
+export interface StreamResult {
+  bytes: number;
+  sha256: string;
+}
+
+/**
+ * Sending side of a data channel: one stream at a time, binary frames with
+ * backpressure (at most `inFlightLimit` unwritten bytes), then a stream-end
+ * frame carrying the sha256 of everything sent.
+ */
+export class ChannelSender {
+  private readonly socket: WebSocket;
+  private inFlight = 0;
+  private waiters: Array<() => void> = [];
+  private framesSent = 0;
+  private readonly corruptFrame: number | undefined;
+
+  constructor(socket: WebSocket, channelName: string) {
+    this.socket = socket;
+    this.corruptFrame = faultNumber(`corrupt-chunk:${channelName}`);
+  }
+
+  async sendStream(
+    name: string,
+    source: Readable,
+    files?: () => Record<string, string>,
+    onBytes?: (bytes: number) => void,
+  ): Promise<StreamResult> {
+    this.sendControl({ type: 'stream-open', name });
+    const hash = createHash('sha256');
+    let bytes = 0;
+    for await (const chunk of source as AsyncIterable<Buffer>) {
+      hash.update(chunk);
+      bytes += chunk.length;
+      onBytes?.(chunk.length);
+      await this.sendBinary(chunk);
+    }
+    const sha256 = hash.digest('hex');
+    await this.drain();
+    this.sendControl({ type: 'stream-end', bytes, sha256, ...(files ? { files: files() } : {}) });
+    return { bytes, sha256 };
+  }
+
+  sendControl(frame: DataFrame): void {
+    this.socket.send(JSON.stringify(frame));
+  }
+
+  async sendBinary(chunk: Buffer): Promise<void> {
+    this.framesSent += 1;
+    const data = this.framesSent === this.corruptFrame ? corrupt(chunk) : chunk;
+    this.inFlight += data.length;
+    this.socket.send(data, { binary: true }, (error) => {
+      this.inFlight -= data.length;
+      if (error) this.socket.terminate();
+      this.wake();
+    });
+    if (this.inFlight > inFlightLimit) await this.waitBelow(inFlightLimit / 2);
+  }
+
+  /** Resolves when every frame handed to ws reached the socket. */
+  drain(): Promise<void> {
+    return this.waitBelow(1);
+  }
+
+  private waitBelow(limit: number): Promise<void> {
+    if (this.inFlight < limit) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (this.inFlight < limit) resolve();
+        else if (this.socket.readyState !== this.socket.OPEN) reject(peerGone());
+        else this.waiters.push(check);
+      };
+      check();
+    });
+  }
+
+  private wake(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const waiter of waiters) waiter();
+  }
+}
+
+function corrupt(chunk: Buffer): Buffer {
+  const copy = Buffer.from(chunk);
+  copy[copy.length >> 1] = (copy[copy.length >> 1] ?? 0) ^ 0xff;
+  return copy;
+}
+
+function peerGone(): FerryError {
+  return new FerryError('PEER_GONE', 'data channel closed while sending', { phase: 'stream' });
+}
+
+export interface IncomingStream {
+  name: string;
+  body: Readable;
+  /** Resolves with the sender's stream-end once the body is fully received and checked. */
+  end: Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>;
+}
+
+/**
+ * Receiving side: turns frames into one Readable per stream, pausing the
+ * socket while the consumer is behind, and checks the sha256 at stream-end.
+ */
+export class ChannelReceiver {
+  private readonly socket: WebSocket;
+  private current: { body: PassThrough; hash: ReturnType<typeof createHash>; bytes: number; settle: (frame: DataFrame | Error) => void } | undefined;
+  private readonly pending: IncomingStream[] = [];
+  private readonly waiting: Array<(stream: IncomingStream) => void> = [];
+  private closedError: FerryError | undefined;
+
+  constructor(socket: WebSocket) {
+    this.socket = socket;
+    socket.on('message', (data, isBinary) => this.onMessage(data as Buffer, isBinary));
+    socket.on('close', () => this.fail(new FerryError('PEER_GONE', 'data channel closed', { phase: 'stream' })));
+  }
+
+  /** The next stream the peer opens. */
+  next(): Promise<IncomingStream> {
+    const ready = this.pending.shift();
+    if (ready) return Promise.resolve(ready);
+    if (this.closedError) return Promise.reject(this.closedError);
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  private onMessage(data: Buffer, isBinary: boolean): void {
+    if (isBinary) return this.onData(data);
+    let frame: DataFrame;
+    try {
+      frame = dataFrameSchema.parse(JSON.parse(data.toString('utf8')));
+    } catch {
+      return this.fail(new FerryError('BAD_MESSAGE', 'malformed data channel frame', { phase: 'stream' }));
+    }
+    if (frame.type === 'stream-open') this.open(frame.name);
+    else this.finish(frame);
+  }
+
+  private open(name: string): void {
+    const body = new PassThrough({ highWaterMark: receiveHighWater });
+    body.on('drain', () => this.socket.resume());
+    let settle!: (frame: DataFrame | Error) => void;
+    const end = new Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>(
+      (resolve, reject) => {
+        settle = (frame) => {
+          if (frame instanceof Error) return reject(frame);
+          if (frame.type === 'stream-end') resolve({ bytes: frame.bytes, sha256: frame.sha256, files: frame.files });
+        };
+      },
+    );
+    end.catch(() => undefined);
+    this.current = { body, hash: createHash('sha256'), bytes: 0, settle };
+    const stream = { name, body, end };
+    const waiter = this.waiting.shift();
+    if (waiter) waiter(stream);
+    else this.pending.push(stream);
+  }
+
+  private onData(data: Buffer): void {
+    const current = this.current;
+    if (!current) return this.fail(new FerryError('BAD_MESSAGE', 'data frame outside a stream', { phase: 'stream' }));
+    current.hash.update(data);
+    current.bytes += data.length;
+    if (!current.body.write(data)) this.socket.pause();
+  }
+
+  private finish(frame: DataFrame & { type: 'stream-end' }): void {
+    const current = this.current;
+    if (!current) return this.fail(new FerryError('BAD_MESSAGE', 'stream-end without a stream', { phase: 'stream' }));
+    this.current = undefined;
+    const sha256 = current.hash.digest('hex');
+    if (sha256 !== frame.sha256 || current.bytes !== frame.bytes) {
+      const error = new FerryError(
+        'CHECKSUM_MISMATCH',
+        `stream ${frame.sha256.slice(0, 12)}…: received ${current.bytes} bytes with sha256 ${sha256.slice(0, 12)}…, sender says ${frame.bytes} bytes ${frame.sha256.slice(0, 12)}…`,
+        { phase: 'stream' },
+      );
+      current.body.destroy(error);
+      current.settle(error);
+      return;
+    }
+    current.body.end();
+    current.settle(frame);
+  }
+
+  private fail(error: FerryError): void {
+    this.closedError ??= error;
+    if (this.current) {
+      this.current.body.destroy(error);
+      this.current.settle(error);
+      this.current = undefined;
+    }
+  }
+}
+
+export interface TunnelResult {
+  sent: StreamResult;
+  received: StreamResult;
+}
+
+/**
+ * Joins a local duplex (a CRIU page-server channel) with a data channel in
+ * both directions, with backpressure each way, hashing what passes. Resolves
+ * when the local side has ended. Text frames are left to the caller.
+ */
+export function tunnel(
+  local: Duplex,
+  socket: WebSocket,
+  sender: ChannelSender,
+  onBytes?: (bytes: number) => void,
+): Promise<TunnelResult> {
+  const receivedHash = createHash('sha256');
+  let receivedBytes = 0;
+  socket.on('message', (data: Buffer, isBinary) => {
+    if (!isBinary || local.writableEnded) return;
+    receivedHash.update(data);
+    receivedBytes += data.length;
+    if (!local.write(data)) {
+      socket.pause();
+      local.once('drain', () => socket.resume());
+    }
+  });
+  return (async () => {
+    const sentHash = createHash('sha256');
+    let sentBytes = 0;
+    for await (const chunk of local as AsyncIterable<Buffer>) {
+      sentHash.update(chunk);
+      sentBytes += chunk.length;
+      onBytes?.(chunk.length);
+      await sender.sendBinary(chunk);
+    }
+    await sender.drain();
+    return {
+      sent: { bytes: sentBytes, sha256: sentHash.digest('hex') },
+      received: { bytes: receivedBytes, sha256: receivedHash.digest('hex') },
+    };
+  })();
+}
+
+/** The next stream-end text frame on a socket. */
+export function nextStreamEnd(socket: WebSocket): Promise<StreamResult> {
+  return new Promise((resolve, reject) => {
+    const onMessage = (data: Buffer, isBinary: boolean) => {
+      if (isBinary) return;
+      const frame = dataFrameSchema.safeParse(JSON.parse(data.toString()));
+      if (frame.success && frame.data.type === 'stream-end') {
+        socket.off('message', onMessage);
+        resolve({ bytes: frame.data.bytes, sha256: frame.data.sha256 });
+      }
+    };
+    socket.on('message', onMessage);
+    socket.once('close', () => reject(new FerryError('PEER_GONE', 'page channel closed before its end', { phase: 'stream' })));
+  });
+}
