@@ -1,3 +1,4 @@
+import { rmSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -6,7 +7,7 @@ import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/cri
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { compareDigests } from '../../src/rootfs/digest.ts';
-import { unpackInto } from '../../src/rootfs/unpack.ts';
+import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, ChannelSender, nextStreamEnd, tunnel } from '../../src/transport/channel.ts';
 import { faultActive } from '../../src/transport/faults.ts';
 import { freeBytes } from '../../src/host/doctor.ts';
@@ -210,16 +211,23 @@ class DestinationSession {
     else this.pages = work;
   }
 
-  /** The rootfs, then the non-page CRIU images, each unpacked while it arrives. */
+  /**
+   * The rootfs (pass 1, sent while the container ran), its final pass (what
+   * changed by the freeze, and deletions), then the non-page CRIU images;
+   * each is unpacked while it arrives.
+   */
   private async receiveFiles(socket: WebSocket): Promise<void> {
     const receiver = new ChannelReceiver(socket);
-    await this.receiveTar(receiver, 'rootfs', this.deps.runtime.store.rootfs(this.name));
+    const rootfs = this.deps.runtime.store.rootfs(this.name);
+    await this.receiveTar(receiver, 'rootfs', rootfs);
+    await this.receiveTar(receiver, 'rootfs-delta', rootfs);
     await this.receiveTar(receiver, 'images', this.imagesDir);
   }
 
   private async receiveTar(receiver: ChannelReceiver, expected: string, into: string): Promise<void> {
     const stream = await receiver.next();
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`);
+    for (const path of stream.deleted) rmSync(resolveInside(into, path), { recursive: true, force: true });
     const digests = new Map<string, string>();
     const [, end] = await Promise.all([unpackInto(into, stream.body, digests), stream.end]);
     const problems = compareDigests(new Map(Object.entries(end.files ?? {})), digests);

@@ -9,6 +9,7 @@ import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
 import type { MigrationOptions, MigrationReport, ProgressEvent } from '../../src/protocol/migration.ts';
+import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender, tunnel } from '../../src/transport/channel.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
@@ -53,6 +54,9 @@ export class MigrationSource {
   private criu!: Criu;
   private peer: PeerLink | undefined;
   private channels: { files: WebSocket; pages: WebSocket } | undefined;
+  private filesSender!: ChannelSender;
+  /** What rootfs pass 1 saw, to find what changed by the freeze. */
+  private readonly rootfsManifest: RootfsManifest = new Map();
   private frozenAt: number | undefined;
   private dumpStats: DumpStats | undefined;
   private restoreStats: RestoreStats | undefined;
@@ -92,6 +96,7 @@ export class MigrationSource {
     this.request.signal.addEventListener('abort', onCancel);
     try {
       await this.timer.run('preflight', () => this.preflight());
+      await this.timer.run('precopy', () => this.sendRootfsWhileRunning());
       await this.timer.run('freeze', () => this.freeze());
       await this.timer.run('dump', () => this.snapshotDumpAndStream());
       await this.timer.run('restore', () => this.restoreOnDestination());
@@ -163,6 +168,18 @@ export class MigrationSource {
       this.peer.openChannel(this.migrationId, 'pages'),
     ]);
     this.channels = { files, pages };
+    this.filesSender = new ChannelSender(files, 'files');
+  }
+
+  /** Rootfs pass 1: the whole tree, while the container still runs. */
+  private async sendRootfsWhileRunning(): Promise<void> {
+    const root = this.deps.runtime.store.rootfs(this.request.name);
+    const digests = new Map<string, string>();
+    await this.filesSender.sendStream(
+      'rootfs',
+      packDirectory(root, { digests, onEntry: (path, stats) => this.rootfsManifest.set(path, entryStamp(root, path, stats)) }),
+      { files: () => Object.fromEntries(digests), onBytes: this.meter.counter('rootfs') },
+    );
   }
 
   private async freeze(): Promise<void> {
@@ -170,20 +187,23 @@ export class MigrationSource {
     await this.deps.runtime.cgroup(this.request.name).freeze();
   }
 
-  /** Rootfs snapshot and CRIU dump run at once: both only read the frozen container. */
+  /**
+   * The rootfs final pass and the CRIU dump run at once: both only read the
+   * frozen container. The final pass sends what changed since pass 1.
+   */
   private async snapshotDumpAndStream(): Promise<void> {
-    const { files, pages } = this.channels!;
-    const filesSender = new ChannelSender(files, 'files');
+    const { pages } = this.channels!;
     const pagesSender = new ChannelSender(pages, 'pages');
-    const rootfsDigests = new Map<string, string>();
-    const rootfs = this.timer.run('snapshot', () =>
-      filesSender.sendStream(
-        'rootfs',
-        packDirectory(this.deps.runtime.store.rootfs(this.request.name), { digests: rootfsDigests }),
-        () => Object.fromEntries(rootfsDigests),
-        this.meter.counter('rootfs'),
-      ),
-    );
+    const root = this.deps.runtime.store.rootfs(this.request.name);
+    const rootfs = this.timer.run('snapshot', async () => {
+      const delta = diffRootfs(root, this.rootfsManifest);
+      const digests = new Map<string, string>();
+      await this.filesSender.sendStream('rootfs-delta', packDirectory(root, { digests, include: (path) => delta.changed.has(path) }), {
+        files: () => Object.fromEntries(digests),
+        onBytes: this.meter.counter('rootfs'),
+        deleted: delta.deleted,
+      });
+    });
     const dump = dumpFrozen(this.criu, this.record, this.deps.runtime.cgroup(this.request.name), this.imagesDir, join(this.directory, 'dump.log'), true);
     const pagesTunnel = tunnel(dump.channel!, pages, pagesSender, this.meter.counter('pages'));
     const progress = setInterval(() => this.emit('stream'), 250);
@@ -192,12 +212,10 @@ export class MigrationSource {
       pagesSender.sendControl({ type: 'stream-end', ...tunnelResult.sent });
       const imageDigests = new Map<string, string>();
       await this.timer.run('stream', () =>
-        filesSender.sendStream(
-          'images',
-          packDirectory(this.imagesDir, { digests: imageDigests }),
-          () => Object.fromEntries(imageDigests),
-          this.meter.counter('images'),
-        ),
+        this.filesSender.sendStream('images', packDirectory(this.imagesDir, { digests: imageDigests }), {
+          files: () => Object.fromEntries(imageDigests),
+          onBytes: this.meter.counter('images'),
+        }),
       );
     } catch (error) {
       dump.kill();

@@ -100,7 +100,12 @@ export type PeerMessage = z.infer<typeof peerMessageSchema>;
 
 /** Text frames on a data channel; binary frames between them are the payload. */
 export const dataFrameSchema = z.discriminatedUnion('type', [
-  z.object({ type: z.literal('stream-open'), name: z.string() }),
+  z.object({
+    type: z.literal('stream-open'),
+    name: z.string(),
+    /** Paths to remove before this stream is applied (the rootfs final pass). */
+    deleted: z.array(z.string()).optional(),
+  }),
   z.object({
     type: z.literal('stream-end'),
     bytes: z.number().int().min(0),

@@ -1,6 +1,18 @@
 import { createHash } from 'node:crypto';
-import { constants } from 'node:fs';
-import { chmod, lchown, link, lstat, lutimes, mkdir, open, rm, symlink, utimes } from 'node:fs/promises';
+import {
+  chmodSync,
+  constants,
+  lchownSync,
+  linkSync,
+  lstatSync,
+  lutimesSync,
+  mkdirSync,
+  rmSync,
+  symlinkSync,
+  utimesSync,
+  type Stats,
+} from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -14,6 +26,10 @@ export interface UnpackSummary {
   bytes: number;
 }
 
+// Metadata calls are synchronous on purpose: each takes microseconds, and a
+// thread-pool round trip per call made extraction of small files several
+// times slower. File contents are streamed asynchronously.
+
 /**
  * Extracts a tar stream into `root`, refusing any entry that would land
  * outside it: absolute names, `..`, paths through symlinks, hard links to
@@ -24,7 +40,7 @@ export async function unpackInto(
   source: Readable,
   digests?: Map<string, string>,
 ): Promise<UnpackSummary> {
-  await mkdir(root, { recursive: true });
+  mkdirSync(root, { recursive: true });
   const extract = tar.extract();
   const directories: Array<{ path: string; header: tar.Header }> = [];
   const summary: UnpackSummary = { entries: 0, bytes: 0 };
@@ -33,11 +49,11 @@ export async function unpackInto(
   try {
     for await (const entry of extract) {
       const header = entry.header;
-      const path = await resolveInside(root, header.name);
+      const path = resolveInside(root, header.name);
       summary.entries += 1;
       switch (header.type) {
         case 'directory':
-          await makeDirectory(path);
+          makeDirectory(path);
           directories.push({ path, header });
           break;
         case 'file':
@@ -46,23 +62,23 @@ export async function unpackInto(
           summary.bytes += header.size ?? 0;
           break;
         case 'symlink':
-          await clear(path);
-          await symlink(requireLinkname(header), path);
+          clear(path);
+          symlinkSync(requireLinkname(header), path);
           break;
         case 'link':
-          await hardLink(root, path, header);
+          hardLink(root, path, header);
           break;
         case 'character-device':
         case 'block-device':
         case 'fifo':
-          await clear(path);
+          clear(path);
           await makeNode(path, header);
           break;
         default:
           throw unsafe(header.name, `unsupported entry type ${header.type}`);
       }
       entry.resume();
-      if (header.type !== 'directory') await applyMetadata(path, header);
+      if (header.type !== 'directory') applyMetadata(path, header);
     }
     await feeding;
   } catch (error) {
@@ -71,7 +87,7 @@ export async function unpackInto(
     throw error;
   }
   // Children change a directory's mtime, so directories are finished last, deepest first.
-  for (const { path, header } of directories.reverse()) await applyMetadata(path, header);
+  for (const { path, header } of directories.reverse()) applyMetadata(path, header);
   return summary;
 }
 
@@ -79,8 +95,12 @@ function unsafe(name: string, reason: string): FerryError {
   return new FerryError('UNSAFE_ARCHIVE', `refused archive entry "${name}": ${reason}`, { phase: 'restore' });
 }
 
+function lstatOrUndefined(path: string): Stats | undefined {
+  return lstatSync(path, { throwIfNoEntry: false });
+}
+
 /** The absolute path for an entry name, checked to stay inside `root`. */
-export async function resolveInside(root: string, name: string): Promise<string> {
+export function resolveInside(root: string, name: string): string {
   if (name.startsWith('/')) throw unsafe(name, 'absolute path');
   const parts = nameParts(name);
   if (parts.includes('..')) throw unsafe(name, 'path contains ..');
@@ -88,7 +108,7 @@ export async function resolveInside(root: string, name: string): Promise<string>
   let current = root;
   for (const part of parts.slice(0, -1)) {
     current = join(current, part);
-    const stats = await lstat(current).catch(() => undefined);
+    const stats = lstatOrUndefined(current);
     if (!stats) continue;
     if (stats.isSymbolicLink()) throw unsafe(name, `goes through the symlink ${current.slice(root.length)}`);
     if (!stats.isDirectory()) throw unsafe(name, `parent ${current.slice(root.length)} is not a directory`);
@@ -110,18 +130,17 @@ function requireLinkname(header: tar.Header): string {
   return header.linkname;
 }
 
-async function makeDirectory(path: string): Promise<void> {
-  const stats = await lstat(path).catch(() => undefined);
+function makeDirectory(path: string): void {
+  const stats = lstatOrUndefined(path);
   if (stats?.isDirectory()) return;
-  if (stats) await rm(path, { force: true });
-  await mkdir(path, { recursive: true });
+  if (stats) rmSync(path, { force: true });
+  mkdirSync(path, { recursive: true });
 }
 
-/** Removes whatever is at `path` unless it is a directory the archive also has. */
-async function clear(path: string): Promise<void> {
-  const stats = await lstat(path).catch(() => undefined);
-  if (!stats) return;
-  await rm(path, { recursive: stats.isDirectory(), force: true });
+/** Removes whatever is at `path`, so the entry replaces it instead of writing through it. */
+function clear(path: string): void {
+  const stats = lstatOrUndefined(path);
+  if (stats) rmSync(path, { recursive: stats.isDirectory(), force: true });
 }
 
 async function replaceWithFile(
@@ -130,8 +149,8 @@ async function replaceWithFile(
   header: tar.Header,
   digests: Map<string, string> | undefined,
 ): Promise<void> {
-  await clear(path);
-  await mkdir(join(path, '..'), { recursive: true });
+  clear(path);
+  mkdirSync(join(path, '..'), { recursive: true });
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
   const handle = await open(path, flags, (header.mode ?? 0o644) & 0o777);
   const hash = createHash('sha256');
@@ -139,12 +158,13 @@ async function replaceWithFile(
   digests?.set(normalizeName(header.name), hash.digest('hex'));
 }
 
-async function hardLink(root: string, path: string, header: tar.Header): Promise<void> {
-  const target = await resolveInside(root, requireLinkname(header));
-  const stats = await lstat(target).catch(() => undefined);
-  if (!stats?.isFile()) throw unsafe(header.name, 'hard link to something that is not a regular file in the archive');
-  await clear(path);
-  await link(target, path);
+function hardLink(root: string, path: string, header: tar.Header): void {
+  const target = resolveInside(root, requireLinkname(header));
+  if (!lstatOrUndefined(target)?.isFile()) {
+    throw unsafe(header.name, 'hard link to something that is not a regular file in the archive');
+  }
+  clear(path);
+  linkSync(target, path);
 }
 
 async function makeNode(path: string, header: tar.Header): Promise<void> {
@@ -157,14 +177,14 @@ async function makeNode(path: string, header: tar.Header): Promise<void> {
   await execa('mknod', ['-m', mode, path, kind, String(header.devmajor ?? 0), String(header.devminor ?? 0)]);
 }
 
-async function applyMetadata(path: string, header: tar.Header): Promise<void> {
-  await lchown(path, header.uid ?? 0, header.gid ?? 0);
+function applyMetadata(path: string, header: tar.Header): void {
+  lchownSync(path, header.uid ?? 0, header.gid ?? 0);
   const mtime = header.mtime ?? new Date();
   if (header.type === 'symlink') {
-    await lutimes(path, mtime, mtime);
+    lutimesSync(path, mtime, mtime);
     return;
   }
   // After chown: chown clears set-id bits.
-  await chmod(path, (header.mode ?? 0o644) & 0o7777);
-  await utimes(path, mtime, mtime);
+  chmodSync(path, (header.mode ?? 0o644) & 0o7777);
+  utimesSync(path, mtime, mtime);
 }

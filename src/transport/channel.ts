@@ -35,10 +35,10 @@ export class ChannelSender {
   async sendStream(
     name: string,
     source: Readable,
-    files?: () => Record<string, string>,
-    onBytes?: (bytes: number) => void,
+    options: { files?: () => Record<string, string>; onBytes?: (bytes: number) => void; deleted?: string[] } = {},
   ): Promise<StreamResult> {
-    this.sendControl({ type: 'stream-open', name });
+    const { files, onBytes, deleted } = options;
+    this.sendControl({ type: 'stream-open', name, ...(deleted ? { deleted } : {}) });
     const hash = createHash('sha256');
     let bytes = 0;
     for await (const chunk of source as AsyncIterable<Buffer>) {
@@ -105,6 +105,7 @@ function peerGone(): FerryError {
 
 export interface IncomingStream {
   name: string;
+  deleted: string[];
   body: Readable;
   /** Resolves with the sender's stream-end once the body is fully received and checked. */
   end: Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>;
@@ -143,11 +144,11 @@ export class ChannelReceiver {
     } catch {
       return this.fail(new FerryError('BAD_MESSAGE', 'malformed data channel frame', { phase: 'stream' }));
     }
-    if (frame.type === 'stream-open') this.open(frame.name);
+    if (frame.type === 'stream-open') this.open(frame.name, frame.deleted ?? []);
     else this.finish(frame);
   }
 
-  private open(name: string): void {
+  private open(name: string, deleted: string[]): void {
     const body = new PassThrough({ highWaterMark: receiveHighWater });
     body.on('drain', () => this.socket.resume());
     let settle!: (frame: DataFrame | Error) => void;
@@ -161,7 +162,7 @@ export class ChannelReceiver {
     );
     end.catch(() => undefined);
     this.current = { body, hash: createHash('sha256'), bytes: 0, settle };
-    const stream = { name, body, end };
+    const stream = { name, deleted, body, end };
     const waiter = this.waiting.shift();
     if (waiter) waiter(stream);
     else this.pending.push(stream);

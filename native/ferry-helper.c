@@ -1,0 +1,573 @@
+/*
+ * ferry-helper: starts a container process tree that CRIU can dump and restore.
+ *
+ *   ferry-helper run --rootfs DIR --cgroup-procs FILE [--hostname NAME] [--cwd DIR]
+ *                    [--env K=V]... [--log PATH] [--netns] -- CMD [ARGS...]
+ *   ferry-helper version
+ *
+ * The parent unshares the mount, PID, UTS and IPC (and optionally network)
+ * namespaces and forks; the child is PID 1 of the new PID namespace. The child
+ * joins the cgroup, makes its mounts private, bind-mounts the rootfs onto
+ * itself, mounts /proc and a tmpfs /dev inside, pivots into the rootfs, reopens
+ * stdio inside the new root, closes every other fd, becomes a session leader
+ * and execs the command. Failures travel back to the parent over a CLOEXEC
+ * pipe ("CODE message\n"); EOF without data means execve succeeded.
+ *
+ * Output (stdout, one line of JSON):
+ *   {"pid":HOSTPID}                        exit 0
+ *   {"error":"CODE","message":"..."}       exit 1
+ * Usage errors: message on stderr, exit 2.
+ *
+ * Only libc; build with: gcc -O2 -static -o ferry-helper ferry-helper.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define HELPER_VERSION "1"
+#define DEFAULT_PATH "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define DEFAULT_LOG ".ferry/console.log"
+#define MAX_ENV 1024
+
+struct options {
+	const char *rootfs;
+	const char *cgroup_procs;
+	const char *hostname;
+	const char *cwd;
+	const char *log;
+	int netns;
+	char *env[MAX_ENV + 2];
+	int nenv;
+	char **argv; /* command and arguments, NULL-terminated */
+};
+
+static int sync_fd = -1;
+
+/* ---- output helpers (parent) ---- */
+
+static void json_string(FILE *f, const char *s)
+{
+	fputc('"', f);
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		switch (*p) {
+		case '"': fputs("\\\"", f); break;
+		case '\\': fputs("\\\\", f); break;
+		case '\n': fputs("\\n", f); break;
+		case '\r': fputs("\\r", f); break;
+		case '\t': fputs("\\t", f); break;
+		default:
+			if (*p < 0x20)
+				fprintf(f, "\\u%04x", *p);
+			else
+				fputc(*p, f);
+		}
+	}
+	fputc('"', f);
+}
+
+static int reply_error(const char *code, const char *message)
+{
+	fputs("{\"error\":", stdout);
+	json_string(stdout, code);
+	fputs(",\"message\":", stdout);
+	json_string(stdout, message);
+	fputs("}\n", stdout);
+	fflush(stdout);
+	return 1;
+}
+
+static void usage_exit(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("ferry-helper: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputs("\nusage: ferry-helper run --rootfs DIR --cgroup-procs FILE [--hostname NAME] [--cwd DIR]\n"
+	      "                        [--env K=V]... [--log PATH] [--netns] -- CMD [ARGS...]\n"
+	      "       ferry-helper version\n",
+	      stderr);
+	exit(2);
+}
+
+/* ---- child failure reporting ---- */
+
+static void write_all(int fd, const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, buf, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return;
+		}
+		buf += n;
+		len -= (size_t)n;
+	}
+}
+
+/* Reports "CODE step: strerror(err)" to the parent and exits. */
+static void child_fail(const char *code, int err, const char *fmt, ...)
+{
+	char msg[1024];
+	int off = snprintf(msg, sizeof(msg), "%s ", code);
+	va_list ap;
+	va_start(ap, fmt);
+	off += vsnprintf(msg + off, sizeof(msg) - (size_t)off, fmt, ap);
+	va_end(ap);
+	if (off > (int)sizeof(msg) - 1)
+		off = (int)sizeof(msg) - 1;
+	if (err)
+		off += snprintf(msg + off, sizeof(msg) - (size_t)off, ": %s", strerror(err));
+	if (off > (int)sizeof(msg) - 2)
+		off = (int)sizeof(msg) - 2;
+	msg[off++] = '\n';
+	write_all(sync_fd, msg, (size_t)off);
+	_exit(127);
+}
+
+/* ---- child setup steps ---- */
+
+static void join_cgroup(const char *procs)
+{
+	int fd = open(procs, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		child_fail("CGROUP_JOIN_FAILED", errno, "open %s", procs);
+	if (write(fd, "0", 1) != 1) {
+		int err = errno;
+		close(fd);
+		child_fail("CGROUP_JOIN_FAILED", err, "write 0 to %s", procs);
+	}
+	close(fd);
+}
+
+static void ensure_dir(const char *path, mode_t mode)
+{
+	struct stat st;
+	if (mkdir(path, mode) == 0)
+		return;
+	if (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+		return;
+	child_fail("SETUP_FAILED", errno ? errno : ENOTDIR, "mkdir %s", path);
+}
+
+/* mkdir -p of every parent of path (path itself is a file). */
+static void ensure_parents(const char *path)
+{
+	char buf[PATH_MAX];
+	if (snprintf(buf, sizeof(buf), "%s", path) >= (int)sizeof(buf))
+		child_fail("SETUP_FAILED", ENAMETOOLONG, "log path %s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (buf[0] != '\0')
+			ensure_dir(buf, 0755);
+		*p = '/';
+		while (p[1] == '/')
+			p++;
+	}
+}
+
+static void setup_dev(const char *rootfs)
+{
+	static const struct {
+		const char *name;
+		unsigned maj, min;
+	} nodes[] = {
+		{ "null", 1, 3 }, { "zero", 1, 5 }, { "full", 1, 7 },
+		{ "random", 1, 8 }, { "urandom", 1, 9 }, { "tty", 5, 0 },
+	};
+	static const struct {
+		const char *name, *target;
+	} links[] = {
+		{ "fd", "/proc/self/fd" },
+		{ "stdin", "/proc/self/fd/0" },
+		{ "stdout", "/proc/self/fd/1" },
+		{ "stderr", "/proc/self/fd/2" },
+	};
+	char dev[PATH_MAX], path[PATH_MAX + 16];
+
+	snprintf(dev, sizeof(dev), "%s/dev", rootfs);
+	ensure_dir(dev, 0755);
+	if (mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m,nr_inodes=64k") < 0)
+		child_fail("SETUP_FAILED", errno, "mount tmpfs on %s", dev);
+	for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", dev, nodes[i].name);
+		if (mknod(path, S_IFCHR | 0666, makedev(nodes[i].maj, nodes[i].min)) < 0)
+			child_fail("SETUP_FAILED", errno, "mknod %s", path);
+		if (chmod(path, 0666) < 0) /* undo the umask */
+			child_fail("SETUP_FAILED", errno, "chmod %s", path);
+	}
+	for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", dev, links[i].name);
+		if (symlink(links[i].target, path) < 0)
+			child_fail("SETUP_FAILED", errno, "symlink %s", path);
+	}
+}
+
+static void loopback_up(void)
+{
+	struct ifreq ifr;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		child_fail("SETUP_FAILED", errno, "socket for lo");
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		child_fail("SETUP_FAILED", errno, "SIOCGIFFLAGS lo");
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		child_fail("SETUP_FAILED", errno, "SIOCSIFFLAGS lo");
+	close(s);
+}
+
+static void enter_root(const char *rootfs)
+{
+	char proc[PATH_MAX];
+
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		child_fail("SETUP_FAILED", errno, "make / rprivate");
+	if (mount(rootfs, rootfs, NULL, MS_BIND | MS_REC, NULL) < 0)
+		child_fail("SETUP_FAILED", errno, "bind-mount %s", rootfs);
+
+	snprintf(proc, sizeof(proc), "%s/proc", rootfs);
+	ensure_dir(proc, 0555);
+	if (mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		child_fail("SETUP_FAILED", errno, "mount proc on %s", proc);
+
+	setup_dev(rootfs);
+
+	if (chdir(rootfs) < 0)
+		child_fail("SETUP_FAILED", errno, "chdir %s", rootfs);
+	if (syscall(SYS_pivot_root, ".", ".") < 0)
+		child_fail("SETUP_FAILED", errno, "pivot_root %s", rootfs);
+	/* The old root is now stacked on top of the new one: detach it. */
+	if (umount2(".", MNT_DETACH) < 0)
+		child_fail("SETUP_FAILED", errno, "detach old root");
+	if (chdir("/") < 0)
+		child_fail("SETUP_FAILED", errno, "chdir /");
+}
+
+static void setup_stdio(const char *log)
+{
+	char path[PATH_MAX];
+	int fd;
+
+	while (*log == '/')
+		log++;
+	if (*log == '\0')
+		child_fail("SETUP_FAILED", EINVAL, "log path");
+	if (snprintf(path, sizeof(path), "/%s", log) >= (int)sizeof(path))
+		child_fail("SETUP_FAILED", ENAMETOOLONG, "log path");
+
+	fd = open("/dev/null", O_RDONLY);
+	if (fd < 0)
+		child_fail("SETUP_FAILED", errno, "open /dev/null");
+	if (fd != 0) {
+		if (dup2(fd, 0) < 0)
+			child_fail("SETUP_FAILED", errno, "dup2 stdin");
+		close(fd);
+	}
+
+	ensure_parents(path);
+	fd = open(path, O_WRONLY | O_APPEND | O_CREAT, 0640);
+	if (fd < 0)
+		child_fail("SETUP_FAILED", errno, "open log %s", path);
+	if (dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+		child_fail("SETUP_FAILED", errno, "dup2 log");
+	if (fd > 2)
+		close(fd);
+}
+
+/* Closes every fd above 2 except the sync pipe (which is CLOEXEC). */
+static void close_other_fds(void)
+{
+	if (sync_fd != 3) {
+		if (dup3(sync_fd, 3, O_CLOEXEC) < 0)
+			child_fail("SETUP_FAILED", errno, "dup3 sync pipe");
+		sync_fd = 3;
+	}
+	if (syscall(SYS_close_range, 4U, ~0U, 0U) == 0)
+		return;
+	long max = sysconf(_SC_OPEN_MAX);
+	if (max < 0 || max > 1 << 20)
+		max = 1 << 20;
+	for (long fd = 4; fd < max; fd++)
+		close((int)fd);
+}
+
+static void reset_signals(void)
+{
+	sigset_t none;
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_DFL;
+	for (int sig = 1; sig < NSIG; sig++)
+		sigaction(sig, &sa, NULL); /* fails harmlessly for KILL/STOP and glibc-reserved ones */
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static const char *env_path(char **env)
+{
+	for (int i = 0; env[i]; i++)
+		if (strncmp(env[i], "PATH=", 5) == 0)
+			return env[i] + 5;
+	return "";
+}
+
+static void exec_command(char **argv, char **env)
+{
+	const char *cmd = argv[0];
+
+	if (strchr(cmd, '/')) {
+		execve(cmd, argv, env);
+		int err = errno;
+		child_fail(err == ENOENT ? "COMMAND_NOT_FOUND" : "EXEC_FAILED", err, "execve %s", cmd);
+	}
+
+	const char *path = env_path(env);
+	int seen_eacces = 0, last_err = ENOENT;
+	char full[PATH_MAX];
+	const char *p = path;
+	for (;;) {
+		const char *end = strchrnul(p, ':');
+		size_t len = (size_t)(end - p);
+		/* An empty PATH entry means the current directory. */
+		if (len == 0)
+			snprintf(full, sizeof(full), "%s", cmd);
+		else
+			snprintf(full, sizeof(full), "%.*s/%s", (int)len, p, cmd);
+		execve(full, argv, env);
+		switch (errno) {
+		case ENOENT:
+		case ENOTDIR:
+		case ENAMETOOLONG:
+		case ELOOP:
+			break;
+		case EACCES:
+			seen_eacces = 1;
+			last_err = EACCES;
+			break;
+		default:
+			child_fail("EXEC_FAILED", errno, "execve %s", full);
+		}
+		if (*end == '\0')
+			break;
+		p = end + 1;
+	}
+	if (seen_eacces)
+		child_fail("EXEC_FAILED", last_err, "execve %s", cmd);
+	child_fail("COMMAND_NOT_FOUND", ENOENT, "%s not found on PATH %s", cmd, path);
+}
+
+static void child_main(const struct options *o)
+{
+	/* First of all, so that everything the container does is accounted there. */
+	join_cgroup(o->cgroup_procs);
+	reset_signals();
+	if (o->netns)
+		loopback_up();
+	enter_root(o->rootfs);
+	if (o->hostname && sethostname(o->hostname, strlen(o->hostname)) < 0)
+		child_fail("SETUP_FAILED", errno, "sethostname %s", o->hostname);
+	setup_stdio(o->log);
+	close_other_fds();
+	if (setsid() < 0)
+		child_fail("SETUP_FAILED", errno, "setsid");
+	if (chdir(o->cwd) < 0)
+		child_fail("SETUP_FAILED", errno, "chdir %s", o->cwd);
+	exec_command(o->argv, (char **)o->env);
+}
+
+/* ---- parent ---- */
+
+static const char *error_codes[] = {
+	"COMMAND_NOT_FOUND", "CGROUP_JOIN_FAILED", "SETUP_FAILED", "EXEC_FAILED", NULL,
+};
+
+static int run(struct options *o)
+{
+	struct stat st;
+	char rootfs[PATH_MAX];
+	char msg[2048];
+	int fds[2];
+
+	if (stat(o->rootfs, &st) < 0) {
+		snprintf(msg, sizeof(msg), "rootfs %s: %s", o->rootfs, strerror(errno));
+		return reply_error("ROOTFS_MISSING", msg);
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		snprintf(msg, sizeof(msg), "rootfs %s: %s", o->rootfs, strerror(ENOTDIR));
+		return reply_error("ROOTFS_MISSING", msg);
+	}
+	/* pivot_root needs the real mount point, not a path through symlinks. */
+	if (!realpath(o->rootfs, rootfs)) {
+		snprintf(msg, sizeof(msg), "rootfs %s: %s", o->rootfs, strerror(errno));
+		return reply_error("ROOTFS_MISSING", msg);
+	}
+	o->rootfs = rootfs;
+
+	if (pipe2(fds, O_CLOEXEC) < 0) {
+		snprintf(msg, sizeof(msg), "pipe: %s", strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+
+	int flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
+	if (o->netns)
+		flags |= CLONE_NEWNET;
+	if (unshare(flags) < 0) {
+		snprintf(msg, sizeof(msg), "unshare: %s", strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid < 0) {
+		snprintf(msg, sizeof(msg), "fork: %s", strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+	if (pid == 0) {
+		close(fds[0]);
+		sync_fd = fds[1];
+		child_main(o);
+		_exit(127); /* not reached */
+	}
+
+	close(fds[1]);
+	size_t len = 0;
+	for (;;) {
+		ssize_t n = read(fds[0], msg + len, sizeof(msg) - 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		len += (size_t)n;
+		if (len == sizeof(msg) - 1)
+			break;
+	}
+	close(fds[0]);
+
+	if (len == 0) {
+		printf("{\"pid\":%d}\n", (int)pid);
+		fflush(stdout);
+		return 0;
+	}
+
+	msg[len] = '\0';
+	while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r'))
+		msg[--len] = '\0';
+	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+		;
+
+	const char *code = "SETUP_FAILED";
+	const char *text = msg;
+	char *space = strchr(msg, ' ');
+	if (space) {
+		*space = '\0';
+		for (int i = 0; error_codes[i]; i++)
+			if (strcmp(msg, error_codes[i]) == 0) {
+				code = error_codes[i];
+				text = space + 1;
+				break;
+			}
+		if (text == msg)
+			*space = ' ';
+	}
+	return reply_error(code, text);
+}
+
+static const char *need_value(int argc, char **argv, int *i)
+{
+	if (*i + 1 >= argc)
+		usage_exit("%s needs a value", argv[*i]);
+	return argv[++*i];
+}
+
+int main(int argc, char **argv)
+{
+	struct options o;
+	int have_path = 0;
+
+	memset(&o, 0, sizeof(o));
+	o.cwd = "/";
+	o.log = DEFAULT_LOG;
+
+	if (argc < 2)
+		usage_exit("missing command");
+	if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
+		puts("ferry-helper " HELPER_VERSION);
+		return 0;
+	}
+	if (strcmp(argv[1], "run") != 0)
+		usage_exit("unknown command %s", argv[1]);
+
+	int i;
+	for (i = 2; i < argc; i++) {
+		const char *a = argv[i];
+		if (strcmp(a, "--") == 0) {
+			i++;
+			break;
+		} else if (strcmp(a, "--rootfs") == 0) {
+			o.rootfs = need_value(argc, argv, &i);
+		} else if (strcmp(a, "--cgroup-procs") == 0) {
+			o.cgroup_procs = need_value(argc, argv, &i);
+		} else if (strcmp(a, "--hostname") == 0) {
+			o.hostname = need_value(argc, argv, &i);
+		} else if (strcmp(a, "--cwd") == 0) {
+			o.cwd = need_value(argc, argv, &i);
+		} else if (strcmp(a, "--log") == 0) {
+			o.log = need_value(argc, argv, &i);
+		} else if (strcmp(a, "--env") == 0) {
+			const char *kv = need_value(argc, argv, &i);
+			if (!strchr(kv, '=') || kv[0] == '=')
+				usage_exit("--env needs K=V, got %s", kv);
+			if (o.nenv >= MAX_ENV)
+				usage_exit("too many --env");
+			if (strncmp(kv, "PATH=", 5) == 0)
+				have_path = 1;
+			o.env[o.nenv++] = (char *)kv;
+		} else if (strcmp(a, "--netns") == 0) {
+			o.netns = 1;
+		} else {
+			usage_exit("unknown option %s", a);
+		}
+	}
+	if (!o.rootfs)
+		usage_exit("--rootfs is required");
+	if (o.rootfs[0] != '/')
+		usage_exit("--rootfs must be an absolute path");
+	if (!o.cgroup_procs)
+		usage_exit("--cgroup-procs is required");
+	if (o.hostname && strlen(o.hostname) > 64)
+		usage_exit("--hostname is longer than 64 characters");
+	if (o.log[0] == '\0')
+		usage_exit("--log must not be empty");
+	if (i >= argc || argv[i][0] == '\0')
+		usage_exit("missing command after --");
+	if (!have_path)
+		o.env[o.nenv++] = DEFAULT_PATH;
+	o.env[o.nenv] = NULL;
+	o.argv = argv + i;
+
+	signal(SIGPIPE, SIG_IGN);
+	return run(&o);
+}
