@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { CgroupTree } from '../src/cgroup/cgroup.ts';
 import { Criu, readKernelRelease } from '../src/criu/criu.ts';
@@ -9,6 +10,7 @@ import { AgentMetrics } from './metrics.ts';
 import { DestinationSessions } from './migration/destination.ts';
 import { MigrationJournal } from './migration/journal.ts';
 import { recoverMigrations } from './migration/recovery.ts';
+import type { PeerIdentity } from './migration/peer.ts';
 import { MigrationSource } from './migration/source.ts';
 import { checkpointToDirectory, restoreFromDirectory } from './runtime/checkpoint.ts';
 import { ContainerRuntime } from './runtime/runtime.ts';
@@ -44,6 +46,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const journal = new MigrationJournal(options.stateDir);
   const metrics = new AgentMetrics(async () => (await runtime.store.names()).length);
   const destinations = new DestinationSessions({ runtime, criu, journal, logger });
+  const identity: PeerIdentity = {
+    hostName: options.name,
+    ...(options.tls ? { cert: readFileSync(options.tls.cert), key: readFileSync(options.tls.key) } : {}),
+  };
   let outgoing = 0;
 
   const handlers: RequestHandlers = {
@@ -79,7 +85,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       outgoing += 1;
       try {
         const source = new MigrationSource(
-          { runtime, criu, journal, logger },
+          { runtime, criu, journal, logger, identity },
           { ...request, progress: context.progress, signal: context.signal },
         );
         const report = await source.run();
@@ -115,7 +121,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
   });
   await endpoint.listen();
-  void recoverMigrations({ runtime, journal, logger, hostName: options.name });
+  void recoverMigrations({ runtime, journal, logger, identity });
   return { url: endpoint.url, close: () => endpoint.close() };
 }
 

@@ -5,6 +5,13 @@ import { peerMessageSchema, type DataChannel, type PeerMessage } from '../../src
 import { openSocket, type ConnectOptions } from '../../src/transport/client.ts';
 import { keepAlive } from '../../src/transport/heartbeat.ts';
 
+/** Who this agent is when it connects to a peer. */
+export interface PeerIdentity {
+  hostName: string;
+  cert?: Buffer;
+  key?: Buffer;
+}
+
 type MessageOf<T extends PeerMessage['type']> = Extract<PeerMessage, { type: T }>;
 
 /**
@@ -31,13 +38,16 @@ export class PeerLink {
     socket.on('close', () => this.fail(new FerryError('PEER_GONE', `lost the connection to ${peerName}`)));
   }
 
-  static async connect(destination: Destination, hostName: string): Promise<PeerLink> {
+  static async connect(destination: Destination, identity: PeerIdentity): Promise<PeerLink> {
+    const hostName = identity.hostName;
     const options: ConnectOptions = {
       url: destination.url,
       token: destination.token,
       peer: 'agent',
       name: hostName,
       ...(destination.ca ? { ca: destination.ca } : {}),
+      // The agent's own certificate doubles as its client certificate for mutual TLS.
+      ...(identity.cert && identity.key ? { cert: identity.cert, key: identity.key } : {}),
     };
     const socket = await openSocket(options);
     socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName }));

@@ -2,13 +2,13 @@ import type { Logger } from 'pino';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { JournalEntry, MigrationJournal } from './journal.ts';
-import { PeerLink } from './peer.ts';
+import { PeerLink, type PeerIdentity } from './peer.ts';
 
 export interface RecoveryDependencies {
   runtime: ContainerRuntime;
   journal: MigrationJournal;
   logger: Logger;
-  hostName: string;
+  identity: PeerIdentity;
 }
 
 /**
@@ -67,7 +67,7 @@ export async function deliverDecision(
 ): Promise<void> {
   for (let attempt = 0; attempt < 120; attempt += 1) {
     try {
-      const link = await PeerLink.connect(entry.destination!, deps.hostName);
+      const link = await PeerLink.connect(entry.destination!, deps.identity);
       try {
         link.send({ type: 'decision', migrationId: entry.migrationId, decision });
         const decided = await link.expect('decided', 30_000, 'confirm');

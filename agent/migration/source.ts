@@ -18,7 +18,7 @@ import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
-import { PeerLink } from './peer.ts';
+import { PeerLink, type PeerIdentity } from './peer.ts';
 import { deliverDecision } from './recovery.ts';
 import { PhaseTimer, withTimeout } from './timing.ts';
 import { TransferMeter } from './meter.ts';
@@ -28,6 +28,7 @@ export interface SourceDependencies {
   criu: () => Promise<Criu>;
   journal: MigrationJournal;
   logger: Logger;
+  identity: PeerIdentity;
 }
 
 export interface MigrateRequest {
@@ -148,7 +149,7 @@ export class MigrationSource {
     const cpuinfoDir = join(this.directory, 'cpuinfo');
     await mkdir(cpuinfoDir, { recursive: true });
     await this.criu.cpuinfoDump(cpuinfoDir);
-    this.peer = await PeerLink.connect(this.request.destination, this.deps.runtime.hostName);
+    this.peer = await PeerLink.connect(this.request.destination, this.deps.identity);
     const rootfsBytes = await directorySize(this.deps.runtime.store.rootfs(this.request.name));
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);
@@ -258,8 +259,7 @@ export class MigrationSource {
       return;
     }
     const entry = await this.deps.journal.read(this.migrationId);
-    const recovery = { ...this.deps, hostName: this.deps.runtime.hostName };
-    if (entry) void deliverDecision(recovery, entry, 'commit', this.logger);
+    if (entry) void deliverDecision(this.deps, entry, 'commit', this.logger);
   }
 
   /** Before the decision: the container thaws here, the destination drops its copy. */

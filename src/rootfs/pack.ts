@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 import { hashing } from './digest.ts';
 import { pipeline } from 'node:stream/promises';
 import tar from 'tar-stream';
@@ -62,7 +62,10 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
       if (stats.nlink > 1) firstPathOfInode.set(inode, relativePath);
       const entry = pack.entry({ ...header, type: 'file', size: stats.size });
       const hash = createHash('sha256');
-      await pipeline(createReadStream(absolutePath), hashing(hash), entry);
+      // A live tree (rootfs pass 1) may grow or shrink while read: send exactly
+      // the size the header announced; the final pass sends the file again.
+      const content = stats.size ? createReadStream(absolutePath, { end: stats.size - 1 }) : Readable.from([]);
+      await pipeline(content, padTo(stats.size), hashing(hash), entry);
       options.digests?.set(relativePath, hash.digest('hex'));
     } else if (stats.isCharacterDevice() || stats.isBlockDevice()) {
       const type = stats.isCharacterDevice() ? 'character-device' : 'block-device';
@@ -93,4 +96,18 @@ export function* walk(root: string, relativeDir: string, exclude?: (path: string
     yield [relativePath, stats];
     if (stats.isDirectory()) yield* walk(root, relativePath, exclude);
   }
+}
+
+/** Pads a stream that ended early with zeros up to `size` bytes. */
+function padTo(size: number): Transform {
+  let seen = 0;
+  return new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length;
+      callback(null, chunk);
+    },
+    flush(callback) {
+      callback(null, seen < size ? Buffer.alloc(size - seen) : undefined);
+    },
+  });
 }
