@@ -1,5 +1,6 @@
-import { rmSync } from 'node:fs';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { constants, rmSync } from 'node:fs';
+import { mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
@@ -8,7 +9,8 @@ import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { compareDigests } from '../../src/rootfs/digest.ts';
 import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
-import { ChannelReceiver, ChannelSender, nextStreamEnd, tunnel } from '../../src/transport/channel.ts';
+import { ChannelReceiver } from '../../src/transport/channel.ts';
+import { pageImagePattern } from '../../src/criu/follow.ts';
 import { faultActive } from '../../src/transport/faults.ts';
 import { freeBytes } from '../../src/host/doctor.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
@@ -52,7 +54,7 @@ export class DestinationSessions implements PeerHandler {
       });
       return;
     }
-    if (message.type === 'transfer-complete') await session.restore();
+    if (message.type === 'transfer-complete') await session.restore(message.pages);
     else if (message.type === 'abort') await this.finish(session, 'abort', message.error.message);
   }
 
@@ -149,6 +151,8 @@ class DestinationSession {
   private releaseName: (() => void) | undefined;
   private files: Promise<void> | undefined;
   private pages: Promise<void> | undefined;
+  private readonly receivedPages = new Map<string, string>();
+  private pagesArrived: () => void = () => undefined;
   private channels: WebSocket[] = [];
 
   constructor(deps: DestinationDependencies, offer: Offer, connection: ControlConnection) {
@@ -205,7 +209,7 @@ class DestinationSession {
 
   attach(channel: 'files' | 'pages', socket: WebSocket): void {
     this.channels.push(socket);
-    const work = channel === 'files' ? this.receiveFiles(socket) : this.servePages(socket);
+    const work = channel === 'files' ? this.receiveFiles(socket) : this.receivePages(socket);
     work.catch((error: unknown) => this.fail(error));
     if (channel === 'files') this.files = work;
     else this.pages = work;
@@ -237,27 +241,35 @@ class DestinationSession {
     this.logger.info({ stream: expected, bytes: end.bytes }, 'stream received');
   }
 
-  /** CRIU's page server, fed through the pages channel. */
-  private async servePages(socket: WebSocket): Promise<void> {
-    const server = this.criu.pageServer({ imagesDir: this.imagesDir, logFile: join(this.directory, 'page-server.log') });
-    const sourceEnd = nextStreamEnd(socket);
-    sourceEnd.catch(() => undefined);
-    const [, carried, sent] = await Promise.all([
-      server.done,
-      tunnel(server.channel!, socket, new ChannelSender(socket, 'pages-reply')),
-      sourceEnd,
-    ]);
-    if (carried.received.sha256 !== sent.sha256 || carried.received.bytes !== sent.bytes) {
-      throw new FerryError('CHECKSUM_MISMATCH', `memory pages: received ${carried.received.bytes} bytes that do not match the source's sha256`, {
-        phase: 'stream',
-      });
+  /** Page images, each written as it arrives; the source lists them in transfer-complete. */
+  private async receivePages(socket: WebSocket): Promise<void> {
+    const receiver = new ChannelReceiver(socket);
+    for (;;) {
+      const stream = await receiver.next();
+      if (!pageImagePattern.test(stream.name)) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`);
+      const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+      const handle = await open(join(this.imagesDir, stream.name), flags, 0o600);
+      const [, end] = await Promise.all([pipeline(stream.body, handle.createWriteStream()), stream.end]);
+      this.receivedPages.set(stream.name, end.sha256);
+      this.pagesArrived();
     }
   }
 
-  async restore(): Promise<void> {
+  /** Resolves once every page image the source sent is here with the same sha256. */
+  private async allPages(expected: Array<{ name: string; sha256: string }>): Promise<void> {
+    for (;;) {
+      const missing = expected.filter((image) => !this.receivedPages.has(image.name));
+      const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.sha256);
+      if (wrong) throw new FerryError('CHECKSUM_MISMATCH', `page image ${wrong.name} differs from what the source sent`, { phase: 'stream' });
+      if (!missing.length) return;
+      await new Promise<void>((resolve) => (this.pagesArrived = resolve));
+    }
+  }
+
+  async restore(pages: Array<{ name: string; sha256: string }>): Promise<void> {
     try {
       if (!this.files || !this.pages) throw new FerryError('BAD_MESSAGE', 'restore requested before all data channels opened');
-      await withTimeout(Promise.all([this.files, this.pages]), 60_000, 'receiving the images', 'stream');
+      await withTimeout(Promise.all([this.files, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
       this.logger.info({ phase: 'restore' }, 'phase');
       // Test fault: a real criu restore failure, from an image that is not there.
       if (faultActive('fail-restore')) await rm(join(this.imagesDir, 'pstree.img'), { force: true });

@@ -1,9 +1,10 @@
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
-import type { Criu } from '../../src/criu/criu.ts';
+import type { Criu, CriuRun } from '../../src/criu/criu.ts';
 import { readKernelRelease } from '../../src/criu/criu.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
@@ -11,7 +12,8 @@ import type { Destination } from '../../src/protocol/messages.ts';
 import type { MigrationOptions, MigrationReport, ProgressEvent } from '../../src/protocol/migration.ts';
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
-import { ChannelSender, tunnel } from '../../src/transport/channel.ts';
+import { ChannelSender } from '../../src/transport/channel.ts';
+import { followImage, newPageImages, pageImagePattern } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
 import { residentBytes } from '../runtime/process.ts';
@@ -29,6 +31,12 @@ export interface SourceDependencies {
   journal: MigrationJournal;
   logger: Logger;
   identity: PeerIdentity;
+}
+
+interface PageImage {
+  name: string;
+  bytes: number;
+  sha256: string;
 }
 
 export interface MigrateRequest {
@@ -60,6 +68,7 @@ export class MigrationSource {
   private readonly rootfsManifest: RootfsManifest = new Map();
   private frozenAt: number | undefined;
   private dumpStats: DumpStats | undefined;
+  private pageImages: PageImage[] = [];
   private restoreStats: RestoreStats | undefined;
   private readonly startedAt = performance.now();
   /** When the destination confirmed the container runs there: the end of downtime. */
@@ -189,12 +198,11 @@ export class MigrationSource {
   }
 
   /**
-   * The rootfs final pass and the CRIU dump run at once: both only read the
-   * frozen container. The final pass sends what changed since pass 1.
+   * The rootfs final pass, the CRIU dump and the shipping of its page images
+   * run at once: the first two only read the frozen container, and page
+   * images go out while CRIU writes them. The other images follow.
    */
   private async snapshotDumpAndStream(): Promise<void> {
-    const { pages } = this.channels!;
-    const pagesSender = new ChannelSender(pages, 'pages');
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const rootfs = this.timer.run('snapshot', async () => {
       const delta = diffRootfs(root, this.rootfsManifest);
@@ -205,18 +213,20 @@ export class MigrationSource {
         deleted: delta.deleted,
       });
     });
-    const dump = dumpFrozen(this.criu, this.record, this.deps.runtime.cgroup(this.request.name), this.imagesDir, join(this.directory, 'dump.log'), true);
-    const pagesTunnel = tunnel(dump.channel!, pages, pagesSender, this.meter.counter('pages'));
+    const cgroup = this.deps.runtime.cgroup(this.request.name);
+    const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'));
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
-      const [, , tunnelResult] = await Promise.all([rootfs, dump.done.then((stats) => (this.dumpStats = stats)), pagesTunnel]);
-      pagesSender.sendControl({ type: 'stream-end', ...tunnelResult.sent });
+      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump)]);
+      this.dumpStats = stats;
+      this.pageImages = pages;
       const imageDigests = new Map<string, string>();
       await this.timer.run('stream', () =>
-        this.filesSender.sendStream('images', packDirectory(this.imagesDir, { digests: imageDigests }), {
-          files: () => Object.fromEntries(imageDigests),
-          onBytes: this.meter.counter('images'),
-        }),
+        this.filesSender.sendStream(
+          'images',
+          packDirectory(this.imagesDir, { digests: imageDigests, exclude: (path) => pageImagePattern.test(path) }),
+          { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
+        ),
       );
     } catch (error) {
       dump.kill();
@@ -226,8 +236,33 @@ export class MigrationSource {
     }
   }
 
+  /** Sends each page image on the pages channel as CRIU writes it, until CRIU is done. */
+  private async shipPages(dump: CriuRun<unknown>): Promise<PageImage[]> {
+    const sender = new ChannelSender(this.channels!.pages, 'pages');
+    const shipped: PageImage[] = [];
+    const seen = new Set<string>();
+    let finished = false;
+    dump.done.then(
+      () => (finished = true),
+      () => (finished = true),
+    );
+    for (;;) {
+      const wasFinished = finished;
+      const names = await newPageImages(this.imagesDir, seen);
+      for (const name of names) {
+        seen.add(name);
+        const sent = await sender.sendStream(name, followImage(join(this.imagesDir, name), dump), {
+          onBytes: this.meter.counter('pages'),
+        });
+        shipped.push({ name, ...sent });
+      }
+      if (!names.length && wasFinished) return shipped;
+      if (!names.length) await sleep(5);
+    }
+  }
+
   private async restoreOnDestination(): Promise<void> {
-    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId });
+    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.pageImages });
     const prepared = await this.peer!.expect('prepared', 5 * 60_000, 'restore');
     this.restoreStats = prepared.restoreStats;
   }

@@ -71,18 +71,8 @@ export function dumpFrozen(
   cgroup: Cgroup,
   imagesDir: string,
   logFile: string,
-  pageServer = false,
 ) {
-  return criu.dump(
-    {
-      pid: record.pid,
-      imagesDir,
-      logFile,
-      freezeCgroup: cgroup.path,
-      leaveRunning: true,
-    },
-    pageServer,
-  );
+  return criu.dump({ pid: record.pid, imagesDir, logFile, freezeCgroup: cgroup.path, leaveRunning: true });
 }
 
 export interface RestoreRequest {

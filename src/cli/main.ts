@@ -94,7 +94,7 @@ program
 
 program
   .command('run <name> <command...>')
-  .description('start a container from a rootfs directory or tarball')
+  .description('start a container from a rootfs directory or tarball (put -- before a command that has options)')
   .requiredOption('--rootfs <path>', 'rootfs directory or .tar/.tar.gz on the agent host')
   .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', collect, [])
   .option('--cwd <dir>', 'working directory inside the container', '/')

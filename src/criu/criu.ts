@@ -1,17 +1,14 @@
 import { access, constants, readFile } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
-import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
-import type { Duplex } from 'node:stream';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { execa } from 'execa';
 import { CriuError, FerryError, type Phase } from '../errors.ts';
 import { readErrorLines } from './log.ts';
 import {
   dumpArguments,
-  pageServerArguments,
   preDumpArguments,
   restoreArguments,
   type DumpOptions,
-  type PageServerOptions,
   type PreDumpOptions,
   type RestoreOptions,
 } from './options.ts';
@@ -83,22 +80,13 @@ export class Criu {
     return `${result.all ?? ''}`.trim() || `exit code ${result.exitCode}`;
   }
 
-  /**
-   * Dumps the frozen container. With `pageServer`, pages go out through the
-   * returned duplex stream (CRIU's page-server protocol) instead of to disk.
-   */
-  dump(options: DumpOptions, pageServer = false): CriuRun<DumpStats | undefined> {
-    const args = dumpArguments({ ...options, ...(pageServer ? { pageServerFd: channelFd } : {}) });
-    return this.start(args, options.logFile, 'dump', { channel: pageServer }).map(() =>
-      readDumpStats(options.imagesDir),
-    );
+  /** Dumps the frozen container; the returned run exposes CRIU's pid while it writes images. */
+  dump(options: DumpOptions): CriuRun<DumpStats | undefined> {
+    return this.start(dumpArguments(options), options.logFile, 'dump').map(() => readDumpStats(options.imagesDir));
   }
 
-  preDump(options: PreDumpOptions, pageServer = false): CriuRun<DumpStats | undefined> {
-    const args = preDumpArguments({ ...options, ...(pageServer ? { pageServerFd: channelFd } : {}) });
-    return this.start(args, options.logFile, 'precopy', { channel: pageServer }).map(() =>
-      readDumpStats(options.imagesDir),
-    );
+  preDump(options: PreDumpOptions): CriuRun<DumpStats | undefined> {
+    return this.start(preDumpArguments(options), options.logFile, 'precopy').map(() => readDumpStats(options.imagesDir));
   }
 
   /**
@@ -109,13 +97,6 @@ export class Criu {
     const wrapper = ['-c', 'echo 0 > "$1" && shift && exec "$@"', 'sh', cgroupProcsFile, this.path];
     await this.start(restoreArguments(options), options.logFile, 'restore', { wrapper }).done;
     return (await readStats(join(options.imagesDir, 'stats-restore')))?.restore;
-  }
-
-  /** A page server fed through the returned channel; done when the dump side closes. */
-  pageServer(options: Omit<PageServerOptions, 'socketFd'>): CriuRun<void> {
-    return this.start(pageServerArguments({ ...options, socketFd: channelFd }), options.logFile, 'dump', {
-      channel: true,
-    });
   }
 
   async cpuinfoDump(imagesDir: string): Promise<void> {
@@ -136,11 +117,10 @@ export class Criu {
     criuArgs: string[],
     logFile: string | undefined,
     phase: Phase,
-    options: { channel?: boolean; wrapper?: string[] } = {},
+    options: { wrapper?: string[] } = {},
   ): CriuRun<void> {
     const [file, args] = options.wrapper ? ['/bin/sh', [...options.wrapper, ...criuArgs]] : [this.path, criuArgs];
-    const stdio: StdioOptions = ['ignore', 'pipe', 'pipe', ...(options.channel ? (['pipe'] as const) : [])];
-    const child = spawn(file, args, { stdio, env: criuEnvironment() });
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], env: criuEnvironment() });
     const output = new BoundedOutput();
     child.stdout?.on('data', (chunk: Buffer) => output.add(chunk));
     child.stderr?.on('data', (chunk: Buffer) => output.add(chunk));
@@ -153,8 +133,7 @@ export class Criu {
         failure(criuArgs[0] ?? 'criu', exitCode, signal, logFile, output.text(), phase).then(reject, reject);
       });
     });
-    const channel = options.channel ? (child.stdio[channelFd] as Duplex) : undefined;
-    return new CriuRun(done, child, channel);
+    return new CriuRun(done, child);
   }
 }
 
@@ -169,23 +148,26 @@ export function criuEnvironment(): NodeJS.ProcessEnv {
   return { ...process.env, CRIU_FAULT: process.env.CRIU_FAULT ?? '130' };
 }
 
-/** The fd number CRIU sees its page-server channel on. */
-const channelFd = 3;
-
-/** A running CRIU call: its completion, and its page-server channel when it has one. */
+/** A running CRIU call: its completion, and its process while it runs. */
 export class CriuRun<T> {
   readonly done: Promise<T>;
-  readonly channel: Duplex | undefined;
   private readonly child: ChildProcess;
 
-  constructor(done: Promise<T>, child: ChildProcess, channel: Duplex | undefined) {
+  constructor(done: Promise<T>, child: ChildProcess) {
     this.done = done;
     this.child = child;
-    this.channel = channel;
   }
 
   map<U>(next: (value: T) => Promise<U> | U): CriuRun<U> {
-    return new CriuRun(this.done.then(next), this.child, this.channel);
+    return new CriuRun(this.done.then(next), this.child);
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get exited(): boolean {
+    return this.child.exitCode !== null || this.child.signalCode !== null;
   }
 
   kill(): void {

@@ -15,15 +15,12 @@ export interface DumpOptions extends CommonOptions {
   /** Directory of the previous pre-dump, relative to imagesDir, for incremental dumps. */
   previousImagesDir?: string;
   trackMemory?: boolean;
-  /** Send pages to a page server over this inherited fd instead of writing them. */
-  pageServerFd?: number;
   tcpEstablished?: boolean;
 }
 
 export interface PreDumpOptions extends CommonOptions {
   pid: number;
   previousImagesDir?: string;
-  pageServerFd?: number;
 }
 
 export interface RestoreOptions extends CommonOptions {
@@ -32,12 +29,6 @@ export interface RestoreOptions extends CommonOptions {
   /** Leave the restored tasks stopped (SIGSTOP) so the caller decides when they run. */
   leaveStopped: boolean;
   tcpClose?: boolean;
-}
-
-export interface PageServerOptions extends CommonOptions {
-  /** Inherited fd of an already connected socket to the dumping side. */
-  socketFd: number;
-  previousImagesDir?: string;
 }
 
 function common(options: CommonOptions): string[] {
@@ -50,7 +41,6 @@ export function dumpArguments(options: DumpOptions): string[] {
   if (options.leaveRunning) args.push('--leave-running');
   if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
   if (options.trackMemory) args.push('--track-mem');
-  if (options.pageServerFd !== undefined) args.push('--page-server', '--ps-socket', String(options.pageServerFd));
   if (options.tcpEstablished) args.push('--tcp-established');
   args.push('--file-locks');
   return args;
@@ -59,7 +49,6 @@ export function dumpArguments(options: DumpOptions): string[] {
 export function preDumpArguments(options: PreDumpOptions): string[] {
   const args = ['pre-dump', ...common(options), '-t', String(options.pid), '--track-mem'];
   if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
-  if (options.pageServerFd !== undefined) args.push('--page-server', '--ps-socket', String(options.pageServerFd));
   return args;
 }
 
@@ -68,11 +57,5 @@ export function restoreArguments(options: RestoreOptions): string[] {
   args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
   if (options.leaveStopped) args.push('--leave-stopped');
   if (options.tcpClose) args.push('--tcp-close');
-  return args;
-}
-
-export function pageServerArguments(options: PageServerOptions): string[] {
-  const args = ['page-server', ...common(options), '--ps-socket', String(options.socketFd)];
-  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
   return args;
 }

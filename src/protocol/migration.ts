@@ -83,7 +83,12 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     destination: z.object({ host: z.string(), criuVersion: z.string() }),
   }),
   /** Everything is sent: restore, leaving the tasks stopped. */
-  z.object({ type: z.literal('transfer-complete'), migrationId }),
+  z.object({
+    type: z.literal('transfer-complete'),
+    migrationId,
+    /** The page images sent on the pages channel; the destination restores once it has them all. */
+    pages: z.array(z.object({ name: z.string(), bytes: z.number(), sha256: z.string() })),
+  }),
   z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: z.number() }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),

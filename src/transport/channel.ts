@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { PassThrough, type Duplex, type Readable } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
@@ -203,64 +203,4 @@ export class ChannelReceiver {
       this.current = undefined;
     }
   }
-}
-
-export interface TunnelResult {
-  sent: StreamResult;
-  received: StreamResult;
-}
-
-/**
- * Joins a local duplex (a CRIU page-server channel) with a data channel in
- * both directions, with backpressure each way, hashing what passes. Resolves
- * when the local side has ended. Text frames are left to the caller.
- */
-export function tunnel(
-  local: Duplex,
-  socket: WebSocket,
-  sender: ChannelSender,
-  onBytes?: (bytes: number) => void,
-): Promise<TunnelResult> {
-  const receivedHash = createHash('sha256');
-  let receivedBytes = 0;
-  socket.on('message', (data: Buffer, isBinary) => {
-    if (!isBinary || local.writableEnded) return;
-    receivedHash.update(data);
-    receivedBytes += data.length;
-    if (!local.write(data)) {
-      socket.pause();
-      local.once('drain', () => socket.resume());
-    }
-  });
-  return (async () => {
-    const sentHash = createHash('sha256');
-    let sentBytes = 0;
-    for await (const chunk of local as AsyncIterable<Buffer>) {
-      sentHash.update(chunk);
-      sentBytes += chunk.length;
-      onBytes?.(chunk.length);
-      await sender.sendBinary(chunk);
-    }
-    await sender.drain();
-    return {
-      sent: { bytes: sentBytes, sha256: sentHash.digest('hex') },
-      received: { bytes: receivedBytes, sha256: receivedHash.digest('hex') },
-    };
-  })();
-}
-
-/** The next stream-end text frame on a socket. */
-export function nextStreamEnd(socket: WebSocket): Promise<StreamResult> {
-  return new Promise((resolve, reject) => {
-    const onMessage = (data: Buffer, isBinary: boolean) => {
-      if (isBinary) return;
-      const frame = dataFrameSchema.safeParse(JSON.parse(data.toString()));
-      if (frame.success && frame.data.type === 'stream-end') {
-        socket.off('message', onMessage);
-        resolve({ bytes: frame.data.bytes, sha256: frame.data.sha256 });
-      }
-    };
-    socket.on('message', onMessage);
-    socket.once('close', () => reject(new FerryError('PEER_GONE', 'page channel closed before its end', { phase: 'stream' })));
-  });
 }

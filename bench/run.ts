@@ -1,0 +1,155 @@
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { execa } from 'execa';
+import { Cgroup, CgroupTree } from '../src/cgroup/cgroup.ts';
+import { projectRoot } from '../src/paths.ts';
+import type { MigrationReport } from '../src/protocol/migration.ts';
+import { AgentClient } from '../src/transport/client.ts';
+import { startAgent, type AgentProcess } from '../test/harness/agents.ts';
+import { createHosts, type Cluster, type Host } from '../test/harness/hosts.ts';
+import { runBaseline, type BaselineResult } from './baseline.ts';
+
+// `npm run bench`: ferry against a naive sequential baseline on the same two
+// network-namespace hosts, side by side in one run; the WebSocket stream
+// against a plain TCP socket; the agents' peak RSS. Writes
+// bench/results/latest.json and bench/results/latest.md.
+
+const sizes = (process.env.FERRY_BENCH_SIZES ?? '64,512,1024').split(',').map(Number);
+const rootfs = join(projectRoot, '.build', 'rootfs', 'busybox');
+const env = Object.fromEntries(
+  (await readFile(join(projectRoot, '.build', 'env'), 'utf8'))
+    .split('\n')
+    .filter((line) => line.includes('='))
+    .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
+) as Record<string, string>;
+
+interface SizeResult {
+  mib: number;
+  ferry: { downtimeMs: number; totalMs: number; phases: MigrationReport['phases']; bytes: MigrationReport['bytes'] };
+  baseline: BaselineResult & { totalMs: number };
+  downtimeRatio: number;
+}
+
+const memload = (name: string, mib: number) => ({
+  name,
+  rootfs,
+  command: ['/bin/memload', '--mib', String(mib)],
+  env: {},
+  cwd: '/',
+  privateNetwork: false,
+  labels: {},
+});
+
+async function waitReady(client: AgentClient, name: string): Promise<void> {
+  for (let attempt = 0; attempt < 600; attempt += 1) {
+    if ((await client.request('logs', { name })).text.includes('memload ready')) return;
+    await sleep(100);
+  }
+  throw new Error(`${name} never became ready`);
+}
+
+async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number) {
+  const name = `ferry-${mib}`;
+  await a.request('run', { spec: memload(name, mib) });
+  await waitReady(a, name);
+  const report = await a.request('migrate', {
+    name,
+    destination: { url: agentB.url, token: agentB.token },
+    options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, timeoutMs: 600_000 },
+  });
+  await clientB.request('remove', { name, force: true });
+  return report;
+}
+
+async function baselineRun(a: AgentClient, hostA: Host, hostB: Host, mib: number): Promise<BaselineResult & { totalMs: number }> {
+  const name = `naive-${mib}`;
+  await a.request('run', { spec: memload(name, mib) });
+  await waitReady(a, name);
+  const info = (await a.request('list', {})).containers.find((container) => container.name === name)!;
+  const tree = await CgroupTree.open(hostA.cgroupName);
+  const started = performance.now();
+  const result = await runBaseline({
+    criu: env.FERRY_CRIU ?? 'criu',
+    source: hostA,
+    destination: hostB,
+    pid: info.pid!,
+    cgroup: tree.for(name),
+    rootfs: join(hostA.stateDir, 'containers', name, 'rootfs'),
+    workDir: join(hostA.stateDir, `naive-${mib}`),
+  });
+  const totalMs = Math.round(performance.now() - started);
+  await a.request('remove', { name, force: true });
+  return { ...result, totalMs };
+}
+
+async function peakRss(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? 0) * 1024;
+}
+
+async function throughput(hostA: Host, hostB: Host, bytes: number) {
+  const server = execa('nsenter', [`--net=/run/netns/${hostB.netns}`, process.execPath, join(projectRoot, 'bench', 'throughput.ts'), 'serve', hostB.address]);
+  await new Promise<void>((resolve) => server.stdout!.once('data', () => resolve()));
+  const { stdout } = await execa('nsenter', [`--net=/run/netns/${hostA.netns}`, process.execPath, join(projectRoot, 'bench', 'throughput.ts'), 'send', hostB.address, String(bytes)]);
+  server.kill();
+  await server.catch(() => undefined);
+  const result = JSON.parse(stdout) as { tcpMbps: number; wsMbps: number };
+  return { ...result, ratio: Math.round((result.wsMbps / result.tcpMbps) * 100) / 100 };
+}
+
+const cluster: Cluster = await createHosts(2);
+const agents: AgentProcess[] = [];
+const clients: AgentClient[] = [];
+try {
+  const [hostA, hostB] = cluster.hosts as [Host, Host];
+  for (const host of [hostA, hostB]) {
+    const agent = await startAgent(host);
+    agents.push(agent);
+    clients.push(await AgentClient.connect({ url: agent.url, token: agent.token }));
+  }
+  const [clientA, clientB] = clients as [AgentClient, AgentClient];
+  const results: SizeResult[] = [];
+  for (const mib of sizes) {
+    process.stderr.write(`bench: ${mib} MiB: ferry…\n`);
+    const report = await ferryRun(clientA, agents[1]!, clientB, mib);
+    process.stderr.write(`bench: ${mib} MiB: baseline…\n`);
+    const baseline = await baselineRun(clientA, hostA, hostB, mib);
+    results.push({
+      mib,
+      ferry: { downtimeMs: report.downtimeMs, totalMs: report.totalMs, phases: report.phases, bytes: report.bytes },
+      baseline,
+      downtimeRatio: Math.round((report.downtimeMs / baseline.downtimeMs) * 100) / 100,
+    });
+  }
+  const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
+  process.stderr.write('bench: stream throughput…\n');
+  const stream = await throughput(hostA, hostB, 1 << 30);
+  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss };
+  await mkdir(join(projectRoot, 'bench', 'results'), { recursive: true });
+  await writeFile(join(projectRoot, 'bench', 'results', 'latest.json'), `${JSON.stringify(summary, null, 2)}\n`);
+  const markdown = render(summary);
+  await writeFile(join(projectRoot, 'bench', 'results', 'latest.md'), markdown);
+  process.stdout.write(markdown);
+} finally {
+  for (const client of clients) client.close();
+  for (const agent of agents) await agent.stop().catch(() => undefined);
+  await cluster.destroy();
+}
+
+function render(summary: { sizes: SizeResult[]; stream: { tcpMbps: number; wsMbps: number; ratio: number }; peakRss: { sourceBytes: number; destinationBytes: number } }): string {
+  const mib = (bytes: number) => `${Math.round(bytes / 1048576)} MiB`;
+  const rows = summary.sizes.map(
+    (size) =>
+      `| ${size.mib} MiB | ${size.ferry.downtimeMs} ms | ${size.baseline.downtimeMs} ms | ${size.downtimeRatio} | ${size.ferry.totalMs} ms | ${size.baseline.totalMs} ms | ${Math.round((size.ferry.totalMs / size.baseline.totalMs) * 100) / 100} |`,
+  );
+  return [
+    '| memory | ferry downtime | naive downtime | ratio | ferry total | naive total | ratio |',
+    '| --- | --- | --- | --- | --- | --- | --- |',
+    ...rows,
+    '',
+    `Stream, 1 GiB over the same veth link: WebSocket channel ${summary.stream.wsMbps} Mbit/s, plain TCP socket ${summary.stream.tcpMbps} Mbit/s, ratio ${summary.stream.ratio}.`,
+    `Peak RSS of the agents over the run: source ${mib(summary.peakRss.sourceBytes)}, destination ${mib(summary.peakRss.destinationBytes)}.`,
+    '',
+  ].join('\n');
+}
