@@ -155,9 +155,4 @@ export class CgroupTree {
   for(name: string): Cgroup {
     return new Cgroup(this.version, join(this.rootPath, name));
   }
-
-  /** Removes the root itself once no container group is left under it. */
-  async removeRootIfEmpty(): Promise<void> {
-    await rmdir(this.rootPath).catch(() => undefined);
-  }
 }

@@ -20,7 +20,9 @@ const program = new Command('ferry')
   .option('-H, --host <name|url>', 'agent to talk to: a name from the config or a ws(s):// URL')
   .option('--token <token>', 'token for --host given as a URL (or FERRY_TOKEN)')
   .option('--config <file>', 'config file (default: FERRY_CONFIG, ~/.config/ferry/config.json, /etc/ferry/config.json)')
-  .option('--json', 'machine-readable output');
+  .option('--json', 'machine-readable output')
+  // Global options go before the command, so `ferry agent --token ...` reaches the agent.
+  .enablePositionalOptions();
 
 const globals = () => program.opts<GlobalOptions>();
 
@@ -84,11 +86,13 @@ program
 
 program
   .command('agent')
-  .description('run the host agent (same options as agent/main.ts)')
-  .allowUnknownOption()
+  .description('run the host agent (see `ferry agent --help`)')
   .helpOption(false)
-  .action(async () => {
-    process.argv.splice(2, 1);
+  .passThroughOptions()
+  .allowUnknownOption()
+  .allowExcessArguments()
+  .action(async (_options: unknown, command: Command) => {
+    process.argv = [process.argv[0]!, 'ferry-agent', ...command.args];
     await import('../../agent/main.ts');
   });
 

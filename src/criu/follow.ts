@@ -9,7 +9,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 // sequentially, so a reader that follows the end sees every byte once.
 
 export const pageImagePattern = /^pages-\d+\.img$/;
+/** Read size; what is read goes out in frames of `frameBytes` (smaller frames parse without copies). */
 const chunkBytes = 1 << 20;
+const frameBytes = 64 << 10;
 const pollMs = 5;
 
 export interface CriuProcess {
@@ -37,7 +39,9 @@ async function* follow(path: string, criu: CriuProcess): AsyncGenerator<Buffer> 
       const { bytesRead } = await handle.read(buffer, 0, chunkBytes, position);
       if (bytesRead > 0) {
         position += bytesRead;
-        yield buffer.subarray(0, bytesRead);
+        for (let offset = 0; offset < bytesRead; offset += frameBytes) {
+          yield buffer.subarray(offset, Math.min(offset + frameBytes, bytesRead));
+        }
         continue;
       }
       // Closed first, then one more read: anything written before the close is seen.
