@@ -404,6 +404,37 @@ static const char *error_codes[] = {
 	"COMMAND_NOT_FOUND", "CGROUP_JOIN_FAILED", "SETUP_FAILED", "EXEC_FAILED", NULL,
 };
 
+/* Reads the first bytes of DIR/NAME, where DIR is the directory of procs. */
+static int read_sibling(const char *procs, const char *name, char *buf, size_t size)
+{
+	char path[PATH_MAX];
+	const char *slash = strrchr(procs, '/');
+	int dirlen = slash ? (int)(slash - procs) : 1;
+	const char *dir = slash ? procs : ".";
+	if (snprintf(path, sizeof(path), "%.*s/%s", dirlen, dir, name) >= (int)sizeof(path))
+		return -1;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, size - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	buf[n] = '\0';
+	return 0;
+}
+
+/* cgroup v2: cgroup.freeze is 1; v1 freezer: freezer.state is not THAWED. */
+static int cgroup_frozen(const char *procs)
+{
+	char buf[64];
+	if (read_sibling(procs, "cgroup.freeze", buf, sizeof(buf)) == 0)
+		return buf[0] == '1';
+	if (read_sibling(procs, "freezer.state", buf, sizeof(buf)) == 0)
+		return strncmp(buf, "THAWED", 6) != 0;
+	return 0;
+}
+
 static int run(struct options *o)
 {
 	struct stat st;
@@ -425,6 +456,13 @@ static int run(struct options *o)
 		return reply_error("ROOTFS_MISSING", msg);
 	}
 	o->rootfs = rootfs;
+
+	/* A task that joins a frozen cgroup freezes at once and the parent
+	 * would wait for it forever: refuse early. */
+	if (cgroup_frozen(o->cgroup_procs)) {
+		snprintf(msg, sizeof(msg), "cgroup of %s is frozen", o->cgroup_procs);
+		return reply_error("CGROUP_JOIN_FAILED", msg);
+	}
 
 	if (pipe2(fds, O_CLOEXEC) < 0) {
 		snprintf(msg, sizeof(msg), "pipe: %s", strerror(errno));
@@ -567,6 +605,12 @@ int main(int argc, char **argv)
 		o.env[o.nenv++] = DEFAULT_PATH;
 	o.env[o.nenv] = NULL;
 	o.argv = argv + i;
+
+	/* If we were started with 0-2 closed, the sync pipe could land there and
+	 * be clobbered by the stdio setup: fill the gaps with /dev/null. */
+	for (int fd = 0; fd <= 2; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
+			break;
 
 	signal(SIGPIPE, SIG_IGN);
 	return run(&o);
