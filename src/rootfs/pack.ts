@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { lstatSync, readdirSync, readlinkSync, type Stats } from 'node:fs';
+import { lstatSync, readdirSync, readFileSync, readlinkSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
-import { Readable, Transform } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { hashing } from './digest.ts';
 import { pipeline } from 'node:stream/promises';
 import tar from 'tar-stream';
@@ -60,12 +60,18 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
         continue;
       }
       if (stats.nlink > 1) firstPathOfInode.set(inode, relativePath);
-      const entry = pack.entry({ ...header, type: 'file', size: stats.size });
-      const hash = createHash('sha256');
+      const fileHeader = { ...header, type: 'file' as const, size: stats.size };
       // A live tree (rootfs pass 1) may grow or shrink while read: send exactly
       // the size the header announced; the final pass sends the file again.
-      const content = stats.size ? createReadStream(absolutePath, { end: stats.size - 1 }) : Readable.from([]);
-      await pipeline(content, padTo(stats.size), hashing(hash), entry);
+      if (stats.size <= smallFileBytes) {
+        const content = exactSize(readFileSync(absolutePath), stats.size);
+        options.digests?.set(relativePath, createHash('sha256').update(content).digest('hex'));
+        await addEntry(pack, fileHeader, content);
+        continue;
+      }
+      const hash = createHash('sha256');
+      const content = createReadStream(absolutePath, { end: stats.size - 1 });
+      await pipeline(content, padTo(stats.size), hashing(hash), pack.entry(fileHeader));
       options.digests?.set(relativePath, hash.digest('hex'));
     } else if (stats.isCharacterDevice() || stats.isBlockDevice()) {
       const type = stats.isCharacterDevice() ? 'character-device' : 'block-device';
@@ -79,8 +85,20 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
   }
 }
 
-function addEntry(pack: tar.Pack, header: EntryHeader): Promise<void> {
-  return new Promise((resolve, reject) => pack.entry(header, (error) => (error ? reject(error) : resolve())));
+function addEntry(pack: tar.Pack, header: EntryHeader, content?: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = (error?: Error | null) => (error ? reject(error) : resolve());
+    if (content) pack.entry(header, content, done);
+    else pack.entry(header, done);
+  });
+}
+
+/** Files up to this size are read in one call: a stream per small file cost more than its bytes. */
+const smallFileBytes = 256 * 1024;
+
+function exactSize(content: Buffer, size: number): Buffer {
+  if (content.length === size) return content;
+  return content.length > size ? content.subarray(0, size) : Buffer.concat([content, Buffer.alloc(size - content.length)]);
 }
 
 /**

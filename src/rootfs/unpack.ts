@@ -10,6 +10,9 @@ import {
   rmSync,
   symlinkSync,
   utimesSync,
+  closeSync,
+  openSync,
+  writeSync,
   type Stats,
 } from 'node:fs';
 import { open } from 'node:fs/promises';
@@ -91,6 +94,8 @@ export async function unpackInto(
   return summary;
 }
 
+const smallFileBytes = 256 * 1024;
+
 function unsafe(name: string, reason: string): FerryError {
   return new FerryError('UNSAFE_ARCHIVE', `refused archive entry "${name}": ${reason}`, { phase: 'restore' });
 }
@@ -152,8 +157,23 @@ async function replaceWithFile(
   clear(path);
   mkdirSync(join(path, '..'), { recursive: true });
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
-  const handle = await open(path, flags, (header.mode ?? 0o644) & 0o777);
+  const mode = (header.mode ?? 0o644) & 0o777;
   const hash = createHash('sha256');
+  if ((header.size ?? 0) <= smallFileBytes) {
+    // One write for a small file: a stream per file cost more than its bytes.
+    const chunks: Buffer[] = [];
+    for await (const chunk of entry as AsyncIterable<Buffer>) chunks.push(chunk);
+    const content = Buffer.concat(chunks);
+    const fd = openSync(path, flags, mode);
+    try {
+      writeSync(fd, content);
+    } finally {
+      closeSync(fd);
+    }
+    digests?.set(normalizeName(header.name), hash.update(content).digest('hex'));
+    return;
+  }
+  const handle = await open(path, flags, mode);
   await pipeline(entry, hashing(hash), handle.createWriteStream());
   digests?.set(normalizeName(header.name), hash.digest('hex'));
 }
