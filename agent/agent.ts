@@ -1,4 +1,6 @@
 import { readFileSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { CgroupTree } from '../src/cgroup/cgroup.ts';
 import { Criu, readKernelRelease } from '../src/criu/criu.ts';
@@ -42,7 +44,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     hostName: options.name,
     logger,
   });
-  const criu = lazyCriu(options.criuPath);
+  const criu = lazyCriu(options.criuPath, join(options.stateDir, 'criu.kdat'));
   const journal = new MigrationJournal(options.stateDir);
   const metrics = new AgentMetrics(async () => (await runtime.store.names()).length);
   const destinations = new DestinationSessions({ runtime, criu, journal, logger });
@@ -126,10 +128,16 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
 }
 
 /** CRIU is looked up on first use, so an agent without it still serves `info` and runs nothing CRIU needs. */
-function lazyCriu(explicitPath: string | undefined): () => Promise<Criu> {
+function lazyCriu(explicitPath: string | undefined, probeCache: string): () => Promise<Criu> {
   let found: Promise<Criu> | undefined;
+  const prepare = async () => {
+    const criu = await Criu.locate(explicitPath);
+    await mkdir(dirname(probeCache), { recursive: true });
+    await criu.useKernelProbeCache(probeCache);
+    return criu;
+  };
   return () => {
-    found ??= Criu.locate(explicitPath).catch((error: unknown) => {
+    found ??= prepare().catch((error: unknown) => {
       found = undefined;
       throw error;
     });

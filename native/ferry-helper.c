@@ -540,6 +540,71 @@ static const char *need_value(int argc, char **argv, int *i)
 	return argv[++*i];
 }
 
+/*
+ * criu-exec [--kdat CACHE] [--cgroup-procs FILE] -- CRIU ARGS...
+ * Runs CRIU with two preparations in one exec instead of a shell pipeline:
+ * with --kdat, a private mount namespace whose /run is a small tmpfs holding
+ * a copy of CRIU's kernel-probe cache (CRIU keeps that cache only on tmpfs);
+ * with --cgroup-procs, the process joins that cgroup first, so tasks CRIU
+ * restores are born in it. Exits 126 with a message when a step fails.
+ */
+static void copy_file(const char *from, const char *to)
+{
+	char buf[65536];
+	int in = open(from, O_RDONLY | O_CLOEXEC);
+	if (in < 0)
+		return; /* no cache yet: CRIU probes as usual */
+	int out = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (out < 0) {
+		close(in);
+		return;
+	}
+	ssize_t n;
+	while ((n = read(in, buf, sizeof(buf))) > 0)
+		write_all(out, buf, (size_t)n);
+	close(in);
+	close(out);
+}
+
+static int criu_exec(int argc, char **argv)
+{
+	const char *kdat = NULL, *procs = NULL;
+	int i;
+	for (i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "--") == 0) {
+			i++;
+			break;
+		} else if (strcmp(argv[i], "--kdat") == 0) {
+			kdat = need_value(argc, argv, &i);
+		} else if (strcmp(argv[i], "--cgroup-procs") == 0) {
+			procs = need_value(argc, argv, &i);
+		} else {
+			usage_exit("criu-exec: unknown option %s", argv[i]);
+		}
+	}
+	if (i >= argc)
+		usage_exit("criu-exec: missing command");
+	if (kdat) {
+		if (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
+		    mount("criu-kdat", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755") < 0) {
+			fprintf(stderr, "ferry-helper criu-exec: private /run: %s\n", strerror(errno));
+			return 126;
+		}
+		copy_file(kdat, "/run/criu.kdat");
+	}
+	if (procs) {
+		int fd = open(procs, O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, "0", 1) != 1) {
+			fprintf(stderr, "ferry-helper criu-exec: join %s: %s\n", procs, strerror(errno));
+			return 126;
+		}
+		close(fd);
+	}
+	execv(argv[i], argv + i);
+	fprintf(stderr, "ferry-helper criu-exec: exec %s: %s\n", argv[i], strerror(errno));
+	return 126;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o;
@@ -555,6 +620,8 @@ int main(int argc, char **argv)
 		puts("ferry-helper " HELPER_VERSION);
 		return 0;
 	}
+	if (strcmp(argv[1], "criu-exec") == 0)
+		return criu_exec(argc, argv);
 	if (strcmp(argv[1], "run") != 0)
 		usage_exit("unknown command %s", argv[1]);
 

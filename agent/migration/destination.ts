@@ -1,5 +1,5 @@
 import { constants, rmSync } from 'node:fs';
-import { mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, writeFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -90,7 +90,9 @@ export class DestinationSessions implements PeerHandler {
         destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion },
       });
     } catch (error) {
-      const failure = toFerryError(error, 'preflight');
+      // Whatever refused the offer (a missing CRIU says 'setup'), the migration failed in preflight.
+      const cause = toFerryError(error);
+      const failure = new FerryError(cause.code, cause.message, { phase: 'preflight', cause, details: cause.details });
       session.logger.warn({ code: failure.code, err: failure }, 'offer refused');
       await session.discard();
       connection.send({ type: 'abort', migrationId: offer.migrationId, error: failure.toJSON() });
@@ -271,8 +273,9 @@ class DestinationSession {
       if (!this.files || !this.pages) throw new FerryError('BAD_MESSAGE', 'restore requested before all data channels opened');
       await withTimeout(Promise.all([this.files, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
       this.logger.info({ phase: 'restore' }, 'phase');
-      // Test fault: a real criu restore failure, from an image that is not there.
-      if (faultActive('fail-restore')) await rm(join(this.imagesDir, 'pstree.img'), { force: true });
+      // Test fault: a real criu restore failure, from a pstree.img that is not a CRIU image.
+      // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
+      if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
       const started = performance.now();
       const { record, restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
         spec: this.offer.spec,
@@ -308,10 +311,12 @@ class DestinationSession {
   /** Drops everything this migration made here: tasks, cgroup, rootfs, images. */
   async discard(reason?: string): Promise<void> {
     this.closeChannels();
-    if (this.releaseName) {
+    // A failure here and the source's abort may both discard: only the first destroys.
+    const release = this.releaseName;
+    this.releaseName = undefined;
+    if (release) {
       await this.deps.runtime.destroy(this.name).catch((error: unknown) => this.logger.error({ err: error }, 'cleanup failed'));
-      this.releaseName();
-      this.releaseName = undefined;
+      release();
     }
     await this.deps.journal.update(this.migrationId, 'aborted', reason).catch(() => undefined);
     await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);

@@ -82,27 +82,49 @@ export class PeerLink {
       const index = this.inbox.findIndex((message) => message.type === type || message.type === 'abort');
       if (index >= 0) {
         const [message] = this.inbox.splice(index, 1);
-        if (message!.type === 'abort') {
-          const { code, message: text, phase: remotePhase, details } = message!.error;
-          throw new FerryError(
-            code as FerryError['code'],
-            `destination ${this.peerName}: ${text}`,
-            { phase: (remotePhase as Phase | undefined) ?? phase, ...(details ? { details } : {}) },
-          );
-        }
+        if (message!.type === 'abort') throw this.abortError(message as MessageOf<'abort'>, phase);
         return message as MessageOf<T>;
       }
       if (this.failure) throw new FerryError(this.failure.code, this.failure.message, { phase });
       const remaining = deadline - Date.now();
       if (remaining <= 0) throw new FerryError('TIMEOUT', `no ${type} from ${this.peerName} in ${timeoutMs} ms`, { phase });
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, remaining);
-        this.waiter = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
+      await this.nextMessage(remaining);
     }
+  }
+
+  /**
+   * The destination's own reason for giving up, if it sent one (or does within
+   * `waitMs`). A data channel it closed is explained by the abort it sent first
+   * on this link, which may arrive a moment after the close is seen.
+   */
+  async abortReason(waitMs: number, phase: Phase): Promise<FerryError | undefined> {
+    const deadline = Date.now() + waitMs;
+    for (;;) {
+      const abort = this.inbox.find((message) => message.type === 'abort');
+      if (abort) return this.abortError(abort, phase);
+      const remaining = deadline - Date.now();
+      if (this.failure || remaining <= 0) return undefined;
+      await this.nextMessage(remaining);
+    }
+  }
+
+  private abortError(message: MessageOf<'abort'>, phase: Phase): FerryError {
+    const { code, message: text, phase: remotePhase, details } = message.error;
+    return new FerryError(code as FerryError['code'], `destination ${this.peerName}: ${text}`, {
+      phase: (remotePhase as Phase | undefined) ?? phase,
+      ...(details ? { details } : {}),
+    });
+  }
+
+  /** Resolves when a message arrives, the link fails, or `timeoutMs` passes. */
+  private nextMessage(timeoutMs: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, timeoutMs);
+      this.waiter = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
   }
 
   close(): void {

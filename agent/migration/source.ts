@@ -113,7 +113,7 @@ export class MigrationSource {
     } catch (error) {
       const failure = stopReason
         ? new FerryError(stopReason.code, stopReason.message, { phase: this.timer.current, cause: error })
-        : toFerryError(error, this.timer.current);
+        : await this.explain(toFerryError(error, this.timer.current));
       await this.rollback(failure);
       throw failure;
     } finally {
@@ -127,6 +127,12 @@ export class MigrationSource {
     } finally {
       this.peer?.close();
     }
+  }
+
+  /** A dropped connection is explained by the destination's abort when it sent one. */
+  private async explain(error: FerryError): Promise<FerryError> {
+    if (error.code !== 'PEER_GONE' || !this.peer) return error;
+    return (await this.peer.abortReason(2_000, error.phase ?? this.timer.current)) ?? error;
   }
 
   private async claim(): Promise<void> {
@@ -159,6 +165,9 @@ export class MigrationSource {
     await mkdir(cpuinfoDir, { recursive: true });
     await this.criu.cpuinfoDump(cpuinfoDir);
     this.peer = await PeerLink.connect(this.request.destination, this.deps.identity);
+    // The heartbeat ends a dead control link; the data channels, perhaps blocked
+    // in a send that will never complete, must end with it.
+    this.peer.socket.once('close', () => this.disconnect());
     const rootfsBytes = await directorySize(this.deps.runtime.store.rootfs(this.request.name));
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);

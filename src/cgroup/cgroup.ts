@@ -106,7 +106,9 @@ export class Cgroup {
 
   private async waitUntil(check: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    for (let delay = 1; ; delay = Math.min(delay * 2, 50)) {
+    // Freezing idle tasks takes a few ms and every ms here is downtime: poll
+    // every 2 ms at first, then back off.
+    for (let attempt = 0, delay = 2; ; attempt += 1, delay = attempt < 50 ? 2 : Math.min(delay * 2, 50)) {
       if (await check()) return;
       if (Date.now() > deadline) {
         throw new FerryError('TIMEOUT', `cgroup ${this.path}: ${what} did not complete in ${timeoutMs} ms`, {

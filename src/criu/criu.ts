@@ -1,8 +1,9 @@
-import { access, constants, readFile } from 'node:fs/promises';
+import { access, constants, readFile, statfs } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execa } from 'execa';
 import { CriuError, FerryError, type Phase } from '../errors.ts';
+import { helperPath } from '../paths.ts';
 import { readErrorLines } from './log.ts';
 import {
   dumpArguments,
@@ -15,6 +16,7 @@ import {
 import { readStats, type DumpStats, type RestoreStats } from './stats.ts';
 
 export const minimumCriuVersion = [4, 0] as const;
+const tmpfsMagic = 0x01021994;
 const setupHint = 'run `bash scripts/setup.sh` (it provisions CRIU 4.x), or set FERRY_CRIU to a CRIU >= 4.0';
 
 export interface CriuVersion {
@@ -44,17 +46,26 @@ export function compareVersions(left: CriuVersion, right: CriuVersion): number {
 export class Criu {
   readonly path: string;
   readonly version: CriuVersion;
+  private kernelProbeCache: string | undefined;
 
   constructor(path: string, version: CriuVersion) {
     this.path = path;
     this.version = version;
   }
 
-  /** Finds a usable CRIU: explicit path, FERRY_CRIU, the set-up's prefix, then PATH. */
+  /**
+   * Finds a usable CRIU. A path given explicitly (the argument, else FERRY_CRIU)
+   * is used alone: a configured CRIU that is missing is an error, not a reason
+   * to pick another one. Without one: the set-up's prefix, then PATH.
+   */
   static async locate(explicitPath?: string): Promise<Criu> {
-    const candidates = [explicitPath, process.env.FERRY_CRIU, '/opt/ferry/criu/bin/criu', ...pathEntries('criu')];
-    const path = await firstExecutable(candidates.filter((candidate): candidate is string => !!candidate));
-    if (!path) throw new FerryError('CRIU_MISSING', `CRIU not found; ${setupHint}`, { phase: 'setup' });
+    const explicit = explicitPath || process.env.FERRY_CRIU;
+    const candidates = explicit ? [explicit] : ['/opt/ferry/criu/bin/criu', ...pathEntries('criu')];
+    const path = await firstExecutable(candidates);
+    if (!path) {
+      const where = explicit ? ` at ${explicit}` : '';
+      throw new FerryError('CRIU_MISSING', `CRIU not found${where}; ${setupHint}`, { phase: 'setup' });
+    }
     const result = await execa(path, ['--version'], { reject: false, timeout: 10_000 });
     const version = parseCriuVersion(`${result.stdout}`);
     if (result.exitCode !== 0 || !version) {
@@ -94,9 +105,35 @@ export class Criu {
    * restored tasks are born inside the container's cgroup.
    */
   async restore(options: RestoreOptions, cgroupProcsFile: string): Promise<RestoreStats | undefined> {
-    const wrapper = ['-c', 'echo 0 > "$1" && shift && exec "$@"', 'sh', cgroupProcsFile, this.path];
-    await this.start(restoreArguments(options), options.logFile, 'restore', { wrapper }).done;
+    await this.start(restoreArguments(options), options.logFile, 'restore', { cgroupProcsFile }).done;
     return (await readStats(join(options.imagesDir, 'stats-restore')))?.restore;
+  }
+
+  /**
+   * CRIU probes the kernel for ~50 ms on every start unless it can keep a
+   * cache in /run, which it does only when /run is a tmpfs. Where it is not,
+   * the cache is made once here and each call gets a private tmpfs /run
+   * holding a copy of it (in its own mount namespace, invisible outside).
+   */
+  async useKernelProbeCache(cacheFile: string): Promise<void> {
+    const run = await statfs('/run').catch(() => undefined);
+    if (run?.type === tmpfsMagic) return;
+    const script = 'mount -t tmpfs -o size=1m criu-kdat /run && "$CRIU" check >/dev/null 2>&1; cp /run/criu.kdat "$KDAT"';
+    const result = await execa('unshare', ['-m', '/bin/sh', '-c', script], {
+      reject: false,
+      env: { ...criuEnvironment(), CRIU: this.path, KDAT: cacheFile },
+    });
+    if (result.exitCode === 0) this.kernelProbeCache = cacheFile;
+  }
+
+  /** The program to spawn: CRIU itself, or ferry-helper preparing its cgroup and probe cache first. */
+  private command(criuArgs: string[], cgroupProcsFile?: string): [string, string[]] {
+    const preparations = [
+      ...(this.kernelProbeCache ? ['--kdat', this.kernelProbeCache] : []),
+      ...(cgroupProcsFile ? ['--cgroup-procs', cgroupProcsFile] : []),
+    ];
+    if (!preparations.length) return [this.path, criuArgs];
+    return [helperPath(), ['criu-exec', ...preparations, '--', this.path, ...criuArgs]];
   }
 
   async cpuinfoDump(imagesDir: string): Promise<void> {
@@ -117,9 +154,9 @@ export class Criu {
     criuArgs: string[],
     logFile: string | undefined,
     phase: Phase,
-    options: { wrapper?: string[] } = {},
+    options: { cgroupProcsFile?: string } = {},
   ): CriuRun<void> {
-    const [file, args] = options.wrapper ? ['/bin/sh', [...options.wrapper, ...criuArgs]] : [this.path, criuArgs];
+    const [file, args] = this.command(criuArgs, options.cgroupProcsFile);
     const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], env: criuEnvironment() });
     const output = new BoundedOutput();
     child.stdout?.on('data', (chunk: Buffer) => output.add(chunk));

@@ -150,6 +150,9 @@ export class ChannelReceiver {
 
   private open(name: string, deleted: string[]): void {
     const body = new PassThrough({ highWaterMark: receiveHighWater });
+    // A failed stream is destroyed with its error even when no consumer reads it
+    // any more (the receiver gave up on an earlier one): that must not crash the agent.
+    body.on('error', () => undefined);
     body.on('drain', () => this.socket.resume());
     let settle!: (frame: DataFrame | Error) => void;
     const end = new Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>(
