@@ -226,6 +226,7 @@ class DestinationSession {
     const receiver = new ChannelReceiver(socket);
     const rootfs = this.deps.runtime.store.rootfs(this.name);
     await this.receiveTar(receiver, 'rootfs', rootfs);
+    this.connection.send({ type: 'staged', migrationId: this.migrationId });
     await this.receiveTar(receiver, 'rootfs-delta', rootfs);
     await this.receiveTar(receiver, 'images', this.imagesDir);
   }

@@ -199,6 +199,7 @@ export class MigrationSource {
       packDirectory(root, { digests, onEntry: (path, stats) => this.rootfsManifest.set(path, entryStamp(root, path, stats)) }),
       { files: () => Object.fromEntries(digests), onBytes: this.meter.counter('rootfs') },
     );
+    await this.peer!.expect('staged', 10 * 60_000, 'precopy');
   }
 
   private async freeze(): Promise<void> {

@@ -20,9 +20,7 @@ const program = new Command('ferry')
   .option('-H, --host <name|url>', 'agent to talk to: a name from the config or a ws(s):// URL')
   .option('--token <token>', 'token for --host given as a URL (or FERRY_TOKEN)')
   .option('--config <file>', 'config file (default: FERRY_CONFIG, ~/.config/ferry/config.json, /etc/ferry/config.json)')
-  .option('--json', 'machine-readable output')
-  // Global options go before the command, so `ferry agent --token ...` reaches the agent.
-  .enablePositionalOptions();
+  .option('--json', 'machine-readable output');
 
 const globals = () => program.opts<GlobalOptions>();
 
@@ -84,17 +82,8 @@ program
     if (report.blockers.length) process.exitCode = 1;
   });
 
-program
-  .command('agent')
-  .description('run the host agent (see `ferry agent --help`)')
-  .helpOption(false)
-  .passThroughOptions()
-  .allowUnknownOption()
-  .allowExcessArguments()
-  .action(async (_options: unknown, command: Command) => {
-    process.argv = [process.argv[0]!, 'ferry-agent', ...command.args];
-    await import('../../agent/main.ts');
-  });
+// `ferry agent ...` is the agent itself, with its own options (see `ferry agent --help`).
+program.command('agent').description('run the host agent (see `ferry agent --help`)');
 
 program
   .command('run <name> <command...>')
@@ -234,7 +223,12 @@ program
   });
 
 try {
-  await program.parseAsync();
+  if (process.argv[2] === 'agent') {
+    process.argv = [process.argv[0]!, 'ferry-agent', ...process.argv.slice(3)];
+    await import('../../agent/main.ts');
+  } else {
+    await program.parseAsync();
+  }
 } catch (error) {
   const ferryError = error instanceof FerryError ? error : undefined;
   if (globals().json) {

@@ -82,6 +82,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     migrationId,
     destination: z.object({ host: z.string(), criuVersion: z.string() }),
   }),
+  /** The destination has applied rootfs pass 1, so the freeze will not compete with unpacking it. */
+  z.object({ type: z.literal('staged'), migrationId }),
   /** Everything is sent: restore, leaving the tasks stopped. */
   z.object({
     type: z.literal('transfer-complete'),
