@@ -80,7 +80,7 @@ export class DestinationSessions implements PeerHandler {
   }
 
   private async offer(offer: Offer, connection: ControlConnection): Promise<void> {
-    const session = new DestinationSession(this.deps, offer, connection);
+    const session = new DestinationSession(this.deps, offer, connection, () => this.sessions.delete(offer.migrationId));
     try {
       await session.preflight();
       this.sessions.set(offer.migrationId, session);
@@ -157,8 +157,12 @@ class DestinationSession {
   private pagesArrived: () => void = () => undefined;
   private channels: WebSocket[] = [];
 
-  constructor(deps: DestinationDependencies, offer: Offer, connection: ControlConnection) {
+  /** Drops this session from the agent's table once it failed on its own. */
+  private readonly forget: () => void;
+
+  constructor(deps: DestinationDependencies, offer: Offer, connection: ControlConnection, forget: () => void) {
     this.deps = deps;
+    this.forget = forget;
     this.offer = offer;
     this.migrationId = offer.migrationId;
     this.connection = connection;
@@ -332,6 +336,7 @@ class DestinationSession {
     const failure = toFerryError(error, 'restore');
     this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
     this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
+    this.forget();
     await this.discard(failure.message);
   }
 

@@ -239,7 +239,9 @@ export class MigrationSource {
         ),
       );
     } catch (error) {
-      dump.kill();
+      // CRIU writes locally, so it finishes regardless of the network; killing it
+      // while its parasite is inside the frozen tasks could damage them.
+      await withTimeout(dump.done, 60_000, 'the interrupted dump', 'dump').catch(() => dump.kill());
       throw error;
     } finally {
       clearInterval(progress);

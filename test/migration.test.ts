@@ -1,0 +1,160 @@
+// Live migration end to end: real agents on two netns hosts, real CRIU, real
+// containers. Each test checks what the workload itself shows (its counter,
+// its memory checksum, its files) and what each host keeps afterwards.
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { MigrationReport } from '../src/protocol/migration.ts';
+import {
+  containerPid,
+  counterSpec,
+  counts,
+  fileCounterSpec,
+  isAlive,
+  lastCount,
+  logsOf,
+  memloadSpec,
+  migrate,
+  noTraces,
+  removeQuietly,
+  requestChecksum,
+  requestVerify,
+  runContainer,
+  startNodes,
+  tracesOf,
+  waitForCount,
+  waitForMemload,
+  type Node,
+  type TestCluster,
+} from './helpers/migration.ts';
+
+let test: TestCluster;
+let a: Node;
+let b: Node;
+
+beforeAll(async () => {
+  test = await startNodes(2);
+  [a, b] = test.nodes as [Node, Node];
+});
+
+afterAll(async () => {
+  await test?.close();
+});
+
+/** The log is one run: 1, 2, 3, ... with no restart, no repeat, no gap. */
+function expectOneRun(values: number[]): void {
+  expect(values[0]).toBe(1);
+  const breaks = values.filter((value, index) => index > 0 && value !== values[index - 1]! + 1);
+  expect(breaks).toEqual([]);
+}
+
+function expectSucceeded(report: MigrationReport, from: Node, to: Node): void {
+  expect(report.outcome).toBe('succeeded');
+  expect(report.source).toBe(from.host.name);
+  expect(report.destination).toBe(to.host.name);
+  expect(report.error).toBeUndefined();
+  expect(report.downtimeMs).toBeGreaterThan(0);
+  expect(report.downtimeMs).toBeLessThanOrEqual(report.totalMs);
+  expect(report.bytes.pages).toBeGreaterThan(0);
+  expect(report.bytes.rootfs).toBeGreaterThan(0);
+  expect(report.criu.dump?.pagesWritten).toBeGreaterThan(0);
+  const phases = report.phases.map((timing) => timing.phase);
+  expect(phases).toEqual(expect.arrayContaining(['preflight', 'freeze', 'dump', 'restore', 'confirm']));
+  expect(phases.indexOf('freeze')).toBeLessThan(phases.indexOf('restore'));
+}
+
+/** The source keeps nothing: no task, no cgroup, no container state, no staged images. */
+async function expectGoneFrom(node: Node, name: string, pid: number, migrationId: string): Promise<void> {
+  expect(await tracesOf(node, name)).toEqual(noTraces);
+  expect(await isAlive(pid)).toBe(false);
+  expect(existsSync(join(node.host.stateDir, 'migrations', migrationId, 'images'))).toBe(false);
+}
+
+async function expectRunningOn(node: Node, name: string): Promise<void> {
+  const list = await node.client.request('list', {});
+  expect(list.containers.map((container) => [container.name, container.status])).toEqual([[name, 'running']]);
+}
+
+describe('a counter container', () => {
+  const name = 'counter';
+  afterAll(async () => {
+    await removeQuietly(a, name);
+    await removeQuietly(b, name);
+  });
+
+  it('moves A → B and keeps counting from where it was, with its whole log', async () => {
+    await runContainer(a, counterSpec(name));
+    const pidOnA = await containerPid(a, name);
+    const seenOnA = lastCount(await waitForCount(a, name, 10));
+    const progress: string[] = [];
+    const report = await migrate(a, b, name, (event) => progress.push(event.phase));
+    expectSucceeded(report, a, b);
+    expect(progress).toEqual(expect.arrayContaining(['preflight', 'freeze', 'dump', 'restore']));
+
+    await expectRunningOn(b, name);
+    const afterMove = lastCount(await logsOf(b, name));
+    expect(afterMove).toBeGreaterThan(seenOnA);
+    const text = await waitForCount(b, name, afterMove + 10);
+    expectOneRun(counts(text));
+    // Written by the container on B, in B's copy of the rootfs.
+    const onDisk = Number(await readFile(join(b.host.stateDir, 'containers', name, 'rootfs/tmp/counter'), 'utf8'));
+    expect(onDisk).toBeGreaterThan(afterMove);
+    await expectGoneFrom(a, name, pidOnA, report.migrationId);
+    expect((await b.client.request('list', {})).containers[0]?.history).toEqual([a.host.name, b.host.name]);
+  });
+
+  it('moves back B → A and still counts on', async () => {
+    const pidOnB = await containerPid(b, name);
+    const before = lastCount(await logsOf(b, name));
+    const report = await migrate(b, a, name);
+    expectSucceeded(report, b, a);
+    await expectRunningOn(a, name);
+    const text = await waitForCount(a, name, lastCount(await logsOf(a, name)) + 10);
+    expect(lastCount(text)).toBeGreaterThan(before + 10);
+    expectOneRun(counts(text));
+    await expectGoneFrom(b, name, pidOnB, report.migrationId);
+    expect((await a.client.request('list', {})).containers[0]?.history).toEqual([a.host.name, b.host.name, a.host.name]);
+  });
+});
+
+describe('a container that keeps its state in a file', () => {
+  const name = 'filecount';
+  afterAll(() => removeQuietly(b, name));
+
+  it('finds on B the file it wrote on A just before the freeze', async () => {
+    await runContainer(a, fileCounterSpec(name));
+    const seenOnA = lastCount(await waitForCount(a, name, 15));
+    const report = await migrate(a, b, name);
+    expectSucceeded(report, a, b);
+    // The count is read back from /data/n on every step: a stale file would make it go back.
+    const afterMove = lastCount(await logsOf(b, name));
+    expect(afterMove).toBeGreaterThan(seenOnA);
+    const text = await waitForCount(b, name, afterMove + 10);
+    expectOneRun(counts(text));
+    const onDisk = Number(await readFile(join(b.host.stateDir, 'containers', name, 'rootfs/data/n'), 'utf8'));
+    expect(onDisk).toBeGreaterThan(afterMove);
+    expect(await tracesOf(a, name)).toEqual(noTraces);
+  });
+});
+
+describe('a 256 MiB memory workload', () => {
+  const name = 'memload';
+  afterAll(() => removeQuietly(b, name));
+
+  it('arrives on B with every page intact', async () => {
+    await runContainer(a, memloadSpec(name, 256));
+    await waitForMemload(a, name);
+    const before = await requestChecksum(a, name);
+    const pidOnA = await containerPid(a, name);
+    const report = await migrate(a, b, name);
+    expectSucceeded(report, a, b);
+    expect(report.bytes.pages).toBeGreaterThanOrEqual(256 * 1024 * 1024);
+    expect(report.criu.dump!.pagesWritten).toBeGreaterThanOrEqual(256 * 256);
+
+    await expectRunningOn(b, name);
+    expect(await requestChecksum(b, name)).toBe(before);
+    expect(await requestVerify(b, name)).toMatch(/^verify ok pages \d+$/);
+    await expectGoneFrom(a, name, pidOnA, report.migrationId);
+  });
+});

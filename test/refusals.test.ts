@@ -1,0 +1,253 @@
+// Requests an agent must refuse, harmlessly: a wrong token, malformed
+// messages, an unknown container, a destination without CRIU, an archive
+// whose entries try to escape the staging directory. Each refusal names its
+// reason, changes nothing, and leaves the agent serving.
+import { createHash, randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type WebSocket from 'ws';
+import { Criu } from '../src/criu/criu.ts';
+import { containerSpecSchema } from '../src/protocol/container.ts';
+import { protocolVersion } from '../src/protocol/messages.ts';
+import { AgentClient, openSocket } from '../src/transport/client.ts';
+import {
+  containerPid,
+  counterSpec,
+  counts,
+  failureOf,
+  lastCount,
+  logsOf,
+  migrate,
+  removeQuietly,
+  runContainer,
+  startNodes,
+  waitForCount,
+  waitUntilClean,
+  type Node,
+  type TestCluster,
+} from './helpers/migration.ts';
+import { tarOf, type TarEntry } from './helpers/tar.ts';
+
+let test: TestCluster;
+let a: Node;
+let b: Node;
+
+beforeAll(async () => {
+  test = await startNodes(2);
+  [a, b] = test.nodes as [Node, Node];
+});
+
+afterAll(async () => {
+  await test?.close();
+});
+
+type Json = Record<string, unknown> & { type?: string; id?: string; error?: { code: string; message: string } };
+
+interface RawSocket {
+  socket: WebSocket;
+  /** The first message received (or arriving within 15 s) that matches. */
+  next: (match: (message: Json) => boolean) => Promise<Json>;
+}
+
+/** A raw authenticated socket to an agent, with the JSON messages it receives. */
+async function rawSocket(node: Node, path = '/control'): Promise<RawSocket> {
+  const socket = await openSocket({ url: node.agent.url, token: node.agent.token }, path);
+  const received: Json[] = [];
+  socket.on('message', (data, isBinary) => {
+    if (!isBinary) received.push(JSON.parse(data.toString()) as Json);
+  });
+  const next = async (match: (message: Json) => boolean): Promise<Json> => {
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      const index = received.findIndex(match);
+      if (index >= 0) return received.splice(index, 1)[0]!;
+      if (Date.now() > deadline) throw new Error(`no matching message; got ${JSON.stringify(received).slice(0, 500)}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  return { socket, next };
+}
+
+async function greet(node: Node, name: string): Promise<RawSocket> {
+  const raw = await rawSocket(node);
+  raw.socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name }));
+  await raw.next((message) => message.type === 'hello');
+  return raw;
+}
+
+async function expectServing(node: Node): Promise<void> {
+  const client = await AgentClient.connect({ url: node.agent.url, token: node.agent.token });
+  try {
+    expect((await client.request('info', {})).name).toBe(node.host.name);
+  } finally {
+    client.close();
+  }
+}
+
+async function migrationIds(node: Node): Promise<string[]> {
+  return readdir(join(node.host.stateDir, 'migrations')).catch(() => []);
+}
+
+describe('refusals', () => {
+  it('refuses a wrong token, logs it, and keeps serving good clients', async () => {
+    const refused = await failureOf(AgentClient.connect({ url: a.agent.url, token: 'not-the-token' }));
+    expect(refused.code).toBe('UNAUTHORIZED');
+    expect(refused.phase).toBe('auth');
+    const data = await failureOf(openSocket({ url: a.agent.url, token: 'nope' }, `/migrations/${randomUUID()}/files`));
+    expect(data.code).toBe('UNAUTHORIZED');
+    await a.agent.waitForLog((entry) => entry.json?.msg === 'refused connection: wrong or missing token');
+    await expectServing(a);
+  });
+
+  it('answers malformed messages with BAD_MESSAGE naming the field, and keeps working', async () => {
+    const { socket, next } = await greet(a, 'raw');
+    try {
+      socket.send('this is {not json');
+      expect((await next((message) => message.type === 'error')).error).toMatchObject({ code: 'BAD_MESSAGE', message: 'message is not JSON' });
+      socket.send(JSON.stringify({ id: 'no-type', name: 'x' }));
+      const untyped = await next((message) => message.id === 'no-type');
+      expect(untyped.error).toMatchObject({ code: 'BAD_MESSAGE', message: expect.stringMatching(/^type: /) });
+      socket.send(JSON.stringify({ type: 'run', id: 'bad-run', spec: { name: 'Not A Name!', rootfs: '/x', command: ['/bin/true'] } }));
+      const badRun = await next((message) => message.id === 'bad-run');
+      expect(badRun.type).toBe('error');
+      expect(badRun.error).toMatchObject({ code: 'BAD_MESSAGE', message: expect.stringMatching(/^spec\.name: /) });
+      socket.send(JSON.stringify({ type: 'list', id: 'then-list' }));
+      expect(await next((message) => message.id === 'then-list')).toMatchObject({ type: 'result', result: { containers: [] } });
+    } finally {
+      socket.close();
+    }
+    expect(a.agent.logs().filter((line) => line.includes('malformed message refused')).length).toBeGreaterThanOrEqual(3);
+    await expectServing(a);
+  });
+
+  it('refuses to migrate a container that does not exist, touching nothing on B', async () => {
+    const [onA, onB] = [await migrationIds(a), await migrationIds(b)];
+    const error = await failureOf(migrate(a, b, 'ghost'));
+    expect(error.code).toBe('NOT_FOUND');
+    expect(error.message).toContain('ghost');
+    expect(await migrationIds(a)).toEqual(onA);
+    expect(await migrationIds(b)).toEqual(onB);
+    expect((await b.client.request('list', {})).containers).toEqual([]);
+    expect(b.agent.logs().some((line) => line.includes('"phase":"preflight"'))).toBe(false);
+  });
+
+  it('is refused in preflight by a destination without CRIU; the container is never frozen', async () => {
+    b = await test.restartAgent(1, { extraArgs: ['--criu', '/nonexistent/criu'] });
+    const name = 'stays';
+    try {
+      await runContainer(a, counterSpec(name));
+      const pid = await containerPid(a, name);
+      await waitForCount(a, name, 5);
+      const watch = watchFrozen(join(a.host.cgroupRoot, name));
+      const error = await failureOf(migrate(a, b, name)).finally(() => watch.stop());
+      expect(error.code).toBe('CRIU_MISSING');
+      expect(error.phase).toBe('preflight');
+      expect(error.message).toContain('/nonexistent/criu');
+      const sampled = await watch.result;
+      expect(sampled.samples).toBeGreaterThan(10);
+      expect(sampled.frozen).toBe(0);
+      const list = await a.client.request('list', {});
+      expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+      const text = await waitForCount(a, name, lastCount(await logsOf(a, name)) + 5);
+      expect(counts(text)).toEqual(counts(text).map((_, index) => index + 1));
+      await waitUntilClean(b, name, 5_000);
+    } finally {
+      await removeQuietly(a, name);
+      b = await test.restartAgent(1);
+    }
+  });
+});
+
+/** Samples the cgroup's frozen state every few ms until stopped. */
+function watchFrozen(cgroupDir: string): { stop: () => void; result: Promise<{ samples: number; frozen: number }> } {
+  let running = true;
+  const result = (async () => {
+    let samples = 0;
+    let frozen = 0;
+    while (running) {
+      const events = await readFile(join(cgroupDir, 'cgroup.events'), 'utf8');
+      samples += 1;
+      if (events.includes('frozen 1')) frozen += 1;
+      await new Promise((resolve) => setTimeout(resolve, 2));
+    }
+    return { samples, frozen };
+  })();
+  return { stop: () => (running = false), result };
+}
+
+describe('an archive that escapes the staging directory', () => {
+  let cpuinfo: string;
+  let criuVersion: string;
+  /** Outside B's state dir: in A's, which goes with the cluster. */
+  let outside: string;
+
+  beforeAll(async () => {
+    const criu = await Criu.locate();
+    const directory = join(a.host.stateDir, 'cpuinfo');
+    await mkdir(directory, { recursive: true });
+    await criu.cpuinfoDump(directory);
+    cpuinfo = (await readFile(join(directory, 'cpuinfo.img'))).toString('base64');
+    criuVersion = criu.version.text;
+    outside = join(a.host.stateDir, 'outside');
+    await mkdir(outside);
+  });
+
+  /** Offers a container as a (hand-made) source agent would, then sends `entries` as its rootfs. */
+  async function sendRootfs(name: string, entries: TarEntry[]): Promise<Json> {
+    const migrationId = randomUUID();
+    const { socket, next } = await greet(b, 'intruder');
+    try {
+      socket.send(JSON.stringify(offer(migrationId, name)));
+      await next((message) => message.type === 'accept' && message.migrationId === migrationId);
+      const files = await openSocket({ url: b.agent.url, token: b.agent.token }, `/migrations/${migrationId}/files`);
+      const body = await tarOf(entries);
+      files.send(JSON.stringify({ type: 'stream-open', name: 'rootfs' }));
+      files.send(body, { binary: true });
+      const sha256 = createHash('sha256').update(body).digest('hex');
+      files.send(JSON.stringify({ type: 'stream-end', bytes: body.length, sha256, files: {} }));
+      const abort = await next((message) => message.type === 'abort');
+      files.terminate();
+      return abort;
+    } finally {
+      socket.close();
+    }
+  }
+
+  function offer(migrationId: string, name: string): object {
+    return {
+      type: 'offer',
+      migrationId,
+      spec: containerSpecSchema.parse({ name, rootfs: '/nowhere', command: ['/bin/sh'] }),
+      history: ['intruder'],
+      source: { host: 'intruder', criuVersion, kernel: 'any' },
+      cpuinfo,
+      needs: { rootfsBytes: 4096, memoryBytes: 0 },
+    };
+  }
+
+  const cases: Array<[string, (outsideDir: string) => TarEntry[], string]> = [
+    ['a path with ..', (dir) => [{ name: `../../../../../../../..${dir}/dotdot`, body: 'x' }], 'path contains ..'],
+    ['an absolute path', (dir) => [{ name: `${dir}/absolute`, body: 'x' }], 'absolute path'],
+    [
+      'a file through a symlink it just made',
+      (dir) => [
+        { name: 'bin/', type: 'directory' },
+        { name: 'evil', type: 'symlink', linkname: dir },
+        { name: 'evil/through-symlink', body: 'x' },
+      ],
+      'goes through the symlink',
+    ],
+  ];
+
+  it.each(cases)('refuses %s: abort UNSAFE_ARCHIVE, nothing written outside, nothing left', async (_, entries, reason) => {
+    const name = `unsafe-${randomUUID().slice(0, 8)}`;
+    const abort = await sendRootfs(name, entries(outside));
+    expect(abort.error).toMatchObject({ code: 'UNSAFE_ARCHIVE', message: expect.stringContaining(reason) });
+    expect(await readdir(outside)).toEqual([]);
+    expect(existsSync('/dotdot') || existsSync('/absolute')).toBe(false);
+    await waitUntilClean(b, name, 10_000);
+    await expectServing(b);
+  });
+});
