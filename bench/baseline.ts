@@ -48,12 +48,11 @@ export async function runBaseline(input: BaselineInput): Promise<BaselineResult>
   );
   await timed('tar', () => execa('tar', ['-cf', join(sourceDir, 'bundle.tar'), '-C', sourceDir, 'images', '-C', input.rootfs, '.', '--transform', 's,^\\./,rootfs/,']));
   await timed('copy', async () => {
-    const receiver = execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'busybox', 'nc', '-l', '-p', String(port)], {
-      stdout: { file: join(destinationDir, 'bundle.tar') },
-    });
+    const receiver = execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'socat', '-u', '-b', '1048576',
+      `TCP-LISTEN:${port},reuseaddr`, `CREATE:${join(destinationDir, 'bundle.tar')}`]);
     await waitForListener(destination);
-    await execa('nsenter', [`--net=/run/netns/${source.netns}`, 'sh', '-c',
-      `busybox nc ${destination.address} ${port} < ${join(sourceDir, 'bundle.tar')}`]);
+    await execa('nsenter', [`--net=/run/netns/${source.netns}`, 'socat', '-u', '-b', '1048576',
+      `OPEN:${join(sourceDir, 'bundle.tar')}`, `TCP:${destination.address}:${port}`]);
     await receiver;
   });
   await timed('untar', () => execa('tar', ['-xf', join(destinationDir, 'bundle.tar'), '-C', destinationDir]));
