@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { phases } from '../errors.ts';
+import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
 
 export const migrationOptionsSchema = z.object({
@@ -11,25 +12,6 @@ export const migrationOptionsSchema = z.object({
   timeoutMs: z.number().int().positive().default(10 * 60_000),
 });
 export type MigrationOptions = z.infer<typeof migrationOptionsSchema>;
-
-const dumpStatsSchema = z.object({
-  freezingTime: z.number(),
-  frozenTime: z.number(),
-  memdumpTime: z.number(),
-  memwriteTime: z.number(),
-  pagesScanned: z.number(),
-  pagesSkippedParent: z.number(),
-  pagesWritten: z.number(),
-  pagesLazy: z.number(),
-});
-
-const restoreStatsSchema = z.object({
-  pagesCompared: z.number(),
-  pagesSkippedCow: z.number(),
-  forkingTime: z.number(),
-  restoreTime: z.number(),
-  pagesRestored: z.number(),
-});
 
 export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: z.number() });
 
