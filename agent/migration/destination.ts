@@ -7,7 +7,7 @@ import type WebSocket from 'ws';
 import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/criu.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
-import { compareDigests } from '../../src/rootfs/digest.ts';
+import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver } from '../../src/transport/channel.ts';
 import { pageImagePattern } from '../../src/criu/follow.ts';
@@ -256,7 +256,7 @@ class DestinationSession {
       if (!pageImagePattern.test(stream.name)) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`);
       const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
       const handle = await open(join(this.imagesDir, stream.name), flags, 0o600);
-      const [, end] = await Promise.all([pipeline(stream.body, handle.createWriteStream()), stream.end]);
+      const [, end] = await Promise.all([pipeline(stream.body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
       this.receivedPages.set(stream.name, end.sha256);
       this.pagesArrived();
     }

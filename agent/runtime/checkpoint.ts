@@ -8,7 +8,7 @@ import type { Criu } from '../../src/criu/criu.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
-import { compareDigests } from '../../src/rootfs/digest.ts';
+import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
 import { processStartTime } from './process.ts';
@@ -45,7 +45,7 @@ export async function checkpointToDirectory(
   await freeze(cgroup);
   try {
     const digests = new Map<string, string>();
-    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar')))
+    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar'), { highWaterMark: bulkWriteBuffer }))
       .catch((error: unknown) => Promise.reject(toFerryError(error, 'snapshot')));
     const dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
     const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };

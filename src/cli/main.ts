@@ -222,10 +222,65 @@ program
     await runDemo({ keep: !!options.keep });
   });
 
+// ---- coordinator (issue 5): the service itself, and commands that talk to it
+
+// Dispatched before commander parses anything (like `agent`), so its own options pass through.
+program.command('coordinator').description('run the coordinator (see `ferry coordinator --help`)');
+
+interface CoordinatorOptions {
+  coordinator?: string;
+}
+
+async function coordinatorClient(options: CoordinatorOptions) {
+  const { CoordinatorClient } = await import('../../coordinator/client.ts');
+  const configured = loadConfig(globals().config).coordinator;
+  const url = options.coordinator ?? process.env.FERRY_COORDINATOR ?? configured?.url;
+  // `--token` is the global option: with --coordinator it is the coordinator's token.
+  const token = (options.coordinator ? globals().token : undefined) ?? process.env.FERRY_COORDINATOR_TOKEN ?? configured?.token;
+  if (!url || !token) throw new FerryError('BAD_REQUEST', 'no coordinator: pass --coordinator URL --token T, or add "coordinator" to the config');
+  return new CoordinatorClient(url, token);
+}
+
+program
+  .command('evacuate <host>')
+  .description('move every container off a host through the coordinator (or --undo the last evacuation)')
+  .option('--coordinator <url>', 'coordinator URL, with --token (default: the config\'s "coordinator")')
+  .option('--to <hosts>', 'only these targets, comma-separated')
+  .option('--parallel <k>', 'migrations at once', (value) => Number(value), 2)
+  .option('--undo', 'move the containers of the last evacuation of <host> back')
+  .action(async (host: string, options: CoordinatorOptions & { to?: string; parallel: number; undo?: boolean }) => {
+    const { evacuationTable } = await import('../../coordinator/client.ts');
+    const client = await coordinatorClient(options);
+    const started = options.undo
+      ? await client.undo(await client.lastEvacuation(host))
+      : await client.evacuate({ host, parallel: options.parallel, ...(options.to ? { to: options.to.split(',') } : {}) });
+    if (!globals().json) process.stderr.write(`evacuation ${started.id} of ${host}${options.undo ? ' (undo)' : ''} started\n`);
+    const done = await client.wait(started.id, (view) => {
+      if (globals().json) return;
+      const finished = view.migrations.filter((migration) => migration.finishedAt).length;
+      process.stderr.write(`  ${finished} migrations finished, ${view.migrations.length - finished} running\n`);
+    });
+    print(`${evacuationTable(done)}\n\nevacuation ${done.state}${done.unplaced.length ? `; ${done.unplaced.length} container(s) stayed` : ''}`, done);
+    if (done.state !== 'finished' || done.unplaced.length) process.exitCode = 1;
+  });
+
+program
+  .command('hosts')
+  .description('hosts the coordinator manages: heartbeat, draining, containers, free memory')
+  .option('--coordinator <url>', 'coordinator URL, with --token (default: the config\'s "coordinator")')
+  .action(async (options: CoordinatorOptions) => {
+    const { hostsTable } = await import('../../coordinator/client.ts');
+    const hosts = await (await coordinatorClient(options)).hosts();
+    print(hostsTable(hosts), { hosts });
+  });
+
 try {
   if (process.argv[2] === 'agent') {
     process.argv = [process.argv[0]!, 'ferry-agent', ...process.argv.slice(3)];
     await import('../../agent/main.ts');
+  } else if (process.argv[2] === 'coordinator') {
+    process.argv = [process.argv[0]!, 'ferry-coordinator', ...process.argv.slice(3)];
+    await import('../../coordinator/main.ts');
   } else {
     await program.parseAsync();
   }

@@ -22,7 +22,7 @@ import { pipeline } from 'node:stream/promises';
 import { execa } from 'execa';
 import tar from 'tar-stream';
 import { FerryError } from '../errors.ts';
-import { hashing } from './digest.ts';
+import { bulkWriteBuffer, hashing } from './digest.ts';
 
 export interface UnpackSummary {
   entries: number;
@@ -174,7 +174,7 @@ async function replaceWithFile(
     return;
   }
   const handle = await open(path, flags, mode);
-  await pipeline(entry, hashing(hash), handle.createWriteStream());
+  await pipeline(entry, hashing(hash), handle.createWriteStream({ highWaterMark: bulkWriteBuffer }));
   digests?.set(normalizeName(header.name), hash.digest('hex'));
 }
 
