@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { startAgent, type AgentProcess } from '../../test/harness/agents.ts';
 import { createHosts, type Cluster } from '../../test/harness/hosts.ts';
 import { projectRoot } from '../paths.ts';
+import type { ProgressEvent } from '../protocol/migration.ts';
 import { AgentClient } from '../transport/client.ts';
 import { containersTable, progressPrinter, reportText } from './output.ts';
 
@@ -47,7 +48,7 @@ export async function runDemo(options: { keep: boolean }): Promise<void> {
     process.stdout.write(`   last log line on host-a: ${lastLine((await clientA.request('logs', { name: 'web' })).text)}\n`);
 
     say('live-migrating "web" from host-a to host-b (freeze → snapshot → dump → stream → restore)');
-    const progress = progressPrinter(false);
+    const progress = process.stderr.isTTY ? progressPrinter(false) : phaseLines();
     const report = await clientA.request(
       'migrate',
       { name: 'web', destination: { url: agentB.url, token: agentB.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, timeoutMs: 120_000 } },
@@ -58,7 +59,8 @@ export async function runDemo(options: { keep: boolean }): Promise<void> {
 
     say('after the migration');
     await sleep(1000);
-    process.stdout.write(`${containersTable('host-a', (await clientA.request('list', {})).containers) || '(nothing)'}\n`);
+    const leftOnA = (await clientA.request('list', {})).containers;
+    process.stdout.write(leftOnA.length ? `${containersTable('host-a', leftOnA)}\n` : '   host-a: no containers left\n');
     process.stdout.write(`${containersTable('host-b', (await clientB.request('list', {})).containers)}\n`);
     const logs = (await clientB.request('logs', { name: 'web' })).text.trim().split('\n');
     process.stdout.write(`   log on host-b (kept across the move; the count went on): ${logs.slice(-3).join(' | ')}\n`);
@@ -73,6 +75,19 @@ export async function runDemo(options: { keep: boolean }): Promise<void> {
     await cluster.destroy();
     process.stdout.write('   done\n');
   }
+}
+
+/** Without a terminal, one line per phase instead of a progress bar. */
+function phaseLines(): { update: (event: ProgressEvent) => void; stop: () => void } {
+  let last = '';
+  return {
+    update: (event) => {
+      if (event.phase === last) return;
+      last = event.phase;
+      process.stdout.write(`   ${event.phase}\n`);
+    },
+    stop: () => undefined,
+  };
 }
 
 function lastLine(text: string): string {
