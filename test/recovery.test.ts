@@ -1,0 +1,65 @@
+// The source agent dies in the middle of a migration: the container is left
+// frozen on A (running nowhere), B drops its partial copy, and the restarted
+// source agent reads its journal, finds no commit, and thaws the container,
+// which goes on with its memory intact. Never both, never neither for good.
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import {
+  containerPid,
+  failureOf,
+  memloadSpec,
+  migrate,
+  requestChecksum,
+  requestVerify,
+  runContainer,
+  startNodes,
+  waitForMemload,
+  waitUntilClean,
+  type TestCluster,
+} from './helpers/migration.ts';
+
+let test: TestCluster;
+
+beforeAll(async () => {
+  test = await startNodes(2);
+});
+
+afterAll(async () => {
+  await test?.close();
+});
+
+it('rolls back on the source after its agent was killed mid-dump and restarted', async () => {
+  const [a, b] = test.nodes as [TestCluster['nodes'][0], TestCluster['nodes'][0]];
+  const name = 'orphaned';
+  await runContainer(a, memloadSpec(name, 512));
+  await waitForMemload(a, name);
+  const pid = await containerPid(a, name);
+  const checksum = await requestChecksum(a, name);
+
+  let killed: Promise<void> | undefined;
+  const error = await failureOf(
+    migrate(a, b, name, (event) => {
+      const shipping = event.phase === 'dump' || event.phase === 'stream';
+      if (shipping && (event.bytes ?? 0) > 96 * 1024 * 1024) killed ??= a.agent.kill('SIGKILL');
+    }),
+  );
+  expect(killed).toBeDefined();
+  await killed;
+  expect(error.code).toBe('PEER_GONE');
+
+  // With the source agent gone, nothing runs the container: it stays frozen on A.
+  const events = await readFile(join(a.host.cgroupRoot, name, 'cgroup.events'), 'utf8');
+  expect(events).toMatch(/frozen 1/);
+  // B dropped what it had received once the source disconnected.
+  await waitUntilClean(b, name);
+
+  const restarted = await test.restartAgent(0);
+  await restarted.agent.waitForLog((entry) => entry.json?.msg === 'interrupted outgoing migration rolled back: container thawed here');
+  const list = await restarted.client.request('list', {});
+  expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+  expect(await requestChecksum(restarted, name)).toBe(checksum);
+  expect(await requestVerify(restarted, name)).toMatch(/^verify ok /);
+  await waitUntilClean(b, name);
+  await restarted.client.request('remove', { name, force: true });
+});
