@@ -2,6 +2,7 @@ import { constants, rmSync } from 'node:fs';
 import { mkdir, open, writeFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
+import { execa } from 'execa';
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
 import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/criu.ts';
@@ -205,6 +206,7 @@ class DestinationSession {
     const free = await freeBytes(this.deps.runtime.store.root);
     if (free < needed) throw new FerryError('NO_SPACE', `needs ${needed} bytes in the state directory, ${free} free`);
     await this.deps.runtime.cgroup(this.name).create();
+    if (this.offer.spec.privateNetwork) await canCreateNetworkNamespace();
     await this.deps.journal.write({
       migrationId: this.migrationId,
       role: 'destination',
@@ -342,5 +344,13 @@ class DestinationSession {
 
   private closeChannels(): void {
     for (const socket of this.channels) socket.close();
+  }
+}
+
+/** The container brings its own network namespace: this host must be able to make one. */
+async function canCreateNetworkNamespace(): Promise<void> {
+  const result = await execa('unshare', ['--net', 'true'], { reject: false });
+  if (result.exitCode !== 0) {
+    throw new FerryError('INCOMPATIBLE', `this host cannot create network namespaces: ${result.stderr}`, { phase: 'preflight' });
   }
 }
