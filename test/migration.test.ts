@@ -158,3 +158,19 @@ describe('a 256 MiB memory workload', () => {
     await expectGoneFrom(a, name, pidOnA, report.migrationId);
   });
 });
+
+describe('a container with its own network namespace', () => {
+  it('moves with its namespace (CRIU locks it with nftables) and keeps counting', async () => {
+    const name = 'private-net';
+    await runContainer(a, { ...counterSpec(name), privateNetwork: true });
+    const pid = await containerPid(a, name);
+    const before = lastCount(await waitForCount(a, name, 5));
+    const report = await migrate(a, b, name);
+    expectSucceeded(report, a, b);
+    await expectRunningOn(b, name);
+    const text = await waitForCount(b, name, before + 5);
+    expectOneRun(counts(text));
+    await expectGoneFrom(a, name, pid, report.migrationId);
+    await removeQuietly(b, name);
+  });
+});

@@ -72,7 +72,14 @@ export function dumpFrozen(
   imagesDir: string,
   logFile: string,
 ) {
-  return criu.dump({ pid: record.pid, imagesDir, logFile, freezeCgroup: cgroup.path, leaveRunning: true });
+  return criu.dump({
+    pid: record.pid,
+    imagesDir,
+    logFile,
+    freezeCgroup: cgroup.path,
+    leaveRunning: true,
+    privateNetwork: record.spec.privateNetwork,
+  });
 }
 
 export interface RestoreRequest {
@@ -109,6 +116,7 @@ export async function restoreContainer(
         root: request.rootfs,
         pidFile,
         leaveStopped: request.leaveStopped,
+        privateNetwork: request.spec.privateNetwork,
       },
       cgroup.procsFile,
     );

@@ -16,6 +16,8 @@ export interface DumpOptions extends CommonOptions {
   previousImagesDir?: string;
   trackMemory?: boolean;
   tcpEstablished?: boolean;
+  /** The container has its own network namespace, which CRIU locks while it works. */
+  privateNetwork?: boolean;
 }
 
 export interface PreDumpOptions extends CommonOptions {
@@ -28,8 +30,13 @@ export interface RestoreOptions extends CommonOptions {
   pidFile: string;
   /** Leave the restored tasks stopped (SIGSTOP) so the caller decides when they run. */
   leaveStopped: boolean;
+  privateNetwork?: boolean;
   tcpClose?: boolean;
 }
+
+// CRIU locks a dumped network namespace with iptables by default; current
+// distributions ship nftables and often no iptables binary at all.
+const networkLock = ['--network-lock', 'nftables'];
 
 function common(options: CommonOptions): string[] {
   return ['-D', options.imagesDir, '-o', options.logFile, '-v4'];
@@ -42,6 +49,7 @@ export function dumpArguments(options: DumpOptions): string[] {
   if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
   if (options.trackMemory) args.push('--track-mem');
   if (options.tcpEstablished) args.push('--tcp-established');
+  if (options.privateNetwork) args.push(...networkLock);
   args.push('--file-locks');
   return args;
 }
@@ -56,6 +64,7 @@ export function restoreArguments(options: RestoreOptions): string[] {
   const args = ['restore', ...common(options), '--root', options.root, '--restore-detached'];
   args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
   if (options.leaveStopped) args.push('--leave-stopped');
+  if (options.privateNetwork) args.push(...networkLock);
   if (options.tcpClose) args.push('--tcp-close');
   return args;
 }
