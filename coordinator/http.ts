@@ -1,0 +1,146 @@
+// The coordinator's HTTP+JSON API. Every route needs the Bearer token; bodies
+// are zod-validated; errors are JSON with a stable code (and the field at fault).
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { z } from 'zod';
+import { FerryError, toFerryError, type ErrorCode } from '../src/errors.ts';
+import {
+  evacuationBodySchema,
+  migrationBodySchema,
+  registerHostBodySchema,
+  type ApiError,
+} from '../src/protocol/coordinator.ts';
+import { describeIssues } from '../src/protocol/messages.ts';
+import { bearerToken, tokenMatches } from '../src/transport/auth.ts';
+import type { Service } from './service.ts';
+
+const MAX_BODY_BYTES = 1024 * 1024;
+
+export class HttpError extends Error {
+  readonly status: number;
+  readonly code: string;
+  readonly field: string | undefined;
+
+  constructor(status: number, code: string, message: string, field?: string) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.field = field;
+  }
+}
+
+const statusOf: Partial<Record<ErrorCode, number>> = { BAD_REQUEST: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, BUSY: 409 };
+
+type Handler = (service: Service, request: IncomingMessage, params: string[]) => Promise<{ status: number; body: unknown }>;
+
+const ok = (body: unknown, status = 200) => ({ status, body });
+
+const routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [
+  { method: 'GET', pattern: /^\/v1\/hosts$/, handler: async (service) => ok({ hosts: service.pool.views() }) },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/hosts$/,
+    handler: async (service, request) => ok({ host: await service.registerHost(parse(registerHostBodySchema, await readJson(request))) }, 201),
+  },
+  { method: 'GET', pattern: /^\/v1\/containers$/, handler: async (service) => ok({ containers: service.containers() }) },
+  { method: 'GET', pattern: /^\/v1\/migrations$/, handler: async (service) => ok({ migrations: service.store.migrations() }) },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/migrations$/,
+    handler: async (service, request) => ok({ migration: await service.startMigration(parse(migrationBodySchema, await readJson(request))) }, 202),
+  },
+  {
+    method: 'GET',
+    pattern: /^\/v1\/migrations\/([\w-]+)$/,
+    handler: async (service, _request, [id]) => {
+      const migration = service.store.migration(id!);
+      if (!migration) throw new FerryError('NOT_FOUND', `no migration ${id}`);
+      return ok({ migration });
+    },
+  },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/migrations\/([\w-]+)\/cancel$/,
+    handler: async (service, _request, [id]) => {
+      if (!service.store.migration(id!)) throw new FerryError('NOT_FOUND', `no migration ${id}`);
+      return ok({ cancelled: service.migrator.cancel(id!) });
+    },
+  },
+  { method: 'GET', pattern: /^\/v1\/evacuations$/, handler: async (service) => ok({ evacuations: service.store.evacuations() }) },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/evacuations$/,
+    handler: async (service, request) => ok({ evacuation: service.evacuator.start(parse(evacuationBodySchema, await readJson(request))) }, 202),
+  },
+  { method: 'GET', pattern: /^\/v1\/evacuations\/([\w-]+)$/, handler: async (service, _request, [id]) => ok({ evacuation: service.evacuator.view(id!) }) },
+  {
+    method: 'POST',
+    pattern: /^\/v1\/evacuations\/([\w-]+)\/undo$/,
+    handler: async (service, _request, [id]) => ok({ evacuation: service.evacuator.undo(id!) }, 202),
+  },
+];
+
+/** Serves one request: authenticate, route, answer JSON (or SSE, or Prometheus text). */
+export async function handle(service: Service, request: IncomingMessage, response: ServerResponse): Promise<void> {
+  try {
+    if (!tokenMatches(bearerToken(request), service.token)) throw new HttpError(401, 'UNAUTHORIZED', 'wrong or missing token');
+    const path = new URL(request.url ?? '/', 'http://coordinator').pathname;
+    if (request.method === 'GET' && path === '/v1/events') return service.events.serveSse(response);
+    if (request.method === 'GET' && path === '/metrics') {
+      response.writeHead(200, { 'content-type': service.metrics.registry.contentType });
+      response.end(await service.metrics.registry.metrics());
+      return;
+    }
+    const matching = routes.filter((candidate) => candidate.pattern.test(path));
+    if (!matching.length) throw new HttpError(404, 'NOT_FOUND', `no route ${path}`);
+    const route = matching.find((candidate) => candidate.method === request.method);
+    if (!route) throw new HttpError(405, 'BAD_REQUEST', `${request.method} not allowed on ${path}`);
+    const params = route.pattern.exec(path)!.slice(1);
+    const { status, body } = await route.handler(service, request, params);
+    sendJson(response, status, body);
+  } catch (error) {
+    sendError(response, error);
+  }
+}
+
+function sendJson(response: ServerResponse, status: number, body: unknown): void {
+  response.writeHead(status, { 'content-type': 'application/json' });
+  response.end(`${JSON.stringify(body)}\n`);
+}
+
+function sendError(response: ServerResponse, error: unknown): void {
+  const httpError = error instanceof HttpError ? error : undefined;
+  const ferryError = httpError ? undefined : toFerryError(error);
+  const status = httpError?.status ?? statusOf[ferryError!.code] ?? 500;
+  const body: ApiError = {
+    error: {
+      code: httpError?.code ?? ferryError!.code,
+      message: (httpError ?? ferryError!).message,
+      ...(httpError?.field ? { field: httpError.field } : {}),
+    },
+  };
+  if (response.headersSent) response.end();
+  else sendJson(response, status, body);
+}
+
+async function readJson(request: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of request as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > MAX_BODY_BYTES) throw new HttpError(413, 'BAD_REQUEST', `body larger than ${MAX_BODY_BYTES} bytes`);
+    chunks.push(chunk);
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  } catch {
+    throw new HttpError(400, 'BAD_REQUEST', 'body is not JSON', '(body)');
+  }
+}
+
+function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const first = result.error.issues[0];
+  const field = first?.path.length ? first.path.join('.') : '(body)';
+  throw new HttpError(400, 'BAD_REQUEST', describeIssues(result.error), field);
+}
