@@ -71,6 +71,8 @@ export class MigrationSource {
   private pageImages: PageImage[] = [];
   private restoreStats: RestoreStats | undefined;
   private readonly startedAt = performance.now();
+  /** Set by a timeout or a cancel; the run stops at the next step or wait. */
+  private stopReason: FerryError | undefined;
   /** When the destination confirmed the container runs there: the end of downtime. */
   private runningAt: number | undefined;
 
@@ -95,9 +97,8 @@ export class MigrationSource {
   async run(): Promise<MigrationReport> {
     await this.claim();
     // A timeout or a cancel cuts the connections, which fails whatever step is waiting.
-    let stopReason: FerryError | undefined;
     const stop = (reason: FerryError) => {
-      stopReason ??= reason;
+      this.stopReason ??= reason;
       this.disconnect();
     };
     const { timeoutMs } = this.request.options;
@@ -105,12 +106,13 @@ export class MigrationSource {
     const onCancel = () => stop(new FerryError('CANCELLED', 'migration cancelled'));
     this.request.signal.addEventListener('abort', onCancel);
     try {
-      await this.timer.run('preflight', () => this.preflight());
-      await this.timer.run('precopy', () => this.sendRootfsWhileRunning());
-      await this.timer.run('freeze', () => this.freeze());
-      await this.timer.run('dump', () => this.snapshotDumpAndStream());
-      await this.timer.run('restore', () => this.restoreOnDestination());
+      // A stop that lands between steps (say, while connecting) is honoured before the next one.
+      for (const [phase, step] of this.steps()) {
+        if (this.stopReason) throw this.stopReason;
+        await this.timer.run(phase, step);
+      }
     } catch (error) {
+      const stopReason = this.stopReason;
       const failure = stopReason
         ? new FerryError(stopReason.code, stopReason.message, { phase: this.timer.current, cause: error })
         : await this.explain(toFerryError(error, this.timer.current));
@@ -127,6 +129,17 @@ export class MigrationSource {
     } finally {
       this.peer?.close();
     }
+  }
+
+  /** Everything before the commit decision, in order; a failure in any rolls back. */
+  private steps(): Array<[Phase, () => Promise<void>]> {
+    return [
+      ['preflight', () => this.preflight()],
+      ['precopy', () => this.sendRootfsWhileRunning()],
+      ['freeze', () => this.freeze()],
+      ['dump', () => this.snapshotDumpAndStream()],
+      ['restore', () => this.restoreOnDestination()],
+    ];
   }
 
   /** A dropped connection is explained by the destination's abort when it sent one. */
@@ -165,6 +178,7 @@ export class MigrationSource {
     await mkdir(cpuinfoDir, { recursive: true });
     await this.criu.cpuinfoDump(cpuinfoDir);
     this.peer = await PeerLink.connect(this.request.destination, this.deps.identity);
+    if (this.stopReason) throw this.stopReason;
     // The heartbeat ends a dead control link; the data channels, perhaps blocked
     // in a send that will never complete, must end with it.
     this.peer.socket.once('close', () => this.disconnect());
