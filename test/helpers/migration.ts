@@ -3,16 +3,21 @@
 import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { FerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpecInput } from '../../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport, type ProgressEvent } from '../../src/protocol/migration.ts';
 import { AgentClient } from '../../src/transport/client.ts';
 import { startAgent, type AgentOptions, type AgentProcess } from '../harness/agents.ts';
 import { createHosts, type Cluster, type Host } from '../harness/hosts.ts';
+import {
+  busyboxRootfs,
+  containerPid as clientContainerPid,
+  counts,
+  lastCount,
+  logsOf as clientLogsOf,
+  poll,
+} from './workloads.ts';
 
-export const rootfsDir = fileURLToPath(new URL('../../.build/rootfs/busybox', import.meta.url));
 
 /** One host of a test cluster, with its agent and a client connected to it. */
 export interface Node {
@@ -77,7 +82,7 @@ async function keepLogs(agents: AgentProcess[]): Promise<void> {
 }
 
 function spec(name: string, command: string[]): ContainerSpecInput {
-  return { name, rootfs: rootfsDir, command };
+  return { name, rootfs: busyboxRootfs, command };
 }
 
 /** /bin/counter: prints `count N` every 0.1 s and writes N to /tmp/counter. */
@@ -103,27 +108,10 @@ export async function runContainer(node: Node, input: ContainerSpecInput): Promi
   await node.client.request('run', { spec: containerSpecSchema.parse(input) });
 }
 
-/** Every `count N` of a log, in order. */
-export function counts(text: string): number[] {
-  return [...text.matchAll(/^count (\d+)$/gm)].map((match) => Number(match[1]));
-}
-
-export function lastCount(text: string): number {
-  return counts(text).at(-1) ?? 0;
-}
+export { counts, lastCount, poll };
 
 export async function logsOf(node: Node, name: string): Promise<string> {
-  return (await node.client.request('logs', { name, tailBytes: 4 * 1024 * 1024 })).text;
-}
-
-export async function poll<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
+  return clientLogsOf(node.client, name);
 }
 
 /** Waits until the container's log shows a count of at least `atLeast`; returns its log. */
@@ -142,10 +130,8 @@ export function waitForLine(node: Node, name: string, pattern: RegExp, after: nu
   });
 }
 
-export async function containerPid(node: Node, name: string): Promise<number> {
-  const found = (await node.client.request('list', {})).containers.find((container) => container.name === name);
-  if (!found?.pid) throw new Error(`${name} is not on ${node.host.name}`);
-  return found.pid;
+export function containerPid(node: Node, name: string): Promise<number> {
+  return clientContainerPid(node.client, name);
 }
 
 /** Asks memload for its checksum (SIGUSR1) and returns the new `checksum ...` line. */
