@@ -354,6 +354,9 @@ export class MigrationSource {
       destination: this.peer?.peerName ?? this.request.destination.url,
       outcome,
       strategy: 'stop-and-copy',
+      ...(this.request.options.strategy !== 'stop-and-copy'
+        ? { strategyNote: 'memory pre-copy is not implemented yet: memory moved stop-and-copy, the rootfs in two passes' }
+        : {}),
       downtimeMs: round(end - (this.frozenAt ?? end)),
       totalMs: round(performance.now() - this.startedAt),
       bytes: this.meter.totals(),

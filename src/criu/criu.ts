@@ -7,10 +7,8 @@ import { helperPath } from '../paths.ts';
 import { readErrorLines } from './log.ts';
 import {
   dumpArguments,
-  preDumpArguments,
   restoreArguments,
   type DumpOptions,
-  type PreDumpOptions,
   type RestoreOptions,
 } from './options.ts';
 import { readStats, type DumpStats, type RestoreStats } from './stats.ts';
@@ -94,10 +92,6 @@ export class Criu {
   /** Dumps the frozen container; the returned run exposes CRIU's pid while it writes images. */
   dump(options: DumpOptions): CriuRun<DumpStats | undefined> {
     return this.start(dumpArguments(options), options.logFile, 'dump').map(() => readDumpStats(options.imagesDir));
-  }
-
-  preDump(options: PreDumpOptions): CriuRun<DumpStats | undefined> {
-    return this.start(preDumpArguments(options), options.logFile, 'precopy').map(() => readDumpStats(options.imagesDir));
   }
 
   /**

@@ -12,17 +12,8 @@ export interface DumpOptions extends CommonOptions {
   freezeCgroup: string;
   /** Keep the tasks alive after the dump: they stay frozen until thawed or killed. */
   leaveRunning: boolean;
-  /** Directory of the previous pre-dump, relative to imagesDir, for incremental dumps. */
-  previousImagesDir?: string;
-  trackMemory?: boolean;
-  tcpEstablished?: boolean;
   /** The container has its own network namespace, which CRIU locks while it works. */
   privateNetwork?: boolean;
-}
-
-export interface PreDumpOptions extends CommonOptions {
-  pid: number;
-  previousImagesDir?: string;
 }
 
 export interface RestoreOptions extends CommonOptions {
@@ -31,7 +22,6 @@ export interface RestoreOptions extends CommonOptions {
   /** Leave the restored tasks stopped (SIGSTOP) so the caller decides when they run. */
   leaveStopped: boolean;
   privateNetwork?: boolean;
-  tcpClose?: boolean;
 }
 
 // CRIU locks a dumped network namespace with iptables by default; current
@@ -46,17 +36,8 @@ export function dumpArguments(options: DumpOptions): string[] {
   const args = ['dump', ...common(options), '-t', String(options.pid)];
   args.push('--freeze-cgroup', options.freezeCgroup, '--manage-cgroups=ignore');
   if (options.leaveRunning) args.push('--leave-running');
-  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
-  if (options.trackMemory) args.push('--track-mem');
-  if (options.tcpEstablished) args.push('--tcp-established');
   if (options.privateNetwork) args.push(...networkLock);
   args.push('--file-locks');
-  return args;
-}
-
-export function preDumpArguments(options: PreDumpOptions): string[] {
-  const args = ['pre-dump', ...common(options), '-t', String(options.pid), '--track-mem'];
-  if (options.previousImagesDir) args.push('--prev-images-dir', options.previousImagesDir);
   return args;
 }
 
@@ -65,6 +46,5 @@ export function restoreArguments(options: RestoreOptions): string[] {
   args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
   if (options.leaveStopped) args.push('--leave-stopped');
   if (options.privateNetwork) args.push(...networkLock);
-  if (options.tcpClose) args.push('--tcp-close');
   return args;
 }
