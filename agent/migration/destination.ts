@@ -284,15 +284,15 @@ class DestinationSession {
       // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
       if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
       const started = performance.now();
-      const { record, restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
+      const { restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
         spec: this.offer.spec,
         history: this.offer.history,
         imagesDir: this.imagesDir,
         rootfs: this.deps.runtime.store.rootfs(this.name),
         leaveStopped: true,
         logFile: join(this.directory, 'restore.log'),
+        migrationId: this.migrationId,
       });
-      await this.deps.runtime.store.write({ ...record, migrationId: this.migrationId });
       await this.deps.journal.update(this.migrationId, 'prepared');
       this.state = 'prepared';
       this.connection.send({

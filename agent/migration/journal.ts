@@ -1,6 +1,7 @@
-import { chmod, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { readJsonFile, writeJsonFile } from '../../src/json-file.ts';
 import { destinationSchema } from '../../src/protocol/messages.ts';
 
 // Durable migration records. The source alone decides commit or abort and
@@ -32,19 +33,13 @@ export class MigrationJournal {
   }
 
   async read(migrationId: string): Promise<JournalEntry | undefined> {
-    const text = await readFile(join(this.directory(migrationId), 'journal.json'), 'utf8').catch(() => undefined);
-    return text ? journalEntrySchema.parse(JSON.parse(text)) : undefined;
+    return readJsonFile(join(this.directory(migrationId), 'journal.json'), journalEntrySchema);
   }
 
   async write(entry: Omit<JournalEntry, 'updatedAt'>): Promise<JournalEntry> {
     const full = { ...entry, updatedAt: new Date().toISOString() };
-    const directory = this.directory(entry.migrationId);
-    await mkdir(directory, { recursive: true, mode: 0o700 });
-    const temporary = join(directory, 'journal.json.tmp');
     // It may hold the peer's token.
-    await writeFile(temporary, JSON.stringify(full, null, 2), { mode: 0o600 });
-    await chmod(temporary, 0o600);
-    await rename(temporary, join(directory, 'journal.json'));
+    await writeJsonFile(join(this.directory(entry.migrationId), 'journal.json'), full, 0o600);
     return full;
   }
 

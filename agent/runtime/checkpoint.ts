@@ -90,6 +90,8 @@ export interface RestoreRequest {
   rootfs: string;
   /** Leave tasks stopped: the caller resumes them once the source let go. */
   leaveStopped: boolean;
+  /** An incoming migration holds the restored container until its commit. */
+  migrationId?: string;
   logFile: string;
 }
 
@@ -127,6 +129,7 @@ export async function restoreContainer(
       pidStartTime: (await processStartTime(pid)) ?? 0,
       createdAt: new Date().toISOString(),
       history: [...request.history, runtime.hostName],
+      ...(request.migrationId ? { migrationId: request.migrationId } : {}),
     };
     await runtime.store.write(record);
     return { record, restoreStats };

@@ -1,6 +1,7 @@
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { readJsonFile, writeJsonFile } from '../../src/json-file.ts';
 import { containerSpecSchema } from '../../src/protocol/container.ts';
 
 /** What the agent remembers of a container, so a restarted agent finds it again. */
@@ -33,17 +34,11 @@ export class ContainerStore {
   }
 
   async read(name: string): Promise<ContainerRecord | undefined> {
-    const text = await readFile(join(this.directory(name), 'state.json'), 'utf8').catch(() => undefined);
-    return text ? containerRecordSchema.parse(JSON.parse(text)) : undefined;
+    return readJsonFile(join(this.directory(name), 'state.json'), containerRecordSchema);
   }
 
-  /** Atomic: write a temporary file and rename it over the old one. */
   async write(record: ContainerRecord): Promise<void> {
-    const directory = this.directory(record.spec.name);
-    await mkdir(directory, { recursive: true });
-    const temporary = join(directory, 'state.json.tmp');
-    await writeFile(temporary, JSON.stringify(record, null, 2));
-    await rename(temporary, join(directory, 'state.json'));
+    await writeJsonFile(join(this.directory(record.spec.name), 'state.json'), record);
   }
 
   async names(): Promise<string[]> {
