@@ -1,5 +1,5 @@
 import { constants, rmSync } from 'node:fs';
-import { mkdir, open, writeFile } from 'node:fs/promises';
+import { mkdir, open, symlink, writeFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -10,8 +10,8 @@ import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
-import { ChannelReceiver } from '../../src/transport/channel.ts';
-import { pageImagePattern } from '../../src/criu/follow.ts';
+import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
+import { parsePageStreamName } from '../../src/criu/follow.ts';
 import { faultActive } from '../../src/transport/faults.ts';
 import { freeBytes } from '../../src/host/doctor.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
@@ -88,7 +88,7 @@ export class DestinationSessions implements PeerHandler {
       connection.send({
         type: 'accept',
         migrationId: offer.migrationId,
-        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion },
+        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion, memoryTracking: session.memoryTracking },
       });
     } catch (error) {
       // Whatever refused the offer (a missing CRIU says 'setup'), the migration failed in preflight.
@@ -148,6 +148,7 @@ class DestinationSession {
   readonly logger: Logger;
   state: 'receiving' | 'prepared' = 'receiving';
   criuVersion = '';
+  memoryTracking = false;
   private readonly deps: DestinationDependencies;
   private readonly offer: Offer;
   private criu!: Criu;
@@ -187,6 +188,7 @@ class DestinationSession {
     this.logger.info({ phase: 'preflight', from: this.offer.source.host }, 'phase');
     this.criu = await this.deps.criu();
     this.criuVersion = this.criu.version.text;
+    this.memoryTracking = await this.criu.memoryTracking();
     const sourceVersion = parseCriuVersion(`Version: ${this.offer.source.criuVersion}`);
     if (!sourceVersion || compareVersions(this.criu.version, sourceVersion) < 0) {
       throw new FerryError(
@@ -223,22 +225,38 @@ class DestinationSession {
     else this.pages = work;
   }
 
+  /** Where pre-dump round N's images go; CRIU finds them through each directory's `parent` link. */
+  private roundDirectory(round: number): string {
+    return join(this.directory, 'rounds', String(round));
+  }
+
   /**
-   * The rootfs (pass 1, sent while the container ran), its final pass (what
-   * changed by the freeze, and deletions), then the non-page CRIU images;
-   * each is unpacked while it arrives.
+   * The rootfs (pass 1, sent while the container ran), the pre-dump rounds'
+   * images in order, the rootfs final pass (what changed by the freeze, and
+   * deletions), then the final dump's non-page images; each is unpacked
+   * while it arrives.
    */
   private async receiveFiles(socket: WebSocket): Promise<void> {
     const receiver = new ChannelReceiver(socket);
     const rootfs = this.deps.runtime.store.rootfs(this.name);
-    await this.receiveTar(receiver, 'rootfs', rootfs);
+    await this.unpackStream(await receiver.next(), 'rootfs', rootfs);
     this.connection.send({ type: 'staged', migrationId: this.migrationId });
-    await this.receiveTar(receiver, 'rootfs-delta', rootfs);
-    await this.receiveTar(receiver, 'images', this.imagesDir);
+    let stream = await receiver.next();
+    let rounds = 0;
+    while (stream.name === `round-${rounds + 1}`) {
+      rounds += 1;
+      const directory = this.roundDirectory(rounds);
+      await mkdir(directory, { recursive: true });
+      await this.unpackStream(stream, stream.name, directory);
+      if (rounds > 1) await symlink(`../${rounds - 1}`, join(directory, 'parent'));
+      stream = await receiver.next();
+    }
+    await this.unpackStream(stream, 'rootfs-delta', rootfs);
+    if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
+    await this.unpackStream(await receiver.next(), 'images', this.imagesDir);
   }
 
-  private async receiveTar(receiver: ChannelReceiver, expected: string, into: string): Promise<void> {
-    const stream = await receiver.next();
+  private async unpackStream(stream: IncomingStream, expected: string, into: string): Promise<void> {
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`);
     for (const path of stream.deleted) rmSync(resolveInside(into, path), { recursive: true, force: true });
     const digests = new Map<string, string>();
@@ -255,9 +273,12 @@ class DestinationSession {
     const receiver = new ChannelReceiver(socket);
     for (;;) {
       const stream = await receiver.next();
-      if (!pageImagePattern.test(stream.name)) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`);
+      const image = parsePageStreamName(stream.name);
+      if (!image) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`);
+      const directory = image.round === undefined ? this.imagesDir : this.roundDirectory(image.round);
+      await mkdir(directory, { recursive: true });
       const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
-      const handle = await open(join(this.imagesDir, stream.name), flags, 0o600);
+      const handle = await open(join(directory, image.file), flags, 0o600);
       const [, end] = await Promise.all([pipeline(stream.body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
       this.receivedPages.set(stream.name, end.sha256);
       this.pagesArrived();

@@ -60,5 +60,6 @@ export class MigrationJournal {
   /** Drops the bulky images, keeping the journal and CRIU's logs. */
   async removeImages(migrationId: string): Promise<void> {
     await rm(join(this.directory(migrationId), 'images'), { recursive: true, force: true });
+    await rm(join(this.directory(migrationId), 'rounds'), { recursive: true, force: true });
   }
 }

@@ -9,11 +9,13 @@ import { readKernelRelease } from '../../src/criu/criu.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
-import type { MigrationOptions, MigrationReport, ProgressEvent } from '../../src/protocol/migration.ts';
+import type { MigrationOptions, MigrationReport, ProgressEvent, RoundReport } from '../../src/protocol/migration.ts';
+import { decide, type Prediction, type RoundMeasurement, type StopReason } from '../../src/precopy/convergence.ts';
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
-import { followImage, newPageImages, pageImagePattern } from '../../src/criu/follow.ts';
+import { faultNumber } from '../../src/transport/faults.ts';
+import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
 import { residentBytes } from '../runtime/process.ts';
@@ -64,6 +66,14 @@ export class MigrationSource {
   private peer: PeerLink | undefined;
   private channels: { files: WebSocket; pages: WebSocket } | undefined;
   private filesSender!: ChannelSender;
+  private pagesSender!: ChannelSender;
+  /** Whether the destination's kernel tracks dirty memory (from its accept). */
+  private peerMemoryTracking = false;
+  /** Set when memory moves stop-and-copy although pre-copy was asked for or allowed. */
+  private strategyNote: string | undefined;
+  private readonly rounds: RoundMeasurement[] = [];
+  private readonly roundReports: RoundReport[] = [];
+  private precopyStop: { reason: StopReason; prediction?: Prediction } | undefined;
   /** What rootfs pass 1 saw, to find what changed by the freeze. */
   private readonly rootfsManifest: RootfsManifest = new Map();
   private frozenAt: number | undefined;
@@ -135,7 +145,7 @@ export class MigrationSource {
   private steps(): Array<[Phase, () => Promise<void>]> {
     return [
       ['preflight', () => this.preflight()],
-      ['precopy', () => this.sendRootfsWhileRunning()],
+      ['precopy', () => this.copyWhileRunning()],
       ['freeze', () => this.freeze()],
       ['dump', () => this.snapshotDumpAndStream()],
       ['restore', () => this.restoreOnDestination()],
@@ -194,7 +204,8 @@ export class MigrationSource {
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
       needs: { rootfsBytes, memoryBytes },
     });
-    await this.peer.expect('accept', 60_000, 'preflight');
+    const accept = await this.peer.expect('accept', 60_000, 'preflight');
+    this.peerMemoryTracking = accept.destination.memoryTracking;
     // Data channels are opened before the freeze so their set-up is not downtime.
     const [files, pages] = await Promise.all([
       this.peer.openChannel(this.migrationId, 'files'),
@@ -202,6 +213,100 @@ export class MigrationSource {
     ]);
     this.channels = { files, pages };
     this.filesSender = new ChannelSender(files, 'files');
+    this.pagesSender = new ChannelSender(pages, 'pages');
+  }
+
+  /** Everything that can move before the freeze: the rootfs, then memory in pre-dump rounds. */
+  private async copyWhileRunning(): Promise<void> {
+    await this.sendRootfsWhileRunning();
+    if (await this.choosePrecopy()) await this.preDumpRounds();
+    // Test fault: a wide window between the passes, for changes the final pass must carry.
+    const pause = faultNumber('pause-before-freeze');
+    if (pause) await sleep(pause);
+  }
+
+  /** Pre-copy needs soft-dirty tracking on both kernels; without it memory moves stop-and-copy, and the report says why. */
+  private async choosePrecopy(): Promise<boolean> {
+    const { strategy } = this.request.options;
+    if (strategy === 'stop-and-copy') return false;
+    const here = await this.criu.memoryTracking();
+    if (here && this.peerMemoryTracking) return true;
+    const lacking = [here ? undefined : this.deps.runtime.hostName, this.peerMemoryTracking ? undefined : this.peer!.peerName].filter(Boolean);
+    this.strategyNote = `no dirty-memory tracking (soft-dirty) on ${lacking.join(' and ')}: memory moved stop-and-copy, the rootfs in two passes`;
+    this.logger.warn({ strategy }, this.strategyNote);
+    return false;
+  }
+
+  private roundDirectory(round: number): string {
+    return join(this.directory, 'rounds', String(round));
+  }
+
+  /** Pre-dump rounds while the container runs, until the convergence policy calls the final dump. */
+  private async preDumpRounds(): Promise<void> {
+    const { maxDowntimeMs, maxRounds } = this.request.options;
+    for (;;) {
+      const decision = decide(this.rounds, { maxDowntimeMs, maxRounds });
+      const last = this.roundReports.at(-1);
+      if (last && decision.prediction) last.predictedDowntimeMs = decision.prediction.downtimeMs;
+      if (decision.next === 'dump') {
+        this.precopyStop = { reason: decision.reason, ...(decision.prediction ? { prediction: decision.prediction } : {}) };
+        this.logger.info({ reason: decision.reason, prediction: decision.prediction, rounds: this.rounds.length }, 'pre-copy done');
+        return;
+      }
+      if (this.stopReason) throw this.stopReason;
+      await this.preDumpRound(this.rounds.length + 1);
+    }
+  }
+
+  /** One round: CRIU writes the pages dirtied since the last round, which go out as they are written, then its other images. */
+  private async preDumpRound(round: number): Promise<void> {
+    const imagesDir = this.roundDirectory(round);
+    await mkdir(imagesDir, { recursive: true });
+    const startedMs = performance.now();
+    const run = this.criu.preDump({
+      pid: this.record.pid,
+      imagesDir,
+      logFile: join(this.directory, `pre-dump-${round}.log`),
+      freezeCgroup: this.deps.runtime.cgroup(this.request.name).path,
+      ...(round > 1 ? { prevImagesDir: `../${round - 1}` } : {}),
+    });
+    const shipping = this.shipPages(run, imagesDir, round);
+    let dumpedMs = startedMs;
+    const [stats, pages] = await Promise.all([run.done.finally(() => (dumpedMs = performance.now())), shipping]);
+    this.pageImages.push(...pages);
+    const digests = new Map<string, string>();
+    const rest = await this.filesSender.sendStream(`round-${round}`, packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
+      files: () => Object.fromEntries(digests),
+      onBytes: this.meter.counter('images'),
+    });
+    const sentMs = performance.now();
+    const measurement: RoundMeasurement = {
+      startedMs,
+      dumpedMs,
+      sentMs,
+      pagesWritten: stats?.pagesWritten ?? 0,
+      pagesSkippedParent: stats?.pagesSkippedParent ?? 0,
+      pagesScanned: stats?.pagesScanned ?? 0,
+      bytesSent: rest.bytes + pages.reduce((sum, page) => sum + page.bytes, 0),
+    };
+    this.rounds.push(measurement);
+    const report: RoundReport = {
+      round,
+      pagesWritten: measurement.pagesWritten,
+      pagesSkippedParent: measurement.pagesSkippedParent,
+      pagesScanned: measurement.pagesScanned,
+      bytesSent: measurement.bytesSent,
+      durationMs: roundMs(sentMs - startedMs),
+      frozenMs: roundMs((stats?.frozenTime ?? 0) / 1000),
+    };
+    this.roundReports.push(report);
+    this.logger.info(report, 'pre-dump round');
+    this.request.progress({
+      migrationId: this.migrationId,
+      phase: 'precopy',
+      message: `round ${round}: ${report.pagesWritten} pages written, ${report.pagesSkippedParent} unchanged`,
+      ...this.meter.snapshot(),
+    });
   }
 
   /** Rootfs pass 1: the whole tree, while the container still runs. */
@@ -214,6 +319,7 @@ export class MigrationSource {
       { files: () => Object.fromEntries(digests), onBytes: this.meter.counter('rootfs') },
     );
     await this.peer!.expect('staged', 10 * 60_000, 'precopy');
+    this.request.progress({ migrationId: this.migrationId, phase: 'precopy', message: 'rootfs pass 1 applied on the destination', ...this.meter.snapshot() });
   }
 
   private async freeze(): Promise<void> {
@@ -238,17 +344,18 @@ export class MigrationSource {
       });
     });
     const cgroup = this.deps.runtime.cgroup(this.request.name);
-    const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'));
+    const parent = this.rounds.length ? `../rounds/${this.rounds.length}` : undefined;
+    const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
-      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump)]);
+      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir)]);
       this.dumpStats = stats;
-      this.pageImages = pages;
+      this.pageImages.push(...pages);
       const imageDigests = new Map<string, string>();
       await this.timer.run('stream', () =>
         this.filesSender.sendStream(
           'images',
-          packDirectory(this.imagesDir, { digests: imageDigests, exclude: (path) => pageImagePattern.test(path) }),
+          packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
           { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
         ),
       );
@@ -262,22 +369,22 @@ export class MigrationSource {
     }
   }
 
-  /** Sends each page image on the pages channel as CRIU writes it, until CRIU is done. */
-  private async shipPages(dump: CriuRun<unknown>): Promise<PageImage[]> {
-    const sender = new ChannelSender(this.channels!.pages, 'pages');
+  /** Sends each page image of `imagesDir` on the pages channel as CRIU writes it, until CRIU is done. */
+  private async shipPages(run: CriuRun<unknown>, imagesDir: string, round?: number): Promise<PageImage[]> {
     const shipped: PageImage[] = [];
     const seen = new Set<string>();
     let finished = false;
-    dump.done.then(
+    run.done.then(
       () => (finished = true),
       () => (finished = true),
     );
     for (;;) {
       const wasFinished = finished;
-      const names = await newPageImages(this.imagesDir, seen);
-      for (const name of names) {
-        seen.add(name);
-        const sent = await sender.sendStream(name, followImage(join(this.imagesDir, name), dump), {
+      const names = await newPageImages(imagesDir, seen);
+      for (const file of names) {
+        seen.add(file);
+        const name = pageStreamName(file, round);
+        const sent = await this.pagesSender.sendStream(name, followImage(join(imagesDir, file), run), {
           onBytes: this.meter.counter('pages'),
         });
         shipped.push({ name, ...sent });
@@ -353,19 +460,31 @@ export class MigrationSource {
       source: this.deps.runtime.hostName,
       destination: this.peer?.peerName ?? this.request.destination.url,
       outcome,
-      strategy: 'stop-and-copy',
-      ...(this.request.options.strategy !== 'stop-and-copy'
-        ? { strategyNote: 'memory pre-copy is not implemented yet: memory moved stop-and-copy, the rootfs in two passes' }
-        : {}),
-      downtimeMs: round(end - (this.frozenAt ?? end)),
-      totalMs: round(performance.now() - this.startedAt),
+      strategy: this.rounds.length ? 'precopy' : 'stop-and-copy',
+      ...(this.strategyNote ? { strategyNote: this.strategyNote } : {}),
+      downtimeMs: roundMs(end - (this.frozenAt ?? end)),
+      totalMs: roundMs(performance.now() - this.startedAt),
       bytes: this.meter.totals(),
       phases: this.timer.timings,
       criu: { ...(this.dumpStats ? { dump: this.dumpStats } : {}), ...(this.restoreStats ? { restore: this.restoreStats } : {}) },
+      ...(this.precopyStop
+        ? {
+            precopy: {
+              rounds: this.roundReports,
+              stopReason: this.precopyStop.reason,
+              ...(this.precopyStop.prediction ? { predictedDowntimeMs: this.precopyStop.prediction.downtimeMs } : {}),
+            },
+          }
+        : {}),
     };
   }
 }
 
-function round(ms: number): number {
+function roundMs(ms: number): number {
   return Math.round(ms * 10) / 10;
+}
+
+/** Page images travel on the pages channel; the `parent` link is remade by the destination. */
+function isPageImageOrParent(path: string): boolean {
+  return path === 'parent' || pageImagePattern.test(path);
 }

@@ -64,13 +64,14 @@ export async function freeze(cgroup: Cgroup): Promise<void> {
   await cgroup.freeze().catch((error: unknown) => Promise.reject(toFerryError(error, 'freeze', 'CGROUP_FAILED')));
 }
 
-/** CRIU dump of a container whose cgroup the caller froze; the tasks stay frozen. */
+/** CRIU dump of a container whose cgroup the caller froze; the tasks stay frozen. With a parent, only pages changed since it are written. */
 export function dumpFrozen(
   criu: Criu,
   record: ContainerRecord,
   cgroup: Cgroup,
   imagesDir: string,
   logFile: string,
+  prevImagesDir?: string,
 ) {
   return criu.dump({
     pid: record.pid,
@@ -79,6 +80,7 @@ export function dumpFrozen(
     freezeCgroup: cgroup.path,
     leaveRunning: true,
     privateNetwork: record.spec.privateNetwork,
+    ...(prevImagesDir ? { prevImagesDir } : {}),
   });
 }
 

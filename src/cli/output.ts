@@ -48,6 +48,26 @@ export function reportText(report: MigrationReport): string {
     '',
     table(['PHASE', 'TIME'], report.phases.map((phase) => [phase.phase, ms(phase.ms)])),
   ];
+  if (report.precopy) {
+    const { rounds, stopReason, predictedDowntimeMs } = report.precopy;
+    const predicted = predictedDowntimeMs === undefined ? 'no prediction' : `predicted downtime ${ms(predictedDowntimeMs)}, actual ${ms(report.downtimeMs)}`;
+    lines.push(
+      '',
+      `Pre-copy: ${rounds.length} rounds, stopped: ${stopReason}; ${predicted}`,
+      table(
+        ['ROUND', 'PAGES WRITTEN', 'SKIPPED (PARENT)', 'SENT', 'TIME', 'FROZEN', 'PREDICTED'],
+        rounds.map((round) => [
+          String(round.round),
+          String(round.pagesWritten),
+          String(round.pagesSkippedParent),
+          formatBytes(round.bytesSent),
+          ms(round.durationMs),
+          ms(round.frozenMs),
+          round.predictedDowntimeMs === undefined ? '-' : ms(round.predictedDowntimeMs),
+        ]),
+      ),
+    );
+  }
   const dump = report.criu.dump;
   const restore = report.criu.restore;
   if (dump || restore) {

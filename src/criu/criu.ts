@@ -7,8 +7,10 @@ import { helperPath } from '../paths.ts';
 import { readErrorLines } from './log.ts';
 import {
   dumpArguments,
+  preDumpArguments,
   restoreArguments,
   type DumpOptions,
+  type PreDumpOptions,
   type RestoreOptions,
 } from './options.ts';
 import { readStats, type DumpStats, type RestoreStats } from './stats.ts';
@@ -45,6 +47,7 @@ export class Criu {
   readonly path: string;
   readonly version: CriuVersion;
   private kernelProbeCache: string | undefined;
+  private memoryTrackingProbe: Promise<boolean> | undefined;
 
   constructor(path: string, version: CriuVersion) {
     this.path = path;
@@ -87,6 +90,17 @@ export class Criu {
     const result = await execa(this.path, args, { reject: false, timeout: 30_000, all: true });
     if (result.exitCode === 0) return undefined;
     return `${result.all ?? ''}`.trim() || `exit code ${result.exitCode}`;
+  }
+
+  /** Whether this kernel tracks dirty memory (soft-dirty), which pre-dump rounds need. Asked once. */
+  memoryTracking(): Promise<boolean> {
+    this.memoryTrackingProbe ??= this.check('mem_dirty_track').then((problem) => problem === undefined);
+    return this.memoryTrackingProbe;
+  }
+
+  /** One pre-copy round while the container runs. */
+  preDump(options: PreDumpOptions): CriuRun<DumpStats | undefined> {
+    return this.start(preDumpArguments(options), options.logFile, 'precopy').map(() => readDumpStats(options.imagesDir));
   }
 
   /** Dumps the frozen container; the returned run exposes CRIU's pid while it writes images. */

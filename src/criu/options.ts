@@ -14,6 +14,16 @@ export interface DumpOptions extends CommonOptions {
   leaveRunning: boolean;
   /** The container has its own network namespace, which CRIU locks while it works. */
   privateNetwork?: boolean;
+  /** The last pre-dump round, relative to imagesDir: only pages changed since then are written. */
+  prevImagesDir?: string;
+}
+
+/** A pre-copy round: CRIU freezes the cgroup, collects the dirty pages, thaws, then writes them. */
+export interface PreDumpOptions extends CommonOptions {
+  pid: number;
+  freezeCgroup: string;
+  /** The previous round, relative to imagesDir. */
+  prevImagesDir?: string;
 }
 
 export interface RestoreOptions extends CommonOptions {
@@ -37,7 +47,15 @@ export function dumpArguments(options: DumpOptions): string[] {
   args.push('--freeze-cgroup', options.freezeCgroup, '--manage-cgroups=ignore');
   if (options.leaveRunning) args.push('--leave-running');
   if (options.privateNetwork) args.push(...networkLock);
+  if (options.prevImagesDir) args.push('--track-mem', '--prev-images-dir', options.prevImagesDir);
   args.push('--file-locks');
+  return args;
+}
+
+export function preDumpArguments(options: PreDumpOptions): string[] {
+  const args = ['pre-dump', ...common(options), '-t', String(options.pid)];
+  args.push('--freeze-cgroup', options.freezeCgroup, '--manage-cgroups=ignore', '--track-mem');
+  if (options.prevImagesDir) args.push('--prev-images-dir', options.prevImagesDir);
   return args;
 }
 

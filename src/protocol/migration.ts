@@ -13,6 +13,24 @@ export const migrationOptionsSchema = z.object({
 });
 export type MigrationOptions = z.infer<typeof migrationOptionsSchema>;
 
+/** One pre-dump round in the report. */
+export const roundReportSchema = z.object({
+  round: z.number().int().positive(),
+  pagesWritten: z.number(),
+  pagesSkippedParent: z.number(),
+  pagesScanned: z.number(),
+  bytesSent: z.number(),
+  /** From CRIU's start to the round's last byte handed to the link. */
+  durationMs: z.number(),
+  /** How long CRIU kept the tasks frozen to collect the round's pages. */
+  frozenMs: z.number(),
+  /** The downtime the policy predicted after this round (from the second round on). */
+  predictedDowntimeMs: z.number().optional(),
+});
+export type RoundReport = z.infer<typeof roundReportSchema>;
+
+export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachable', 'max-rounds'] as const;
+
 export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: z.number() });
 
 export const migrationReportSchema = z.object({
@@ -29,6 +47,14 @@ export const migrationReportSchema = z.object({
   bytes: z.object({ rootfs: z.number(), pages: z.number(), images: z.number() }),
   phases: z.array(phaseTimingSchema),
   criu: z.object({ dump: dumpStatsSchema.optional(), restore: restoreStatsSchema.optional() }),
+  /** Memory pre-copy: every round, why the rounds stopped, and the downtime predicted for the final dump. */
+  precopy: z
+    .object({
+      rounds: z.array(roundReportSchema),
+      stopReason: z.enum(stopReasons),
+      predictedDowntimeMs: z.number().optional(),
+    })
+    .optional(),
   error: z
     .object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() })
     .optional(),
@@ -62,7 +88,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('accept'),
     migrationId,
-    destination: z.object({ host: z.string(), criuVersion: z.string() }),
+    /** memoryTracking: this kernel has soft-dirty, so pre-copy is possible if the source has it too. */
+    destination: z.object({ host: z.string(), criuVersion: z.string(), memoryTracking: z.boolean().default(false) }),
   }),
   /** The destination has applied rootfs pass 1, so the freeze will not compete with unpacking it. */
   z.object({ type: z.literal('staged'), migrationId }),
@@ -70,7 +97,10 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('transfer-complete'),
     migrationId,
-    /** The page images sent on the pages channel; the destination restores once it has them all. */
+    /**
+     * The page images sent on the pages channel, pre-dump rounds' as
+     * round-N/pages-K.img; the destination restores once it has them all.
+     */
     pages: z.array(z.object({ name: z.string(), bytes: z.number(), sha256: z.string() })),
   }),
   z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: z.number() }),
