@@ -5,6 +5,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FerryError } from '../src/errors.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import {
   containerPid,
@@ -171,6 +172,23 @@ describe('a container with its own network namespace', () => {
     const text = await waitForCount(b, name, before + 5);
     expectOneRun(counts(text));
     await expectGoneFrom(a, name, pid, report.migrationId);
+    await removeQuietly(b, name);
+  });
+});
+
+describe('two migrate requests for one container at once', () => {
+  it('runs one; the other is refused, and the container runs once, on B', async () => {
+    const name = 'twice';
+    await runContainer(a, counterSpec(name));
+    const before = lastCount(await waitForCount(a, name, 5));
+    const outcomes = await Promise.allSettled([migrate(a, b, name), migrate(a, b, name)]);
+    const succeeded = outcomes.filter((outcome) => outcome.status === 'fulfilled');
+    const refused = outcomes.flatMap((outcome) => (outcome.status === 'rejected' ? [outcome.reason as FerryError] : []));
+    expect(succeeded).toHaveLength(1);
+    expect(refused.map((error) => error.code)).toEqual(['CONTAINER_NOT_RUNNING']);
+    await expectRunningOn(b, name);
+    expect((await a.client.request('list', {})).containers).toEqual([]);
+    expectOneRun(counts(await waitForCount(b, name, before + 5)));
     await removeQuietly(b, name);
   });
 });

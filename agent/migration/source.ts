@@ -55,6 +55,8 @@ export interface MigrateRequest {
  * cleanup. Any failure before the decision thaws the container here.
  */
 export class MigrationSource {
+  /** Containers with an outgoing migration in this agent, so two requests cannot both pass the status check. */
+  private static readonly leaving = new Set<string>();
   private readonly deps: SourceDependencies;
   private readonly request: MigrateRequest;
   readonly migrationId = randomUUID();
@@ -105,6 +107,19 @@ export class MigrationSource {
   }
 
   async run(): Promise<MigrationReport> {
+    const { name } = this.request;
+    if (MigrationSource.leaving.has(name)) {
+      throw new FerryError('CONTAINER_NOT_RUNNING', `container ${name} is already migrating`, { phase: 'preflight' });
+    }
+    MigrationSource.leaving.add(name);
+    try {
+      return await this.runClaimed();
+    } finally {
+      MigrationSource.leaving.delete(name);
+    }
+  }
+
+  private async runClaimed(): Promise<MigrationReport> {
     await this.claim();
     // A timeout or a cancel cuts the connections, which fails whatever step is waiting.
     const stop = (reason: FerryError) => {
