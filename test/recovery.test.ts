@@ -10,6 +10,7 @@ import {
   failureOf,
   memloadSpec,
   migrate,
+  poll,
   requestChecksum,
   requestVerify,
   runContainer,
@@ -49,8 +50,11 @@ it('rolls back on the source after its agent was killed mid-dump and restarted',
   expect(error.code).toBe('PEER_GONE');
 
   // With the source agent gone, nothing runs the container: it stays frozen on A.
-  const events = await readFile(join(a.host.cgroupRoot, name, 'cgroup.events'), 'utf8');
-  expect(events).toMatch(/frozen 1/);
+  // (CRIU, which the agent started, may still hold the tasks for a moment: it
+  // finishes its dump on its own and leaves the cgroup frozen as it found it.)
+  await poll('the container frozen on A', 60_000, async () =>
+    /frozen 1/.test(await readFile(join(a.host.cgroupRoot, name, 'cgroup.events'), 'utf8')) || undefined,
+  );
   // B dropped what it had received once the source disconnected.
   await waitUntilClean(b, name);
 
@@ -62,4 +66,33 @@ it('rolls back on the source after its agent was killed mid-dump and restarted',
   expect(await requestVerify(restarted, name)).toMatch(/^verify ok /);
   await waitUntilClean(b, name);
   await restarted.client.request('remove', { name, force: true });
+});
+
+it('completes on the destination after the source agent died between writing the commit and sending it', async () => {
+  const [a0] = test.nodes as [TestCluster['nodes'][0]];
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'die-after-commit' } });
+  const b = test.nodes[1]!;
+  expect(a).not.toBe(a0);
+  const name = 'committed';
+  await runContainer(a, memloadSpec(name, 64));
+  await waitForMemload(a, name);
+  const checksum = await requestChecksum(a, name);
+
+  const error = await failureOf(migrate(a, b, name));
+  expect(error.code).toBe('PEER_GONE');
+  // The decision is on A's disk only: B holds a stopped copy, A a frozen one; neither runs.
+  const events = await readFile(join(a.host.cgroupRoot, name, 'cgroup.events'), 'utf8');
+  expect(events).toMatch(/frozen 1/);
+  const onB = await b.client.request('list', {});
+  expect(onB.containers.map((container) => [container.name, container.status])).not.toContainEqual([name, 'running']);
+
+  // The restarted source removes its copy and re-delivers the commit; B resumes its copy.
+  const restarted = await test.restartAgent(0);
+  await restarted.agent.waitForLog((entry) => entry.json?.msg === 'decision delivered');
+  expect((await restarted.client.request('list', {})).containers).toEqual([]);
+  const list = await b.client.request('list', {});
+  expect(list.containers.map((container) => [container.name, container.status])).toEqual([[name, 'running']]);
+  expect(await requestChecksum(b, name)).toBe(checksum);
+  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await b.client.request('remove', { name, force: true });
 });

@@ -14,7 +14,7 @@ import { decide, type Prediction, type RoundMeasurement, type StopReason } from 
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
-import { faultNumber } from '../../src/transport/faults.ts';
+import { faultActive, faultNumber } from '../../src/transport/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
@@ -421,6 +421,8 @@ export class MigrationSource {
    */
   private async commit(): Promise<boolean> {
     await this.deps.journal.update(this.migrationId, 'committed');
+    // Test fault: the agent dies between writing the decision and sending it.
+    if (faultActive('die-after-commit')) process.kill(process.pid, 'SIGKILL');
     this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' });
     await this.deps.runtime.cgroup(this.request.name).kill();
     try {
