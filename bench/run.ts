@@ -1,4 +1,6 @@
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { cp, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
@@ -16,6 +18,8 @@ import { runBaseline, type BaselineResult } from './baseline.ts';
 // bench/results/latest.json and bench/results/latest.md.
 
 const sizes = (process.env.FERRY_BENCH_SIZES ?? '64,512,1024').split(',').map(Number);
+const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,stream,rootfs').split(','));
+const rootfsMiB = Number(process.env.FERRY_BENCH_ROOTFS_MIB ?? 300);
 const rootfs = join(projectRoot, '.build', 'rootfs', 'busybox');
 const env = Object.fromEntries(
   (await readFile(join(projectRoot, '.build', 'env'), 'utf8'))
@@ -56,7 +60,7 @@ async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClie
   const report = await a.request('migrate', {
     name,
     destination: { url: agentB.url, token: agentB.token },
-    options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, timeoutMs: 600_000 },
+    options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 },
   });
   await clientB.request('remove', { name, force: true });
   return report;
@@ -81,6 +85,45 @@ async function baselineRun(a: AgentClient, hostA: Host, hostB: Host, mib: number
   const totalMs = Math.round(performance.now() - started);
   await a.request('remove', { name, force: true });
   return { ...result, totalMs };
+}
+
+interface RootfsResult {
+  mib: number;
+  twoPass: { downtimeMs: number; totalMs: number; frozenRootfsMs: number; rootfsBytes: number };
+  singlePass: { downtimeMs: number; totalMs: number; frozenRootfsMs: number; rootfsBytes: number };
+  downtimeRatio: number;
+}
+
+/**
+ * The rootfs two-pass against one pass during the freeze: a counter in a
+ * rootfs of `mib` MiB of files that rewrites three small files all the time.
+ */
+async function rootfsRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<RootfsResult> {
+  const directory = await mkdtemp(join(tmpdir(), 'ferry-bench-rootfs-'));
+  try {
+    const tree = join(directory, 'rootfs');
+    await cp(rootfs, tree, { recursive: true, verbatimSymlinks: true });
+    await mkdir(join(tree, 'data', 'blobs'), { recursive: true });
+    for (let index = 0; index < mib; index += 1) await writeFile(join(tree, 'data', 'blobs', `blob-${index}`), randomBytes(1 << 20));
+    const script = 'while :; do for f in 1 2 3; do date +%s%N > /data/hot-$f; done; echo tick; sleep 0.05; done';
+    const once = async (name: string, rootfsPrecopy: boolean) => {
+      await a.request('run', { spec: { ...memload(name, 0), rootfs: tree, command: ['/bin/sh', '-c', script] } });
+      await sleep(500);
+      const report = await a.request('migrate', {
+        name,
+        destination: { url: agentB.url, token: agentB.token },
+        options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy, timeoutMs: 600_000 },
+      });
+      await clientB.request('remove', { name, force: true });
+      const snapshot = report.phases.find((phase) => phase.phase === 'snapshot')?.ms ?? 0;
+      return { downtimeMs: report.downtimeMs, totalMs: report.totalMs, frozenRootfsMs: snapshot, rootfsBytes: report.bytes.rootfs };
+    };
+    const twoPass = await once('rootfs-two-pass', true);
+    const singlePass = await once('rootfs-one-pass', false);
+    return { mib, twoPass, singlePass, downtimeRatio: Math.round((twoPass.downtimeMs / singlePass.downtimeMs) * 100) / 100 };
+  } finally {
+    await rm(directory, { recursive: true, force: true });
+  }
 }
 
 async function peakRss(pid: number): Promise<number> {
@@ -110,7 +153,7 @@ try {
   }
   const [clientA, clientB] = clients as [AgentClient, AgentClient];
   const results: SizeResult[] = [];
-  for (const mib of sizes) {
+  for (const mib of parts.has('memory') ? sizes : []) {
     process.stderr.write(`bench: ${mib} MiB: ferry…\n`);
     const report = await ferryRun(clientA, agents[1]!, clientB, mib);
     process.stderr.write(`bench: ${mib} MiB: baseline…\n`);
@@ -123,9 +166,17 @@ try {
     });
   }
   const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
-  process.stderr.write('bench: stream throughput…\n');
-  const stream = await throughput(hostA, hostB, 1 << 30);
-  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss };
+  let stream: Awaited<ReturnType<typeof throughput>> | undefined;
+  if (parts.has('stream')) {
+    process.stderr.write('bench: stream throughput…\n');
+    stream = await throughput(hostA, hostB, 1 << 30);
+  }
+  let rootfsPasses: RootfsResult | undefined;
+  if (parts.has('rootfs')) {
+    process.stderr.write(`bench: rootfs of ${rootfsMiB} MiB, two passes against one…\n`);
+    rootfsPasses = await rootfsRun(clientA, agents[1]!, clientB, rootfsMiB);
+  }
+  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss, rootfsPasses };
   await mkdir(join(projectRoot, 'bench', 'results'), { recursive: true });
   await writeFile(join(projectRoot, 'bench', 'results', 'latest.json'), `${JSON.stringify(summary, null, 2)}\n`);
   const markdown = render(summary);
@@ -137,19 +188,42 @@ try {
   await cluster.destroy();
 }
 
-function render(summary: { sizes: SizeResult[]; stream: { tcpMbps: number; wsMbps: number; ratio: number }; peakRss: { sourceBytes: number; destinationBytes: number } }): string {
+function render(summary: {
+  sizes: SizeResult[];
+  stream: { tcpMbps: number; wsMbps: number; ratio: number } | undefined;
+  peakRss: { sourceBytes: number; destinationBytes: number };
+  rootfsPasses: RootfsResult | undefined;
+}): string {
   const mib = (bytes: number) => `${Math.round(bytes / 1048576)} MiB`;
-  const rows = summary.sizes.map(
-    (size) =>
-      `| ${size.mib} MiB | ${size.ferry.downtimeMs} ms | ${size.baseline.downtimeMs} ms | ${size.downtimeRatio} | ${size.ferry.totalMs} ms | ${size.baseline.totalMs} ms | ${Math.round((size.ferry.totalMs / size.baseline.totalMs) * 100) / 100} |`,
-  );
-  return [
-    '| memory | ferry downtime | naive downtime | ratio | ferry total | naive total | ratio |',
-    '| --- | --- | --- | --- | --- | --- | --- |',
-    ...rows,
-    '',
-    `Stream, 1 GiB over the same veth link: WebSocket channel ${summary.stream.wsMbps} Mbit/s, plain TCP socket ${summary.stream.tcpMbps} Mbit/s, ratio ${summary.stream.ratio}.`,
-    `Peak RSS of the agents over the run: source ${mib(summary.peakRss.sourceBytes)}, destination ${mib(summary.peakRss.destinationBytes)}.`,
-    '',
-  ].join('\n');
+  const lines: string[] = [];
+  if (summary.sizes.length) {
+    lines.push(
+      '| memory | ferry downtime | naive downtime | ratio | ferry total | naive total | ratio |',
+      '| --- | --- | --- | --- | --- | --- | --- |',
+      ...summary.sizes.map(
+        (size) =>
+          `| ${size.mib} MiB | ${size.ferry.downtimeMs} ms | ${size.baseline.downtimeMs} ms | ${size.downtimeRatio} | ${size.ferry.totalMs} ms | ${size.baseline.totalMs} ms | ${Math.round((size.ferry.totalMs / size.baseline.totalMs) * 100) / 100} |`,
+      ),
+      '',
+    );
+  }
+  if (summary.stream) {
+    lines.push(`Stream, 1 GiB over the same veth link: WebSocket channel ${summary.stream.wsMbps} Mbit/s, plain TCP socket ${summary.stream.tcpMbps} Mbit/s, ratio ${summary.stream.ratio}.`);
+  }
+  lines.push(`Peak RSS of the agents over the run: source ${mib(summary.peakRss.sourceBytes)}, destination ${mib(summary.peakRss.destinationBytes)}.`, '');
+  const passes = summary.rootfsPasses;
+  if (passes) {
+    lines.push(
+      `Rootfs of ${passes.mib} MiB, three small files rewritten every 50 ms:`,
+      '',
+      '| rootfs | downtime | rootfs work while frozen | rootfs bytes | total |',
+      '| --- | --- | --- | --- | --- |',
+      `| two passes | ${passes.twoPass.downtimeMs} ms | ${passes.twoPass.frozenRootfsMs} ms | ${mib(passes.twoPass.rootfsBytes)} | ${passes.twoPass.totalMs} ms |`,
+      `| one pass, frozen | ${passes.singlePass.downtimeMs} ms | ${passes.singlePass.frozenRootfsMs} ms | ${mib(passes.singlePass.rootfsBytes)} | ${passes.singlePass.totalMs} ms |`,
+      '',
+      `Downtime ratio, two passes / one: ${passes.downtimeRatio}.`,
+      '',
+    );
+  }
+  return lines.join('\n');
 }

@@ -103,7 +103,7 @@ describe('wss with mutual TLS', () => {
       const report = await client.request('migrate', {
         name: 'secret',
         destination: { url: urls[1]!, token: agents[1]!.token, ca: readFileSync(pki.ca, 'utf8') },
-        options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, timeoutMs: 120_000 },
+        options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 },
       });
       expect(report.outcome).toBe('succeeded');
       const onB = await clientB.request('list', {});

@@ -324,13 +324,20 @@ export class MigrationSource {
     });
   }
 
-  /** Rootfs pass 1: the whole tree, while the container still runs. */
+  /**
+   * Rootfs pass 1: the whole tree, while the container still runs. Without
+   * rootfs pre-copy pass 1 is empty, so the final pass carries everything.
+   */
   private async sendRootfsWhileRunning(): Promise<void> {
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const digests = new Map<string, string>();
+    const skip = !this.request.options.rootfsPrecopy;
     await this.filesSender.sendStream(
       'rootfs',
-      packDirectory(root, { digests, onEntry: (path, stats) => this.rootfsManifest.set(path, entryStamp(root, path, stats)) }),
+      packDirectory(root, {
+        digests,
+        ...(skip ? { include: () => false } : { onEntry: (path, stats) => this.rootfsManifest.set(path, entryStamp(root, path, stats)) }),
+      }),
       { files: () => Object.fromEntries(digests), onBytes: this.meter.counter('rootfs') },
     );
     await this.peer!.expect('staged', 10 * 60_000, 'precopy');

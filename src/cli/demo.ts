@@ -51,7 +51,7 @@ export async function runDemo(options: { keep: boolean }): Promise<void> {
     const progress = process.stderr.isTTY ? progressPrinter(false) : phaseLines();
     const report = await clientA.request(
       'migrate',
-      { name: 'web', destination: { url: agentB.url, token: agentB.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, timeoutMs: 120_000 } },
+      { name: 'web', destination: { url: agentB.url, token: agentB.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 } },
       progress.update,
     );
     progress.stop();

@@ -8,6 +8,8 @@ export const migrationOptionsSchema = z.object({
   /** Downtime budget for the pre-copy convergence policy. */
   maxDowntimeMs: z.number().int().positive().default(300),
   maxRounds: z.number().int().min(0).max(32).default(8),
+  /** Send the rootfs while the container runs, then only what changed; false sends it all during the freeze (a baseline for benchmarks). */
+  rootfsPrecopy: z.boolean().default(true),
   /** Bound on the whole migration; on expiry it rolls back. */
   timeoutMs: z.number().int().positive().default(10 * 60_000),
 });
