@@ -12,3 +12,11 @@ export function helperPath(): string {
 export function helperExists(): boolean {
   return existsSync(helperPath());
 }
+
+/**
+ * V8 flags for agent processes (bin/ferry passes the same). A 1 MiB young
+ * generation frees the buffers of shipped images in scavenges instead of
+ * promoting them to the old generation, where they pile up until a full GC:
+ * the agents' peak RSS during a 1 GiB migration fell from ~210 to ~135 MiB.
+ */
+export const agentNodeFlags = ['--max-semi-space-size=1'];

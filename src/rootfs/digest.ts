@@ -7,7 +7,7 @@ import { Transform } from 'node:stream';
  * stream at one write's latency (~65 MB/s on a busy host); with room to
  * queue, Node writes the queued chunks together.
  */
-export const bulkWriteBuffer = 4 << 20;
+export const bulkWriteBuffer = 1 << 20;
 
 /** A pass-through that feeds every chunk to `hash` on its way. */
 export function hashing(hash: Hash): Transform {

@@ -8,7 +8,7 @@ import { faultNumber } from './faults.ts';
 /** Bytes handed to ws but not yet written to the socket before the sender waits. */
 const inFlightLimit = 4 * 1024 * 1024;
 /** Received bytes buffered for a slow consumer before the socket is paused. */
-const receiveHighWater = 8 * 1024 * 1024;
+const receiveHighWater = 2 * 1024 * 1024;
 
 export interface StreamResult {
   bytes: number;

@@ -8,6 +8,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { agentNodeFlags } from '../../src/paths.ts';
 import type { Host } from './hosts.ts';
 import { HarnessError, spawnInNetns } from './system.ts';
 
@@ -60,6 +61,7 @@ export async function startAgent(host: Host, options: AgentOptions = {}): Promis
   const port = options.port ?? DEFAULT_PORT;
   const token = options.token ?? randomBytes(16).toString('hex');
   const args = [
+    ...agentNodeFlags,
     options.script ?? join(REPO_ROOT, 'agent/main.ts'),
     ...['--name', host.name],
     ...['--listen', `${host.address}:${port}`],
