@@ -46,8 +46,14 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   });
   const criu = lazyCriu(options.criuPath, join(options.stateDir, 'criu.kdat'));
   const journal = new MigrationJournal(options.stateDir);
-  const metrics = new AgentMetrics(async () => (await runtime.store.names()).length);
-  const destinations = new DestinationSessions({ runtime, criu, journal, logger });
+  const metrics = new AgentMetrics(options.name, async () => (await runtime.store.names()).length);
+  const destinations = new DestinationSessions({
+    runtime,
+    criu,
+    journal,
+    logger,
+    onOutcome: (outcome) => (outcome === 'succeeded' ? metrics.incomingSucceeded() : metrics.migrationFailed('destination')),
+  });
   const identity: PeerIdentity = {
     hostName: options.name,
     ...(options.tls ? { cert: readFileSync(options.tls.cert), key: readFileSync(options.tls.key) } : {}),

@@ -56,8 +56,12 @@ export class ControlConnection {
     });
   }
 
+  get open(): boolean {
+    return this.socket.readyState === this.socket.OPEN;
+  }
+
   send(message: object): void {
-    if (this.socket.readyState === this.socket.OPEN) this.socket.send(JSON.stringify(message));
+    if (this.open) this.socket.send(JSON.stringify(message));
   }
 
   private onText(text: string, hostName: string): void {

@@ -8,9 +8,9 @@ export class AgentMetrics {
   private readonly downtime: Histogram;
   private readonly duration: Histogram;
   private readonly bytes: Counter<'part'>;
-  readonly containers: Gauge;
+  readonly containers: Gauge<'host'>;
 
-  constructor(countContainers: () => Promise<number>) {
+  constructor(hostName: string, countContainers: () => Promise<number>) {
     collectDefaultMetrics({ register: this.registry, prefix: 'ferry_agent_' });
     this.migrations = new Counter({
       name: 'ferry_migrations_total',
@@ -39,9 +39,11 @@ export class AgentMetrics {
     this.containers = new Gauge({
       name: 'ferry_containers',
       help: 'Containers on this host',
+      // Labelled with the agent's name, so series from several agents line up with the coordinator's.
+      labelNames: ['host'],
       registers: [this.registry],
       async collect() {
-        this.set(await countContainers());
+        this.set({ host: hostName }, await countContainers());
       },
     });
   }

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { Cgroup, CgroupTree } from '../src/cgroup/cgroup.ts';
-import { projectRoot } from '../src/paths.ts';
+import { agentNodeFlags, projectRoot } from '../src/paths.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { startAgent, type AgentProcess } from '../test/harness/agents.ts';
@@ -132,9 +132,9 @@ async function peakRss(pid: number): Promise<number> {
 }
 
 async function throughput(hostA: Host, hostB: Host, bytes: number) {
-  const server = execa('nsenter', [`--net=/run/netns/${hostB.netns}`, process.execPath, join(projectRoot, 'bench', 'throughput.ts'), 'serve', hostB.address]);
+  const server = execa('nsenter', [`--net=/run/netns/${hostB.netns}`, process.execPath, ...agentNodeFlags, join(projectRoot, 'bench', 'throughput.ts'), 'serve', hostB.address]);
   await new Promise<void>((resolve) => server.stdout!.once('data', () => resolve()));
-  const { stdout } = await execa('nsenter', [`--net=/run/netns/${hostA.netns}`, process.execPath, join(projectRoot, 'bench', 'throughput.ts'), 'send', hostB.address, String(bytes)]);
+  const { stdout } = await execa('nsenter', [`--net=/run/netns/${hostA.netns}`, process.execPath, ...agentNodeFlags, join(projectRoot, 'bench', 'throughput.ts'), 'send', hostB.address, String(bytes)]);
   server.kill();
   await server.catch(() => undefined);
   const result = JSON.parse(stdout) as { tcpMbps: number; wsMbps: number };

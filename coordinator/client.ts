@@ -26,6 +26,11 @@ export class CoordinatorClient {
     return z.object({ hosts: z.array(hostViewSchema) }).parse(await this.call('GET', '/v1/hosts')).hosts;
   }
 
+  /** Makes a host schedulable again after an evacuation (nothing moves back). */
+  async undrain(host: string): Promise<HostView> {
+    return z.object({ host: hostViewSchema }).parse(await this.call('POST', `/v1/hosts/${encodeURIComponent(host)}/undrain`)).host;
+  }
+
   async evacuate(body: Partial<EvacuationBody> & { host: string }): Promise<EvacuationView> {
     return this.evacuationOf(await this.call('POST', '/v1/evacuations', body));
   }

@@ -5,6 +5,7 @@ import { z } from 'zod';
 import { FerryError, toFerryError, type ErrorCode } from '../src/errors.ts';
 import {
   evacuationBodySchema,
+  hostNameSchema,
   migrationBodySchema,
   registerHostBodySchema,
   type ApiError,
@@ -34,12 +35,28 @@ type Handler = (service: Service, request: IncomingMessage, params: string[]) =>
 
 const ok = (body: unknown, status = 200) => ({ status, body });
 
+const hostParamsSchema = z.object({ name: hostNameSchema });
+
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new HttpError(400, 'BAD_REQUEST', 'bad percent-encoding in the path', 'name');
+  }
+}
+
 const routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [
   { method: 'GET', pattern: /^\/v1\/hosts$/, handler: async (service) => ok({ hosts: service.pool.views() }) },
   {
     method: 'POST',
     pattern: /^\/v1\/hosts$/,
     handler: async (service, request) => ok({ host: await service.registerHost(parse(registerHostBodySchema, await readJson(request))) }, 201),
+  },
+  {
+    method: 'POST',
+    // Any segment, so that a malformed name gets a 400 naming the field rather than a 404.
+    pattern: /^\/v1\/hosts\/([^/]+)\/undrain$/,
+    handler: async (service, _request, [name]) => ok({ host: service.undrain(parse(hostParamsSchema, { name: decodeSegment(name!) }).name) }),
   },
   { method: 'GET', pattern: /^\/v1\/containers$/, handler: async (service) => ok({ containers: service.containers() }) },
   { method: 'GET', pattern: /^\/v1\/migrations$/, handler: async (service) => ok({ migrations: service.store.migrations() }) },

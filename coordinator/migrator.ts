@@ -183,6 +183,7 @@ export class Migrator {
     logger.info('migration started');
     try {
       const report = await this.runOnSource(row, target);
+      this.metrics.reported(report);
       const state = report.outcome === 'rolled-back' ? 'rolled-back' : 'succeeded';
       const note = report.outcome === 'in-doubt' ? 'in-doubt: the destination did not confirm' : report.error?.message;
       return this.finish(started, state, { downtimeMs: report.downtimeMs, ...(note ? { error: note } : {}) });

@@ -84,6 +84,21 @@ export class Service {
     return this.pool.views().find((view) => view.name === body.name)!;
   }
 
+  /**
+   * Lets placement use a host again after an evacuation that is not undone.
+   * Persisted like the drain; refused while the host is being evacuated, as
+   * containers could be placed back onto it while they leave.
+   */
+  undrain(name: string): HostView {
+    this.pool.row(name);
+    if (this.store.evacuations({ running: true }).some((running) => running.host === name)) {
+      throw new FerryError('BUSY', `${name} is being evacuated; it stays draining until that ends`);
+    }
+    this.store.setDraining(name, false);
+    this.logger.info({ host: name }, 'host un-drained');
+    return this.pool.views().find((view) => view.name === name)!;
+  }
+
   /** Every container the last heartbeats reported, with its host. */
   containers(): Array<ContainerInfo & { host: string }> {
     return this.store.hosts().flatMap((host) => (host.info?.containers ?? []).map((container) => ({ ...container, host: host.name })));

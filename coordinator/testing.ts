@@ -60,8 +60,11 @@ export async function api<T>(coordinator: CoordinatorProcess, method: string, pa
   return { status: response.status, body: (await response.json()) as T };
 }
 
-/** Collects the SSE stream; `close()` ends it. */
-export function followEvents(coordinator: CoordinatorProcess): { events: CoordinatorEvent[]; ready: Promise<void>; close: () => void } {
+/** Collects the SSE stream; `close()` ends it. `onEvent` sees each event as it arrives (to act on one at once). */
+export function followEvents(
+  coordinator: CoordinatorProcess,
+  onEvent: (event: CoordinatorEvent) => void = () => undefined,
+): { events: CoordinatorEvent[]; ready: Promise<void>; close: () => void } {
   const events: CoordinatorEvent[] = [];
   let close = () => undefined as void;
   const ready = new Promise<void>((resolve, reject) => {
@@ -72,7 +75,10 @@ export function followEvents(coordinator: CoordinatorProcess): { events: Coordin
       const lines = createInterface({ input: response });
       lines.on('error', () => undefined);
       lines.on('line', (line) => {
-        if (line.startsWith('data: ')) events.push(JSON.parse(line.slice(6)) as CoordinatorEvent);
+        if (!line.startsWith('data: ')) return;
+        const event = JSON.parse(line.slice(6)) as CoordinatorEvent;
+        events.push(event);
+        onEvent(event);
       });
     });
     request.on('error', (error) => (events.length ? undefined : reject(error)));
@@ -80,6 +86,33 @@ export function followEvents(coordinator: CoordinatorProcess): { events: Coordin
     close = () => request.destroy();
   });
   return { events, ready, close: () => close() };
+}
+
+export interface Sample {
+  name: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+/** GETs a Prometheus endpoint (coordinator or agent) with a Bearer token and parses its samples. */
+export async function scrape(url: string, token: string): Promise<Sample[]> {
+  const response = await fetch(url, { headers: { authorization: `Bearer ${token}` } });
+  if (!response.ok) throw new Error(`GET ${url}: HTTP ${response.status}`);
+  const samples: Sample[] = [];
+  for (const line of (await response.text()).split('\n')) {
+    const match = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!match) continue; // # HELP, # TYPE, blank
+    const labels = Object.fromEntries([...(match[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((label) => [label[1]!, label[2]!]));
+    samples.push({ name: match[1]!, labels, value: Number(match[3]) });
+  }
+  return samples;
+}
+
+/** The value of the one sample of `name` whose labels include `labels`; undefined when there is none. */
+export function sampleValue(samples: Sample[], name: string, labels: Record<string, string> = {}): number | undefined {
+  const found = samples.filter((sample) => sample.name === name && Object.entries(labels).every(([key, value]) => sample.labels[key] === value));
+  if (found.length > 1) throw new Error(`${found.length} samples of ${name} match ${JSON.stringify(labels)}`);
+  return found[0]?.value;
 }
 
 /** The most migrations that were running at one time, from started/finished events. */

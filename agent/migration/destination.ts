@@ -28,6 +28,8 @@ export interface DestinationDependencies {
   criu: () => Promise<Criu>;
   journal: MigrationJournal;
   logger: Logger;
+  /** Told how each accepted incoming migration ended, for metrics. */
+  onOutcome?: (outcome: 'succeeded' | 'rolled-back') => void;
 }
 
 /** All incoming migrations of this agent, keyed by migration id. */
@@ -84,6 +86,8 @@ export class DestinationSessions implements PeerHandler {
     const session = new DestinationSession(this.deps, offer, connection, () => this.sessions.delete(offer.migrationId));
     try {
       await session.preflight();
+      // A source that left during preflight was never seen by onPeerClosed: drop what preflight made.
+      if (!connection.open) throw new FerryError('PEER_GONE', 'the source disconnected during preflight');
       this.sessions.set(offer.migrationId, session);
       connection.send({
         type: 'accept',
@@ -114,12 +118,15 @@ export class DestinationSessions implements PeerHandler {
     const entry = await this.deps.journal.read(migrationId);
     const outcome = entry?.state === 'done' ? 'commit' : 'abort';
     connection.send({ type: 'decided', migrationId, decision: outcome });
+    // The container already runs: the images go after the source heard so.
+    if (outcome === 'commit') await (session ? session.dropImages() : this.deps.journal.removeImages(migrationId).catch(() => undefined));
   }
 
   private async finish(session: DestinationSession, decision: 'commit' | 'abort', reason: string): Promise<void> {
     this.sessions.delete(session.migrationId);
     if (decision === 'commit') await session.commit();
     else await session.discard(reason);
+    session.settle(decision === 'commit' ? 'succeeded' : 'rolled-back');
   }
 }
 
@@ -330,10 +337,13 @@ class DestinationSession {
   async commit(): Promise<void> {
     await resumeContainer(this.deps.runtime, this.name);
     await this.deps.journal.update(this.migrationId, 'done');
-    await this.deps.journal.removeImages(this.migrationId);
     this.closeChannels();
     this.releaseName?.();
     this.logger.info({ phase: 'confirm' }, 'container running here');
+  }
+
+  async dropImages(): Promise<void> {
+    await this.deps.journal.removeImages(this.migrationId).catch((error: unknown) => this.logger.warn({ err: error }, 'could not remove images'));
   }
 
   /** Drops everything this migration made here: tasks, cgroup, rootfs, images. */
@@ -352,6 +362,14 @@ class DestinationSession {
   }
 
   private failed = false;
+  private settled = false;
+
+  /** Reports the outcome once, however many paths end the session. */
+  settle(outcome: 'succeeded' | 'rolled-back'): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.deps.onOutcome?.(outcome);
+  }
 
   private async fail(error: unknown): Promise<void> {
     if (this.failed || this.state === 'prepared') return;
@@ -361,6 +379,7 @@ class DestinationSession {
     this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
     this.forget();
     await this.discard(failure.message);
+    this.settle('rolled-back');
   }
 
   private closeChannels(): void {

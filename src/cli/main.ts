@@ -274,6 +274,15 @@ program
     print(hostsTable(hosts), { hosts });
   });
 
+program
+  .command('undrain <host>')
+  .description('let placement use a host again after an evacuation, without moving anything back')
+  .option('--coordinator <url>', 'coordinator URL, with --token (default: the config\'s "coordinator")')
+  .action(async (host: string, options: CoordinatorOptions) => {
+    const view = await (await coordinatorClient(options)).undrain(host);
+    print(`${view.name} is schedulable again`, { host: view });
+  });
+
 try {
   if (process.argv[2] === 'agent') {
     process.argv = [process.argv[0]!, 'ferry-agent', ...process.argv.slice(3)];
