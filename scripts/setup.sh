@@ -3,10 +3,12 @@
 #   bash scripts/setup.sh            (from any directory)
 # Steps: Node >= 22.18, npm dependencies, apt packages, CRIU >= 4.0 (on
 # Debian 12: Debian 13's CRIU in a private prefix, see
-# shared/reference/platform.md), .build/env, native helpers and test rootfs.
+# shared/reference/platform.md), .build/env, native helpers and test rootfs,
+# the VM test lane (QEMU and a Debian kernel, scripts/build-vm.sh).
 # When there is nothing to do it finishes in a few seconds.
 # Environment: FERRY_CRIU (use this CRIU, no provisioning), FERRY_CRIU_PREFIX
-# (where to provision the private CRIU; default /opt/ferry/criu).
+# (where to provision the private CRIU; default /opt/ferry/criu), FERRY_VM=0
+# (no VM test lane: its tests are skipped).
 set -euo pipefail
 
 root="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
@@ -299,5 +301,17 @@ for s in build-native build-rootfs; do
     info "scripts/$s.sh not present yet: skipped"
   fi
 done
+
+# --- 7. VM test lane ---------------------------------------------------------
+# A Debian kernel (which has soft-dirty) under QEMU, for the tests of native
+# pre-copy (test/vm/lane.ts). FERRY_VM=0 skips it, e.g. for the demo alone.
+step "VM test lane (.build/vm)"
+if [[ "${FERRY_VM:-1}" == 0 ]]; then
+  info "skipped (FERRY_VM=0)"
+else
+  if ! bash "$root/scripts/build-vm.sh" 2>&1 | sed "s/^/    /"; then
+    die "scripts/build-vm.sh failed (see above); FERRY_VM=0 skips the VM lane"
+  fi
+fi
 
 step "setup done"

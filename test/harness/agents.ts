@@ -14,7 +14,9 @@ import { HarnessError, spawnInNetns } from './system.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const DEFAULT_PORT = 7070;
-const READY_TIMEOUT_MS = 20_000;
+// An agent is ready in about a second here; under the VM lane's emulation it can
+// take 10-30 s, so test/vm/lane.ts raises this through the environment.
+const READY_TIMEOUT_MS = Number(process.env.FERRY_TEST_AGENT_READY_MS) || 20_000;
 const STOP_GRACE_MS = 5_000;
 /** Lines of output quoted in errors. */
 const OUTPUT_TAIL = 40;
