@@ -311,6 +311,8 @@ export class MigrationSource {
       pagesSkippedParent: measurement.pagesSkippedParent,
       pagesScanned: measurement.pagesScanned,
       bytesSent: measurement.bytesSent,
+      startMs: roundMs(startedMs - (this.rounds[0]?.startedMs ?? startedMs)),
+      criuMs: roundMs(dumpedMs - startedMs),
       durationMs: roundMs(sentMs - startedMs),
       frozenMs: roundMs((stats?.frozenTime ?? 0) / 1000),
     };

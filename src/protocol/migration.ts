@@ -22,6 +22,10 @@ export const roundReportSchema = z.object({
   pagesSkippedParent: z.number(),
   pagesScanned: z.number(),
   bytesSent: z.number(),
+  /** When CRIU started, from the first round's start. */
+  startMs: z.number(),
+  /** CRIU's run time. */
+  criuMs: z.number(),
   /** From CRIU's start to the round's last byte handed to the link. */
   durationMs: z.number(),
   /** How long CRIU kept the tasks frozen to collect the round's pages. */
