@@ -433,7 +433,10 @@ export class MigrationSource {
     // Test fault: the agent dies between writing the decision and sending it.
     if (faultActive('die-after-commit')) process.kill(process.pid, 'SIGKILL');
     this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' });
-    await this.deps.runtime.cgroup(this.request.name).kill();
+    // The frozen copy cannot run, so it dies while the destination resumes;
+    // freeing a large memory takes a while and is not downtime.
+    const killed = this.deps.runtime.cgroup(this.request.name).kill();
+    killed.catch(() => undefined); // awaited below; not unhandled meanwhile
     try {
       await this.peer!.expect('decided', 60_000, 'confirm');
       this.runningAt = performance.now();
@@ -442,6 +445,8 @@ export class MigrationSource {
       // Committed but unconfirmed: recovery re-delivers the decision.
       this.logger.error({ err: error }, 'destination did not confirm the commit; will retry');
       return false;
+    } finally {
+      await killed;
     }
   }
 

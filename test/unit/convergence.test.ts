@@ -105,3 +105,38 @@ describe('convergence policy', () => {
     expect(ratio).toBeLessThan(2.1);
   });
 });
+
+describe('convergence policy on rounds recorded in the VM lane', () => {
+  // test/vm-precopy.test.ts, 2026-11-28, memload 32 MiB under QEMU TCG: the
+  // pages and durations are the report's; CRIU's share of each round was not
+  // recorded then and is taken as the whole round (startMs/criuMs are now in
+  // the report for later recordings).
+  function recorded(...entries: Array<{ pagesWritten: number; pagesSkippedParent: number; pagesScanned: number; durationMs: number; bytesSent: number }>): RoundMeasurement[] {
+    let clock = 0;
+    return entries.map((entry) => {
+      const startedMs = clock;
+      clock += entry.durationMs;
+      return { ...entry, startedMs, dumpedMs: clock, sentMs: clock };
+    });
+  }
+
+  it('idle: stops after round 2, the budget out of reach because restoring 32 MiB costs seconds there', () => {
+    const rounds = recorded(
+      { pagesWritten: 8216, pagesSkippedParent: 0, pagesScanned: 8444, durationMs: 11633.7, bytesSent: 33657856 },
+      { pagesWritten: 3, pagesSkippedParent: 8213, pagesScanned: 8444, durationMs: 1879.5, bytesSent: 17408 },
+    );
+    expect(decide(rounds.slice(0, 1), options).next).toBe('pre-dump');
+    const decision = decide(rounds, options);
+    expect(decision).toMatchObject({ next: 'dump', reason: 'budget-unreachable' });
+    // The final dump of that run wrote 3 pages.
+    expect(decision.prediction!.finalPages).toBeLessThanOrEqual(3);
+  });
+
+  it('busy (128 MiB/s of dirtying): stops after round 2, not shrinking', () => {
+    const rounds = recorded(
+      { pagesWritten: 8217, pagesSkippedParent: 0, pagesScanned: 8444, durationMs: 7926, bytesSent: 33661952 },
+      { pagesWritten: 8205, pagesSkippedParent: 12, pagesScanned: 8444, durationMs: 9741.1, bytesSent: 33612800 },
+    );
+    expect(decide(rounds, options)).toMatchObject({ next: 'dump', reason: 'not-shrinking' });
+  });
+});
