@@ -287,7 +287,13 @@ export class MigrationSource {
     });
     const shipping = this.shipPages(run, imagesDir, round);
     let dumpedMs = startedMs;
-    const [stats, pages] = await Promise.all([run.done.finally(() => (dumpedMs = performance.now())), shipping]);
+    const [stats, pages] = await Promise.all([run.done.finally(() => (dumpedMs = performance.now())), shipping]).catch(
+      async (error: unknown) => {
+        // As with the final dump: CRIU holds the tasks while it collects pages; let it let go first.
+        await withTimeout(run.done, 60_000, 'the interrupted pre-dump', 'precopy').catch(() => run.kill());
+        throw error;
+      },
+    );
     this.pageImages.push(...pages);
     const digests = new Map<string, string>();
     const rest = await this.filesSender.sendStream(`round-${round}`, packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
