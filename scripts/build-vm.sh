@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the VM test lane into .build/vm/ (idempotent; a few ms when built):
-# a Debian 12 distribution kernel, which has soft-dirty memory tracking (this
-# machine's kernel does not, so `criu pre-dump --track-mem` cannot run here),
-# booted by QEMU with software emulation (test/vm/lane.ts). See
-# shared/reference/vm-lane.md.
+# a Debian distribution kernel (the one the archive's linux-image-amd64 points
+# to), which has soft-dirty memory tracking (this machine's kernel does not, so
+# `criu pre-dump --track-mem` cannot run here), booted by QEMU with software
+# emulation (test/vm/lane.ts). See the README's "The VM lane".
 #   vmlinux      the uncompressed kernel (QEMU boots it directly: no
 #                decompressor to run under emulation)
 #   initrd.cpio  busybox, the modules below, test/vm/guest-init.sh as /init
@@ -21,7 +21,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Loaded at boot (guest-init.sh reads etc/modules): virtio and 9p for the
 # shared host filesystem, overlay, an entropy source for Node, and what CRIU's
-# feature detection and the test hosts need (vm-lane.md: crc32c_generic before
+# feature detection and the test hosts need (crc32c_generic before
 # libcrc32c, nf_tables, the *_diag socket modules, tun, veth, bridge).
 preload=(virtio_pci virtio_rng 9pnet_virtio 9p overlay
   crc32c_generic nf_tables nft_compat tun veth bridge

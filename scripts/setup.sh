@@ -304,7 +304,7 @@ done
 
 # --- 7. VM test lane ---------------------------------------------------------
 # A Debian kernel (which has soft-dirty) under QEMU, for the tests of native
-# pre-copy (test/vm/lane.ts). FERRY_VM=0 skips it, e.g. for the demo alone.
+# pre-copy (test/vm/lane.ts). FERRY_VM=0 skips it (run.sh demo does).
 step "VM test lane (.build/vm)"
 if [[ "${FERRY_VM:-1}" == 0 ]]; then
   info "skipped (FERRY_VM=0)"

@@ -2,7 +2,7 @@
 // frozen on A (running nowhere), B drops its partial copy, and the restarted
 // source agent reads its journal, finds no commit, and thaws the container,
 // which goes on with its memory intact. Never both, never neither for good.
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import {
@@ -64,6 +64,11 @@ it('rolls back on the source after its agent was killed mid-dump and restarted',
   expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
   expect(await requestChecksum(restarted, name)).toBe(checksum);
   expect(await requestVerify(restarted, name)).toMatch(/^verify ok /);
+  // The interrupted migration's images are gone; its journal and CRIU logs stay.
+  const migrations = join(a.host.stateDir, 'migrations');
+  for (const id of await readdir(migrations)) {
+    expect(await readdir(join(migrations, id))).not.toEqual(expect.arrayContaining(['images']));
+  }
   await waitUntilClean(b, name);
   await restarted.client.request('remove', { name, force: true });
 });

@@ -92,7 +92,7 @@ export class DestinationSessions implements PeerHandler {
       connection.send({
         type: 'accept',
         migrationId: offer.migrationId,
-        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion, memoryTracking: session.memoryTracking },
+        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion, memoryTracking: session.memoryTracking, freeBytes: session.freeBytes },
       });
     } catch (error) {
       // Whatever refused the offer (a missing CRIU says 'setup'), the migration failed in preflight.
@@ -156,6 +156,7 @@ class DestinationSession {
   state: 'receiving' | 'prepared' = 'receiving';
   criuVersion = '';
   memoryTracking = false;
+  freeBytes = 0;
   private readonly deps: DestinationDependencies;
   private readonly offer: Offer;
   private criu!: Criu;
@@ -213,6 +214,7 @@ class DestinationSession {
     if (cpuProblem) throw new FerryError('INCOMPATIBLE', `CPU of this host cannot run the source's images: ${cpuProblem}`);
     const needed = Math.ceil((this.offer.needs.rootfsBytes + this.offer.needs.memoryBytes) * 1.2);
     const free = await freeBytes(this.deps.runtime.store.root);
+    this.freeBytes = free;
     if (free < needed) throw new FerryError('NO_SPACE', `needs ${needed} bytes in the state directory, ${free} free`);
     await this.deps.runtime.cgroup(this.name).create();
     if (this.offer.spec.privateNetwork) await canCreateNetworkNamespace();
@@ -254,20 +256,24 @@ class DestinationSession {
       rounds += 1;
       const directory = this.roundDirectory(rounds);
       await mkdir(directory, { recursive: true });
-      await this.unpackStream(stream, stream.name, directory);
+      await this.unpackStream(stream, stream.name, directory, { images: true });
+      // The chain's links are made here, never taken from the source (O_EXCL-like: symlink fails if one exists).
       if (rounds > 1) await symlink(`../${rounds - 1}`, join(directory, 'parent'));
       stream = await receiver.next();
     }
     await this.unpackStream(stream, 'rootfs-delta', rootfs);
+    await this.unpackStream(await receiver.next(), 'images', this.imagesDir, { images: true });
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
-    await this.unpackStream(await receiver.next(), 'images', this.imagesDir);
   }
 
-  private async unpackStream(stream: IncomingStream, expected: string, into: string): Promise<void> {
+  private async unpackStream(stream: IncomingStream, expected: string, into: string, options: { images?: boolean } = {}): Promise<void> {
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`);
+    if (stream.deleted.length && expected !== 'rootfs-delta') {
+      throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
+    }
     for (const path of stream.deleted) rmSync(resolveInside(into, path), { recursive: true, force: true });
     const digests = new Map<string, string>();
-    const [, end] = await Promise.all([unpackInto(into, stream.body, digests), stream.end]);
+    const [, end] = await Promise.all([unpackInto(into, stream.body, digests, { flatFilesOnly: options.images }), stream.end]);
     const problems = compareDigests(new Map(Object.entries(end.files ?? {})), digests);
     if (problems.length) {
       throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });

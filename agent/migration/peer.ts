@@ -76,6 +76,14 @@ export class PeerLink {
     if (this.socket.readyState === this.socket.OPEN) this.socket.send(JSON.stringify(message));
   }
 
+  /** Throws what ended the link (an abort from the peer, or its loss); returns while it is healthy. */
+  ensureAlive(phase: Phase): void {
+    const abort = this.inbox.find((message) => message.type === 'abort');
+    if (abort) throw this.abortError(abort as MessageOf<'abort'>, phase);
+    if (this.failure) throw new FerryError(this.failure.code, this.failure.message, { phase });
+    if (this.socket.readyState !== this.socket.OPEN) throw new FerryError('PEER_GONE', `the link to ${this.peerName} is closed`, { phase });
+  }
+
   async expect<T extends PeerMessage['type']>(type: T, timeoutMs: number, phase: Phase): Promise<MessageOf<T>> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {

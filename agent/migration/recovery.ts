@@ -44,6 +44,8 @@ async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, lo
     await deps.runtime.destroy(entry.container);
     logger.warn('interrupted outgoing migration was committed: local copy removed');
   }
+  // Images and pre-dump rounds can be as large as the container's memory.
+  await deps.journal.removeImages(entry.migrationId).catch((error: unknown) => logger.warn({ err: error }, 'could not remove images'));
   if (entry.destination) void deliverDecision(deps, entry, decision, logger);
 }
 

@@ -18,6 +18,7 @@ import { faultActive, faultNumber } from '../../src/transport/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
+import { freeBytes } from '../../src/host/doctor.ts';
 import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
@@ -50,9 +51,11 @@ export interface MigrateRequest {
 }
 
 /**
- * One outgoing migration, top to bottom: preflight, freeze, snapshot + dump +
- * stream (overlapped), restore on the destination, the commit decision,
- * cleanup. Any failure before the decision thaws the container here.
+ * One outgoing migration, top to bottom: preflight, pre-copy (rootfs pass 1,
+ * then pre-dump rounds where both kernels track dirty memory), freeze,
+ * snapshot + dump + stream (overlapped), restore on the destination, the
+ * commit decision, cleanup. Any failure before the decision thaws the
+ * container here.
  */
 export class MigrationSource {
   /** Containers with an outgoing migration in this agent, so two requests cannot both pass the status check. */
@@ -71,6 +74,9 @@ export class MigrationSource {
   private pagesSender!: ChannelSender;
   /** Whether the destination's kernel tracks dirty memory (from its accept). */
   private peerMemoryTracking = false;
+  private peerFreeBytes: number | undefined;
+  /** What preflight measured: the rootfs and the resident memory. */
+  private needs = { rootfsBytes: 0, memoryBytes: 0 };
   /** Set when memory moves stop-and-copy although pre-copy was asked for or allowed. */
   private strategyNote: string | undefined;
   private readonly rounds: RoundMeasurement[] = [];
@@ -210,6 +216,7 @@ export class MigrationSource {
     const rootfsBytes = await directorySize(this.deps.runtime.store.rootfs(this.request.name));
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);
+    this.needs = { rootfsBytes, memoryBytes };
     this.peer.send({
       type: 'offer',
       migrationId: this.migrationId,
@@ -221,6 +228,7 @@ export class MigrationSource {
     });
     const accept = await this.peer.expect('accept', 60_000, 'preflight');
     this.peerMemoryTracking = accept.destination.memoryTracking;
+    this.peerFreeBytes = accept.destination.freeBytes;
     // Data channels are opened before the freeze so their set-up is not downtime.
     const [files, pages] = await Promise.all([
       this.peer.openChannel(this.migrationId, 'files'),
@@ -259,8 +267,9 @@ export class MigrationSource {
   /** Pre-dump rounds while the container runs, until the convergence policy calls the final dump. */
   private async preDumpRounds(): Promise<void> {
     const { maxDowntimeMs, maxRounds } = this.request.options;
+    const space = await this.roundSpace();
     for (;;) {
-      const decision = decide(this.rounds, { maxDowntimeMs, maxRounds });
+      const decision = decide(this.rounds, { maxDowntimeMs, maxRounds, space });
       const last = this.roundReports.at(-1);
       if (last && decision.prediction) last.predictedDowntimeMs = decision.prediction.downtimeMs;
       if (decision.next === 'dump') {
@@ -269,8 +278,21 @@ export class MigrationSource {
         return;
       }
       if (this.stopReason) throw this.stopReason;
+      // A destination that gave up or died must not cost more rounds (each one freezes the container briefly).
+      this.peer!.ensureAlive('precopy');
       await this.preDumpRound(this.rounds.length + 1);
     }
+  }
+
+  /**
+   * Both hosts keep every round until the end, on top of what a stop-and-copy
+   * needs (the destination's preflight reserved 1.2 × rootfs + memory).
+   */
+  private async roundSpace(): Promise<{ bytes: number; residentBytes: number }> {
+    const reserved = 1.2 * (this.needs.rootfsBytes + this.needs.memoryBytes);
+    const here = await freeBytes(this.directory);
+    const there = this.peerFreeBytes ?? here;
+    return { bytes: Math.max(0, Math.min(here, there) - reserved), residentBytes: this.needs.memoryBytes };
   }
 
   /** One round: CRIU writes the pages dirtied since the last round, which go out as they are written, then its other images. */
@@ -442,7 +464,6 @@ export class MigrationSource {
     // The frozen copy cannot run, so it dies while the destination resumes;
     // freeing a large memory takes a while and is not downtime.
     const killed = this.deps.runtime.cgroup(this.request.name).kill();
-    killed.catch(() => undefined); // awaited below; not unhandled meanwhile
     try {
       await this.peer!.expect('decided', 60_000, 'confirm');
       this.runningAt = performance.now();
@@ -452,7 +473,8 @@ export class MigrationSource {
       this.logger.error({ err: error }, 'destination did not confirm the commit; will retry');
       return false;
     } finally {
-      await killed;
+      // The copy is frozen and can never run; a slow kill is logged, it does not undo the commit.
+      await killed.catch((error: unknown) => this.logger.error({ err: error }, 'could not kill the frozen copy; cleanup retries'));
     }
   }
 

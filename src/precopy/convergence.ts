@@ -9,8 +9,6 @@
 // when the budget is out of reach because of costs more rounds cannot cut, or
 // at the round limit.
 
-export const pageBytes = 4096;
-
 /** One pre-dump round as the source measured it; times in ms on one monotonic clock. */
 export interface RoundMeasurement {
   /** When CRIU started the round (it freezes the tasks right away). */
@@ -29,6 +27,11 @@ export interface RoundMeasurement {
 export interface ConvergenceOptions {
   maxDowntimeMs: number;
   maxRounds: number;
+  /**
+   * Disk both hosts can give the rounds (beyond what the final dump needs),
+   * and the resident memory, which is what a first round writes.
+   */
+  space?: { bytes: number; residentBytes: number };
 }
 
 export type StopReason =
@@ -38,7 +41,9 @@ export type StopReason =
   | 'not-shrinking'
   /** What more rounds could save is small next to costs they cannot cut (restore, CRIU start). */
   | 'budget-unreachable'
-  | 'max-rounds';
+  | 'max-rounds'
+  /** Another round might not fit on the disk of either host: rounds are kept until the restore. */
+  | 'no-space';
 
 export interface Prediction {
   /** Pages the final dump is expected to write. */
@@ -50,7 +55,7 @@ export interface Prediction {
 
 export type Decision = { next: 'pre-dump'; prediction?: Prediction } | { next: 'dump'; reason: StopReason; prediction?: Prediction };
 
-/** A round that shrank by less than this against the previous one is not converging. */
+/** A round that wrote more than this share of the previous round's pages is not converging. */
 export const shrinkFactor = 0.8;
 /** Another round is worth it only if it can save at least this share of the predicted downtime. */
 const minimumGain = 0.1;
@@ -86,11 +91,15 @@ export function predict(rounds: RoundMeasurement[]): Prediction | undefined {
 
 /** What to do after the rounds so far. */
 export function decide(rounds: RoundMeasurement[], options: ConvergenceOptions): Decision {
-  if (rounds.length === 0) return options.maxRounds > 0 ? { next: 'pre-dump' } : { next: 'dump', reason: 'max-rounds' };
+  if (rounds.length === 0) {
+    if (options.maxRounds === 0) return { next: 'dump', reason: 'max-rounds' };
+    return outOfSpace(rounds, options) ? { next: 'dump', reason: 'no-space' } : { next: 'pre-dump' };
+  }
   const prediction = predict(rounds);
   const stop = (reason: StopReason): Decision => ({ next: 'dump', reason, ...(prediction ? { prediction } : {}) });
   if (prediction && prediction.downtimeMs <= options.maxDowntimeMs) return stop('within-budget');
   if (rounds.length >= options.maxRounds) return stop('max-rounds');
+  if (outOfSpace(rounds, options)) return stop('no-space');
   if (!prediction) return { next: 'pre-dump' };
 
   const last = rounds.at(-1)!;
@@ -101,6 +110,14 @@ export function decide(rounds: RoundMeasurement[], options: ConvergenceOptions):
     return stop('budget-unreachable');
   }
   return { next: 'pre-dump', prediction };
+}
+
+/** Whether the next round, taken as large as the last one (or as the resident memory for the first), may not fit. */
+function outOfSpace(rounds: RoundMeasurement[], options: ConvergenceOptions): boolean {
+  if (!options.space) return false;
+  const spent = rounds.reduce((sum, entry) => sum + entry.bytesSent, 0);
+  const next = rounds.at(-1)?.bytesSent ?? options.space.residentBytes;
+  return spent + next > options.space.bytes;
 }
 
 function round(ms: number): number {

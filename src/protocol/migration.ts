@@ -35,7 +35,7 @@ export const roundReportSchema = z.object({
 });
 export type RoundReport = z.infer<typeof roundReportSchema>;
 
-export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachable', 'max-rounds'] as const;
+export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachable', 'max-rounds', 'no-space'] as const;
 
 export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: z.number() });
 
@@ -95,7 +95,13 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     type: z.literal('accept'),
     migrationId,
     /** memoryTracking: this kernel has soft-dirty, so pre-copy is possible if the source has it too. */
-    destination: z.object({ host: z.string(), criuVersion: z.string(), memoryTracking: z.boolean().default(false) }),
+    destination: z.object({
+      host: z.string(),
+      criuVersion: z.string(),
+      memoryTracking: z.boolean().default(false),
+      /** Free bytes in its state directory, which bounds the pre-dump rounds it keeps. */
+      freeBytes: z.number().optional(),
+    }),
   }),
   /** The destination has applied rootfs pass 1, so the freeze will not compete with unpacking it. */
   z.object({ type: z.literal('staged'), migrationId }),

@@ -2,7 +2,7 @@ import type { Hash } from 'node:crypto';
 import { Transform } from 'node:stream';
 
 /**
- * Write streams for bulk data get a few MiB of buffer: with the default 16 KiB
+ * Write streams for bulk data get 1 MiB of buffer: with the default 16 KiB
  * each 64 KiB chunk waited for its own thread-pool write, which capped a
  * stream at one write's latency (~65 MB/s on a busy host); with room to
  * queue, Node writes the queued chunks together.

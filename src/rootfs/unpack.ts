@@ -42,6 +42,7 @@ export async function unpackInto(
   root: string,
   source: Readable,
   digests?: Map<string, string>,
+  options: { flatFilesOnly?: boolean } = {},
 ): Promise<UnpackSummary> {
   mkdirSync(root, { recursive: true });
   const extract = tar.extract();
@@ -53,6 +54,10 @@ export async function unpackInto(
     for await (const entry of extract) {
       const header = entry.header;
       const path = resolveInside(root, header.name);
+      // CRIU image directories hold plain files only; a link there would steer `criu restore`.
+      if (options.flatFilesOnly && (!['file', 'contiguous-file'].includes(header.type ?? '') || header.name.includes('/'))) {
+        throw unsafe(header.name, 'an image stream holds only plain files at its top level');
+      }
       summary.entries += 1;
       switch (header.type) {
         case 'directory':

@@ -53,6 +53,7 @@ export class ChannelSender {
     }
     const sha256 = hash.digest('hex');
     await this.drain();
+    if (this.socket.readyState !== this.socket.OPEN) throw peerGone();
     this.sendControl({ type: 'stream-end', bytes, sha256, ...(files ? { files: files() } : {}) });
     return { bytes, sha256 };
   }
@@ -62,6 +63,8 @@ export class ChannelSender {
   }
 
   async sendBinary(chunk: Buffer): Promise<void> {
+    // ws only reports a send after close to the callback: without this a dead channel would look like a fast one.
+    if (this.socket.readyState !== this.socket.OPEN) throw peerGone();
     this.cork();
     this.framesSent += 1;
     const data = this.framesSent === this.corruptFrame ? corrupt(chunk) : chunk;

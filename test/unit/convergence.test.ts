@@ -89,6 +89,21 @@ describe('convergence policy', () => {
     expect(decide(sequence, { ...options, maxRounds: 3 })).toMatchObject({ next: 'dump', reason: 'max-rounds' });
   });
 
+  it('does not start, or stops, when the next round may not fit on disk', () => {
+    const resident = 256 * MiB * 4096;
+    expect(decide([], { ...options, space: { bytes: resident - 1, residentBytes: resident } })).toEqual({ next: 'dump', reason: 'no-space' });
+    expect(decide([], { ...options, space: { bytes: resident, residentBytes: resident } })).toEqual({ next: 'pre-dump' });
+    const sequence = rounds(
+      { pages: 1024 * MiB, dumpMs: 2000, sendMs: 16_000, scanned: 1024 * MiB },
+      { pages: 600 * MiB, dumpMs: 1200, sendMs: 9400, scanned: 1024 * MiB },
+    );
+    const spent = sequence.reduce((sum, entry) => sum + entry.bytesSent, 0);
+    // Room for the rounds so far but not for another as large as the last: stop.
+    const tight = { bytes: spent + sequence[1]!.bytesSent - 1, residentBytes: 1024 * MiB * 4096 };
+    expect(decide(sequence, { ...options, space: tight })).toMatchObject({ next: 'dump', reason: 'no-space' });
+    expect(decide(sequence, { ...options, space: { ...tight, bytes: tight.bytes + 1 } }).next).toBe('pre-dump');
+  });
+
   it('never predicts more final pages than are resident', () => {
     const sequence = rounds(
       { pages: 4 * MiB, dumpMs: 10, sendMs: 10, scanned: 4 * MiB },

@@ -192,3 +192,27 @@ describe('packDirectory → unpackInto', () => {
     }
   });
 });
+
+describe('unpackInto for CRIU image streams (flatFilesOnly)', () => {
+  const flat = (entries: Entry[]) => unpackInto(target, archiveOf(entries), undefined, { flatFilesOnly: true });
+
+  it('takes plain top-level files', async () => {
+    await flat([{ name: 'pagemap-1.img', body: 'p' }, { name: 'inventory.img', body: 'i' }]);
+    expect(readdirSync(target).sort()).toEqual(['inventory.img', 'pagemap-1.img']);
+  });
+
+  it.each([
+    ['a parent link, which would steer criu restore', { name: 'parent', type: 'symlink', linkname: '../../other-migration/images' }],
+    ['a symlink image', { name: 'pages-1.img', type: 'symlink', linkname: '/etc/shadow' }],
+    ['a hard link', { name: 'pages-2.img', type: 'link', linkname: 'pagemap-1.img' }],
+    ['a nested file', { name: 'sub/pages-1.img', body: 'x' }],
+    ['a directory', { name: 'sub/', type: 'directory' }],
+  ] as Array<[string, Entry]>)('refuses %s', async (_what, entry) => {
+    const error = await flat([{ name: 'pagemap-1.img', body: 'p' }, entry]).then(
+      () => new Error('the archive was accepted'),
+      (reason: unknown) => reason,
+    );
+    expect((error as FerryError).code).toBe('UNSAFE_ARCHIVE');
+    expect(readdirSync(target)).not.toContain('parent');
+  });
+});

@@ -78,10 +78,6 @@ export function vmLaneMissing(): string | undefined {
   return undefined;
 }
 
-export function vmLaneAvailable(): boolean {
-  return vmLaneMissing() === undefined;
-}
-
 export async function runInVm(options: VmOptions): Promise<VmResult> {
   const missing = vmLaneMissing();
   if (missing) throw new Error(`VM lane unavailable: ${missing}`);
@@ -166,7 +162,7 @@ function qemuArgs(options: VmOptions, repo: string, jobDir: string): string[] {
     `local,path=${path},mount_tag=${tag},security_model=passthrough,multidevs=remap${readonly ? ',readonly=on' : ''}`,
   ];
   return [
-    // KVM does not work on this machine's paravirtual /dev/kvm (vm-lane.md)
+    // KVM cannot run a stock kernel on this machine's paravirtual /dev/kvm (or there is none)
     ...['-accel', 'tcg', '-cpu', 'max'],
     ...['-m', String(options.memoryMiB ?? 2048), '-smp', String(options.cpus ?? 2)],
     // -nodefaults: no VGA, NIC or disk to emulate; the serial console on stdio
