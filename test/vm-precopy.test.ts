@@ -25,6 +25,8 @@ beforeAll(async () => {
     outDir,
   });
   if (run.exitCode !== 0) throw new Error(`the guest scenario exited with ${run.exitCode}:\n${run.output.slice(-4000)}`);
+  const retried = /^an agent died while starting.*$/m.exec(run.output);
+  if (retried) console.warn(`VM lane: ${retried[0]}`);
   results = JSON.parse(await readFile(join(outDir, 'results.json'), 'utf8')) as ScenarioResult[];
 }, 11 * 60_000);
 
