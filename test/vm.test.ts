@@ -64,6 +64,9 @@ describe.skipIf(skipped)('VM lane (Debian kernel under QEMU)', () => {
     expect(rc, context).toBe(0);
     expect(out, context).toMatch(/web host-a → host-b: succeeded/);
     expect(out, context).toMatch(/host-b\s+web\s+running/);
+    // This kernel tracks dirty memory: the demo's default strategy (auto) moved memory in pre-dump rounds.
+    expect(out, context).toMatch(/strategy precopy/);
+    expect(out, context).toMatch(/Pre-copy: [1-9]\d* rounds, stopped: [a-z-]+/);
     const leftovers = await check('leftovers');
     expect(leftovers.out.trim(), 'left behind in the guest').toBe('');
   });
