@@ -34,7 +34,11 @@ export interface VmOptions {
   env?: Record<string, string>;
   /** Default 2048. */
   memoryMiB?: number;
-  /** vCPUs; default 2 (TCG runs one host thread each: the smoke test took 84 s against 96 s with 1). */
+  /**
+   * vCPUs; default 1. With 2 (multi-threaded TCG) agents died while starting
+   * in 2 of 3 pre-copy scenario runs (a V8 internal check); with 1, 4 of 4
+   * ran clean, about 25 % slower.
+   */
   cpus?: number;
   /** Boot, command and power-off together; QEMU is killed when it runs out. */
   timeoutMs: number;
@@ -166,7 +170,7 @@ function qemuArgs(options: VmOptions, repo: string, jobDir: string): string[] {
     // No AVX: QEMU 7.2 was the first to emulate it, and an agent once died in
     // the guest on a V8 internal check; V8 runs fine on SSE4.2 alone.
     ...['-accel', 'tcg', '-cpu', 'max,-avx,-avx2,-fma,-f16c,-avx512f'],
-    ...['-m', String(options.memoryMiB ?? 2048), '-smp', String(options.cpus ?? 2)],
+    ...['-m', String(options.memoryMiB ?? 2048), '-smp', String(options.cpus ?? 1)],
     // -nodefaults: no VGA, NIC or disk to emulate; the serial console on stdio
     // is the guest's output (-nographic, without the monitor mixed in)
     ...['-nodefaults', '-no-user-config', '-display', 'none', '-serial', 'stdio', '-no-reboot'],
