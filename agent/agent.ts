@@ -154,9 +154,10 @@ function lazyCriu(explicitPath: string | undefined, probeCache: string): () => P
 async function capabilities(criu: () => Promise<Criu>): Promise<Capability[]> {
   const found = await criu().catch(() => undefined);
   if (!found) return [{ name: 'criu', ok: false, value: 'missing', required: true }];
-  const dirty = await found.check('mem_dirty_track');
+  // Asked once per agent (every heartbeat's info lands here), not a CRIU run each time.
+  const tracking = await found.memoryTracking();
   return [
     { name: 'criu', ok: true, value: found.version.text, required: true },
-    { name: 'memory dirty tracking', ok: !dirty, value: dirty ? 'absent' : 'present', required: false },
+    { name: 'memory dirty tracking', ok: tracking, value: tracking ? 'present' : 'absent', required: false },
   ];
 }
