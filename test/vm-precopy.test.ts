@@ -10,10 +10,7 @@ import type { ScenarioResult } from './vm/precopy-scenario.ts';
 import { runInVm, vmLaneMissing } from './vm/lane.ts';
 
 // FERRY_VM=0 (no VM lane built) skips these; otherwise a missing lane is a failure, not a silent skip.
-// Opt-in (npm run test:vm sets FERRY_VM_PRECOPY=1): with two emulated vCPUs this
-// scenario failed 3 times in 9 (V8 died while an agent started, twice; one final
-// dump hung); the lane now boots one vCPU, clean in 4 runs of 4 so far.
-const skipped = process.env.FERRY_VM === '0' || process.env.FERRY_VM_PRECOPY !== '1';
+const skipped = process.env.FERRY_VM === '0';
 const missing = vmLaneMissing();
 let outDir: string;
 let results: ScenarioResult[] = [];
