@@ -385,6 +385,11 @@ export class MigrationSource {
    * images go out while CRIU writes them. The other images follow.
    */
   private async snapshotDumpAndStream(): Promise<void> {
+    const cgroup = this.deps.runtime.cgroup(this.request.name);
+    const parent = this.rounds.length ? `../rounds/${this.rounds.length}` : undefined;
+    // CRIU first: the rootfs walk below is synchronous, and the tasks are frozen
+    // either way, so the files cannot change while CRIU runs.
+    const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const rootfs = this.timer.run('snapshot', async () => {
       const delta = diffRootfs(root, this.rootfsManifest);
@@ -395,9 +400,6 @@ export class MigrationSource {
         deleted: delta.deleted,
       });
     });
-    const cgroup = this.deps.runtime.cgroup(this.request.name);
-    const parent = this.rounds.length ? `../rounds/${this.rounds.length}` : undefined;
-    const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
       const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir)]);
