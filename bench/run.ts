@@ -28,11 +28,33 @@ const env = Object.fromEntries(
     .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
 ) as Record<string, string>;
 
+interface FerryRun {
+  downtimeMs: number;
+  totalMs: number;
+  phases: MigrationReport['phases'];
+  bytes: MigrationReport['bytes'];
+  criu: MigrationReport['criu'];
+}
+
+/**
+ * Each size runs `reps` pairs in alternating order (ferry first, then the
+ * baseline first, ...): on this VM the first large run after a pause is the
+ * slowest, and a single pair moves by ±30 %. Ratios are of the medians.
+ */
 interface SizeResult {
   mib: number;
-  ferry: { downtimeMs: number; totalMs: number; phases: MigrationReport['phases']; bytes: MigrationReport['bytes'] };
-  baseline: BaselineResult & { totalMs: number };
+  ferry: FerryRun[];
+  baseline: Array<BaselineResult & { totalMs: number }>;
+  median: { ferryDowntimeMs: number; baselineDowntimeMs: number; ferryTotalMs: number; baselineTotalMs: number };
   downtimeRatio: number;
+}
+
+const reps = Number(process.env.FERRY_BENCH_REPS ?? 3);
+const ratio = (x: number, y: number) => Math.round((x / y) * 100) / 100;
+function median(values: number[]): number {
+  const sorted = [...values].sort((x, y) => x - y);
+  const middle = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
 }
 
 const memload = (name: string, mib: number) => ({
@@ -53,7 +75,7 @@ async function waitReady(client: AgentClient, name: string): Promise<void> {
   throw new Error(`${name} never became ready`);
 }
 
-async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number) {
+async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<FerryRun> {
   const name = `ferry-${mib}`;
   await a.request('run', { spec: memload(name, mib) });
   await waitReady(a, name);
@@ -63,7 +85,8 @@ async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClie
     options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 },
   });
   await clientB.request('remove', { name, force: true });
-  return report;
+  const { downtimeMs, totalMs, phases, bytes, criu } = report;
+  return { downtimeMs, totalMs, phases, bytes, criu };
 }
 
 async function baselineRun(a: AgentClient, hostA: Host, hostB: Host, mib: number): Promise<BaselineResult & { totalMs: number }> {
@@ -154,16 +177,32 @@ try {
   const [clientA, clientB] = clients as [AgentClient, AgentClient];
   const results: SizeResult[] = [];
   for (const mib of parts.has('memory') ? sizes : []) {
-    process.stderr.write(`bench: ${mib} MiB: ferry…\n`);
-    const report = await ferryRun(clientA, agents[1]!, clientB, mib);
-    process.stderr.write(`bench: ${mib} MiB: baseline…\n`);
-    const baseline = await baselineRun(clientA, hostA, hostB, mib);
-    results.push({
-      mib,
-      ferry: { downtimeMs: report.downtimeMs, totalMs: report.totalMs, phases: report.phases, bytes: report.bytes },
-      baseline,
-      downtimeRatio: Math.round((report.downtimeMs / baseline.downtimeMs) * 100) / 100,
-    });
+    const ferry: FerryRun[] = [];
+    const baseline: Array<BaselineResult & { totalMs: number }> = [];
+    for (let rep = 0; rep < reps; rep += 1) {
+      const runFerry = async () => {
+        process.stderr.write(`bench: ${mib} MiB: ferry (${rep + 1}/${reps})…\n`);
+        ferry.push(await ferryRun(clientA, agents[1]!, clientB, mib));
+      };
+      const runBaseline = async () => {
+        process.stderr.write(`bench: ${mib} MiB: baseline (${rep + 1}/${reps})…\n`);
+        baseline.push(await baselineRun(clientA, hostA, hostB, mib));
+      };
+      if (rep % 2 === 0) {
+        await runFerry();
+        await runBaseline();
+      } else {
+        await runBaseline();
+        await runFerry();
+      }
+    }
+    const medians = {
+      ferryDowntimeMs: median(ferry.map((run) => run.downtimeMs)),
+      baselineDowntimeMs: median(baseline.map((run) => run.downtimeMs)),
+      ferryTotalMs: median(ferry.map((run) => run.totalMs)),
+      baselineTotalMs: median(baseline.map((run) => run.totalMs)),
+    };
+    results.push({ mib, ferry, baseline, median: medians, downtimeRatio: ratio(medians.ferryDowntimeMs, medians.baselineDowntimeMs) });
   }
   const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
   let stream: Awaited<ReturnType<typeof throughput>> | undefined;
@@ -203,12 +242,28 @@ function render(summary: {
   const mib = (bytes: number) => `${Math.round(bytes / 1048576)} MiB`;
   const lines: string[] = [];
   if (summary.sizes.length) {
+    const spread = (values: number[]) => `${Math.round(median(values))} ms (${Math.round(Math.min(...values))}–${Math.round(Math.max(...values))})`;
+    const phase = (run: FerryRun, name: string) => Math.round(run.phases.find((timing) => timing.phase === name)?.ms ?? 0);
     lines.push(
+      `Medians of ${reps} runs each, alternating which goes first (min–max in brackets):`,
+      '',
       '| memory | ferry downtime | naive downtime | ratio | ferry total | naive total | ratio |',
       '| --- | --- | --- | --- | --- | --- | --- |',
       ...summary.sizes.map(
         (size) =>
-          `| ${size.mib} MiB | ${size.ferry.downtimeMs} ms | ${size.baseline.downtimeMs} ms | ${size.downtimeRatio} | ${size.ferry.totalMs} ms | ${size.baseline.totalMs} ms | ${Math.round((size.ferry.totalMs / size.baseline.totalMs) * 100) / 100} |`,
+          `| ${size.mib} MiB | ${spread(size.ferry.map((run) => run.downtimeMs))} | ${spread(size.baseline.map((run) => run.downtimeMs))} | ${size.downtimeRatio} | ${spread(size.ferry.map((run) => run.totalMs))} | ${spread(size.baseline.map((run) => run.totalMs))} | ${ratio(size.median.ferryTotalMs, size.median.baselineTotalMs)} |`,
+      ),
+      '',
+      'Where the downtime went, run by run (ms): ferry\'s dump phase (CRIU, with the pages shipped as it writes them) and restore phase, CRIU\'s frozen and restore times; the naive steps.',
+      '',
+      '| memory | run | ferry dump | ferry restore | CRIU frozen | CRIU restore | naive dump | tar | copy | untar | restore |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+      ...summary.sizes.flatMap((size) =>
+        size.ferry.map((run, index) => {
+          const naive = size.baseline[index]!;
+          const criuMs = (us: number | undefined) => (us === undefined ? '' : Math.round(us / 1000));
+          return `| ${size.mib} MiB | ${index + 1} | ${phase(run, 'dump')} | ${phase(run, 'restore')} | ${criuMs(run.criu.dump?.frozenTime)} | ${criuMs(run.criu.restore?.restoreTime)} | ${naive.steps.dump} | ${naive.steps.tar} | ${naive.steps.copy} | ${naive.steps.untar} | ${naive.steps.restore} |`;
+        }),
       ),
       '',
     );

@@ -150,8 +150,8 @@ async function signalAndWait(node: Node, name: string, signal: NodeJS.Signals, p
   return waitForLine(node, name, pattern, before, 60_000);
 }
 
-export function waitForMemload(node: Node, name: string): Promise<string> {
-  return waitForLine(node, name, /^memload ready /, 0, 60_000);
+export function waitForMemload(node: Node, name: string, timeoutMs = 60_000): Promise<string> {
+  return waitForLine(node, name, /^memload ready /, 0, timeoutMs);
 }
 
 export function migrate(
