@@ -11,6 +11,8 @@ import type { Host } from '../test/harness/hosts.ts';
 
 export interface BaselineResult {
   downtimeMs: number;
+  /** Up to the restored task checked running; the teardown after it is not counted. */
+  totalMs: number;
   steps: Record<string, number>;
   bytes: number;
 }
@@ -40,37 +42,42 @@ export async function runBaseline(input: BaselineInput): Promise<BaselineResult>
     steps[name] = Math.round(performance.now() - started);
   };
   const env = criuEnvironment();
-  const started = performance.now();
-  // CRIU runs in the source host's netns, as the agent's does: the container shares it.
-  await timed('dump', () =>
-    execa('nsenter', [`--net=/run/netns/${source.netns}`, criu, 'dump', '-t', String(input.pid), '-D', join(sourceDir, 'images'),
-      '-o', 'dump.log', '--freeze-cgroup', input.cgroup.path, '--manage-cgroups=ignore'], { env }),
-  );
-  await timed('tar', () => execa('tar', ['-cf', join(sourceDir, 'bundle.tar'), '-C', sourceDir, 'images', '-C', input.rootfs, '.', '--transform', 's,^\\./,rootfs/,']));
-  await timed('copy', async () => {
-    const receiver = execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'socat', '-u', '-b', '1048576',
-      `TCP-LISTEN:${port},reuseaddr`, `CREATE:${join(destinationDir, 'bundle.tar')}`]);
-    await waitForListener(destination);
-    await execa('nsenter', [`--net=/run/netns/${source.netns}`, 'socat', '-u', '-b', '1048576',
-      `OPEN:${join(sourceDir, 'bundle.tar')}`, `TCP:${destination.address}:${port}`]);
-    await receiver;
-  });
-  await timed('untar', () => execa('tar', ['-xf', join(destinationDir, 'bundle.tar'), '-C', destinationDir]));
   const target = new Cgroup(input.cgroup.version, `${input.cgroup.path}-baseline`);
-  await target.create();
-  await timed('restore', () =>
-    execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'sh', '-c', 'echo 0 > "$1"; shift; exec "$@"', 'sh',
-      target.procsFile, criu, 'restore', '-D', join(destinationDir, 'images'), '-o', 'restore.log', '--root',
-      join(destinationDir, 'rootfs'), '--restore-detached', '--manage-cgroups=ignore', '--pidfile', join(destinationDir, 'pid')], { env }),
-  );
-  const downtimeMs = Math.round(performance.now() - started);
-  const restoredPid = Number((await readFile(join(destinationDir, 'pid'), 'utf8')).trim());
-  if (!(await target.pids()).includes(restoredPid)) throw new Error('baseline restore left no running task');
-  const bytes = (await execa('stat', ['-c', '%s', join(destinationDir, 'bundle.tar')])).stdout;
-  await target.kill();
-  await target.remove();
-  await rm(input.workDir, { recursive: true, force: true });
-  return { downtimeMs, steps, bytes: Number(bytes) };
+  const started = performance.now();
+  try {
+    // CRIU runs in the source host's netns, as the agent's does: the container shares it.
+    await timed('dump', () =>
+      execa('nsenter', [`--net=/run/netns/${source.netns}`, criu, 'dump', '-t', String(input.pid), '-D', join(sourceDir, 'images'),
+        '-o', 'dump.log', '--freeze-cgroup', input.cgroup.path, '--manage-cgroups=ignore'], { env }),
+    );
+    await timed('tar', () => execa('tar', ['-cf', join(sourceDir, 'bundle.tar'), '-C', sourceDir, 'images', '-C', input.rootfs, '.', '--transform', 's,^\\./,rootfs/,']));
+    await timed('copy', async () => {
+      const receiver = execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'socat', '-u', '-b', '1048576',
+        `TCP-LISTEN:${port},reuseaddr`, `CREATE:${join(destinationDir, 'bundle.tar')}`]);
+      await waitForListener(destination);
+      await execa('nsenter', [`--net=/run/netns/${source.netns}`, 'socat', '-u', '-b', '1048576',
+        `OPEN:${join(sourceDir, 'bundle.tar')}`, `TCP:${destination.address}:${port}`]);
+      await receiver;
+    });
+    await timed('untar', () => execa('tar', ['-xf', join(destinationDir, 'bundle.tar'), '-C', destinationDir]));
+    await target.create();
+    await timed('restore', () =>
+      execa('nsenter', [`--net=/run/netns/${destination.netns}`, 'sh', '-c', 'echo 0 > "$1"; shift; exec "$@"', 'sh',
+        target.procsFile, criu, 'restore', '-D', join(destinationDir, 'images'), '-o', 'restore.log', '--root',
+        join(destinationDir, 'rootfs'), '--restore-detached', '--manage-cgroups=ignore', '--pidfile', join(destinationDir, 'pid')], { env }),
+    );
+    const downtimeMs = Math.round(performance.now() - started);
+    const restoredPid = Number((await readFile(join(destinationDir, 'pid'), 'utf8')).trim());
+    if (!(await target.pids()).includes(restoredPid)) throw new Error('baseline restore left no running task');
+    const totalMs = Math.round(performance.now() - started);
+    const bytes = (await execa('stat', ['-c', '%s', join(destinationDir, 'bundle.tar')])).stdout;
+    return { downtimeMs, totalMs, steps, bytes: Number(bytes) };
+  } finally {
+    // A failed step may have left a restored copy, or gigabytes of images and tars.
+    await target.kill().catch(() => undefined);
+    await target.remove().catch(() => undefined);
+    await rm(input.workDir, { recursive: true, force: true });
+  }
 }
 
 async function waitForListener(host: Host): Promise<void> {

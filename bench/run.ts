@@ -8,7 +8,7 @@ import { Cgroup, CgroupTree } from '../src/cgroup/cgroup.ts';
 import { agentNodeFlags, projectRoot } from '../src/paths.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
-import { startAgent, type AgentProcess } from '../test/harness/agents.ts';
+import { readBuildEnv, startAgent, type AgentProcess } from '../test/harness/agents.ts';
 import { createHosts, type Cluster, type Host } from '../test/harness/hosts.ts';
 import { runBaseline, type BaselineResult } from './baseline.ts';
 
@@ -21,12 +21,7 @@ const sizes = (process.env.FERRY_BENCH_SIZES ?? '64,512,1024').split(',').map(Nu
 const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,stream,rootfs').split(','));
 const rootfsMiB = Number(process.env.FERRY_BENCH_ROOTFS_MIB ?? 300);
 const rootfs = join(projectRoot, '.build', 'rootfs', 'busybox');
-const env = Object.fromEntries(
-  (await readFile(join(projectRoot, '.build', 'env'), 'utf8'))
-    .split('\n')
-    .filter((line) => line.includes('='))
-    .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
-) as Record<string, string>;
+const env = await readBuildEnv();
 
 interface FerryRun {
   downtimeMs: number;
@@ -44,12 +39,13 @@ interface FerryRun {
 interface SizeResult {
   mib: number;
   ferry: FerryRun[];
-  baseline: Array<BaselineResult & { totalMs: number }>;
+  baseline: Array<BaselineResult>;
   median: { ferryDowntimeMs: number; baselineDowntimeMs: number; ferryTotalMs: number; baselineTotalMs: number };
   downtimeRatio: number;
 }
 
 const reps = Number(process.env.FERRY_BENCH_REPS ?? 3);
+if (!Number.isInteger(reps) || reps < 1) throw new Error(`FERRY_BENCH_REPS must be a whole number ≥ 1, not ${process.env.FERRY_BENCH_REPS}`);
 const ratio = (x: number, y: number) => Math.round((x / y) * 100) / 100;
 function median(values: number[]): number {
   const sorted = [...values].sort((x, y) => x - y);
@@ -77,37 +73,42 @@ async function waitReady(client: AgentClient, name: string): Promise<void> {
 
 async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<FerryRun> {
   const name = `ferry-${mib}`;
-  await a.request('run', { spec: memload(name, mib) });
-  await waitReady(a, name);
-  const report = await a.request('migrate', {
-    name,
-    destination: { url: agentB.url, token: agentB.token },
-    options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 },
-  });
-  await clientB.request('remove', { name, force: true });
-  const { downtimeMs, totalMs, phases, bytes, criu } = report;
-  return { downtimeMs, totalMs, phases, bytes, criu };
+  try {
+    await a.request('run', { spec: memload(name, mib) });
+    await waitReady(a, name);
+    const report = await a.request('migrate', {
+      name,
+      destination: { url: agentB.url, token: agentB.token },
+      options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 },
+    });
+    const { downtimeMs, totalMs, phases, bytes, criu } = report;
+    return { downtimeMs, totalMs, phases, bytes, criu };
+  } finally {
+    // Wherever it ended up (a failed migration leaves it on A).
+    await a.request('remove', { name, force: true }).catch(() => undefined);
+    await clientB.request('remove', { name, force: true }).catch(() => undefined);
+  }
 }
 
-async function baselineRun(a: AgentClient, hostA: Host, hostB: Host, mib: number): Promise<BaselineResult & { totalMs: number }> {
+async function baselineRun(a: AgentClient, hostA: Host, hostB: Host, mib: number): Promise<BaselineResult> {
   const name = `naive-${mib}`;
-  await a.request('run', { spec: memload(name, mib) });
-  await waitReady(a, name);
-  const info = (await a.request('list', {})).containers.find((container) => container.name === name)!;
-  const tree = await CgroupTree.open(hostA.cgroupName);
-  const started = performance.now();
-  const result = await runBaseline({
-    criu: env.FERRY_CRIU ?? 'criu',
-    source: hostA,
-    destination: hostB,
-    pid: info.pid!,
-    cgroup: tree.for(name),
-    rootfs: join(hostA.stateDir, 'containers', name, 'rootfs'),
-    workDir: join(hostA.stateDir, `naive-${mib}`),
-  });
-  const totalMs = Math.round(performance.now() - started);
-  await a.request('remove', { name, force: true });
-  return { ...result, totalMs };
+  try {
+    await a.request('run', { spec: memload(name, mib) });
+    await waitReady(a, name);
+    const info = (await a.request('list', {})).containers.find((container) => container.name === name)!;
+    const tree = await CgroupTree.open(hostA.cgroupName);
+    return await runBaseline({
+      criu: env.FERRY_CRIU ?? 'criu',
+      source: hostA,
+      destination: hostB,
+      pid: info.pid!,
+      cgroup: tree.for(name),
+      rootfs: join(hostA.stateDir, 'containers', name, 'rootfs'),
+      workDir: join(hostA.stateDir, `naive-${mib}`),
+    });
+  } finally {
+    await a.request('remove', { name, force: true }).catch(() => undefined);
+  }
 }
 
 interface RootfsResult {
@@ -178,7 +179,7 @@ try {
   const results: SizeResult[] = [];
   for (const mib of parts.has('memory') ? sizes : []) {
     const ferry: FerryRun[] = [];
-    const baseline: Array<BaselineResult & { totalMs: number }> = [];
+    const baseline: Array<BaselineResult> = [];
     for (let rep = 0; rep < reps; rep += 1) {
       const runFerry = async () => {
         process.stderr.write(`bench: ${mib} MiB: ferry (${rep + 1}/${reps})…\n`);
@@ -211,7 +212,6 @@ try {
     // Three alternating runs, medians: single runs of either path vary by ±30 % here.
     const runs = [];
     for (let run = 0; run < 3; run += 1) runs.push(await throughput(hostA, hostB, 1 << 30));
-    const median = (values: number[]) => values.sort((x, y) => x - y)[1]!;
     const tcpMbps = median(runs.map((run) => run.tcpMbps));
     const wsMbps = median(runs.map((run) => run.wsMbps));
     stream = { tcpMbps, wsMbps, ratio: Math.round((wsMbps / tcpMbps) * 100) / 100 };

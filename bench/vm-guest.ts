@@ -4,7 +4,7 @@
 // two netns hosts. Writes the results as JSON to its argument.
 //
 //   node bench/vm-guest.ts OUT.json MIB RATE[,RATE...]
-import { readFile, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -12,8 +12,8 @@ import { containerSpecSchema } from '../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport } from '../src/protocol/migration.ts';
 import { removeQuietly, startNodes, waitForMemload, type Node } from '../test/helpers/migration.ts';
 import { busyboxRootfs } from '../test/helpers/workloads.ts';
+import { readBuildEnv } from '../test/harness/agents.ts';
 import { CgroupTree } from '../src/cgroup/cgroup.ts';
-import { projectRoot } from '../src/paths.ts';
 import { runBaseline, type BaselineResult } from './baseline.ts';
 
 export type VmBenchRun =
@@ -25,8 +25,7 @@ if (!out || !mibText || !ratesText) throw new Error('usage: vm-guest.ts OUT.json
 const mib = Number(mibText);
 const rates = ratesText.split(',').map(Number);
 
-const buildEnv = await readFile(join(projectRoot, '.build', 'env'), 'utf8').catch(() => '');
-const criuPath = /^FERRY_CRIU=(.*)$/m.exec(buildEnv)?.[1] ?? 'criu';
+const criuPath = (await readBuildEnv()).FERRY_CRIU ?? 'criu';
 
 async function once(a: Node, b: Node, dirtyMibps: number, strategy: VmBenchRun['strategy']): Promise<VmBenchRun> {
   const name = `m-${dirtyMibps}-${strategy}`;

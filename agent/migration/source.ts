@@ -387,8 +387,9 @@ export class MigrationSource {
   private async snapshotDumpAndStream(): Promise<void> {
     const cgroup = this.deps.runtime.cgroup(this.request.name);
     const parent = this.rounds.length ? `../rounds/${this.rounds.length}` : undefined;
-    // CRIU first: the rootfs walk below is synchronous, and the tasks are frozen
-    // either way, so the files cannot change while CRIU runs.
+    // CRIU first: the rootfs walk below is synchronous. The tasks stay stopped
+    // throughout (frozen, or held in ptrace-stop by CRIU), so the files cannot
+    // change while CRIU runs, and CRIU writes nothing into the rootfs.
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const rootfs = this.timer.run('snapshot', async () => {

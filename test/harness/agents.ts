@@ -95,7 +95,7 @@ export async function startAgent(host: Host, options: AgentOptions = {}): Promis
 }
 
 /** `<repo>/.build/env` holds shell `KEY=VALUE` lines written by the set-up (e.g. FERRY_CRIU). */
-async function readBuildEnv(): Promise<Record<string, string>> {
+export async function readBuildEnv(): Promise<Record<string, string>> {
   const text = await readFile(join(REPO_ROOT, '.build/env'), 'utf8').catch(() => '');
   const env: Record<string, string> = {};
   for (const line of text.split('\n')) {
