@@ -91,16 +91,17 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
     migrate: async (request, context) => {
       outgoing += 1;
+      const source = new MigrationSource(
+        { runtime, criu, journal, logger, identity },
+        { ...request, progress: context.progress, signal: context.signal },
+      );
       try {
-        const source = new MigrationSource(
-          { runtime, criu, journal, logger, identity },
-          { ...request, progress: context.progress, signal: context.signal },
-        );
         const report = await source.run();
-        metrics.migrationSucceeded(report);
+        metrics.migrationEnded(report);
         return report;
       } catch (error) {
-        metrics.migrationFailed('source');
+        // An unknown, stopped or already leaving container is refused, not rolled back.
+        metrics.migrationFailed('source', source.claimed ? 'rolled-back' : 'refused');
         throw error;
       } finally {
         outgoing -= 1;

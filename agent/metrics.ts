@@ -48,15 +48,18 @@ export class AgentMetrics {
     });
   }
 
-  migrationSucceeded(report: MigrationReport): void {
+  /** A source migration that reached the decision: succeeded, or committed but not yet confirmed (in-doubt). */
+  migrationEnded(report: MigrationReport): void {
     this.migrations.inc({ role: 'source', outcome: report.outcome });
+    for (const [part, value] of Object.entries(report.bytes)) this.bytes.inc({ part }, value);
+    // An in-doubt migration's end is not known yet: its times would be wrong.
+    if (report.outcome !== 'succeeded') return;
     this.downtime.observe(report.downtimeMs / 1000);
     this.duration.observe(report.totalMs / 1000);
-    for (const [part, value] of Object.entries(report.bytes)) this.bytes.inc({ part }, value);
   }
 
-  migrationFailed(role: 'source' | 'destination'): void {
-    this.migrations.inc({ role, outcome: 'rolled-back' });
+  migrationFailed(role: 'source' | 'destination', outcome: 'rolled-back' | 'refused' = 'rolled-back'): void {
+    this.migrations.inc({ role, outcome });
   }
 
   incomingSucceeded(): void {

@@ -5,6 +5,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sampleValue, scrape } from '../coordinator/testing.ts';
 import type { FerryError } from '../src/errors.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import {
@@ -181,11 +182,20 @@ describe('two migrate requests for one container at once', () => {
     const name = 'twice';
     await runContainer(a, counterSpec(name));
     const before = lastCount(await waitForCount(a, name, 5));
+    const sourceCount = async (outcome: string) =>
+      sampleValue(await scrape(`${a.agent.url.replace(/^ws/, 'http')}/metrics`, a.agent.token), 'ferry_migrations_total', { role: 'source', outcome }) ?? 0;
+    const countsBefore = { succeeded: await sourceCount('succeeded'), refused: await sourceCount('refused'), rolledBack: await sourceCount('rolled-back') };
     const outcomes = await Promise.allSettled([migrate(a, b, name), migrate(a, b, name)]);
     const succeeded = outcomes.filter((outcome) => outcome.status === 'fulfilled');
     const refused = outcomes.flatMap((outcome) => (outcome.status === 'rejected' ? [outcome.reason as FerryError] : []));
     expect(succeeded).toHaveLength(1);
     expect(refused.map((error) => error.code)).toEqual(['CONTAINER_NOT_RUNNING']);
+    // The agent's metrics count the second request as refused, not as a migration rolled back.
+    expect({ succeeded: await sourceCount('succeeded'), refused: await sourceCount('refused'), rolledBack: await sourceCount('rolled-back') }).toEqual({
+      succeeded: countsBefore.succeeded + 1,
+      refused: countsBefore.refused + 1,
+      rolledBack: countsBefore.rolledBack,
+    });
     await expectRunningOn(b, name);
     expect((await a.client.request('list', {})).containers).toEqual([]);
     expectOneRun(counts(await waitForCount(b, name, before + 5)));

@@ -63,6 +63,8 @@ export class MigrationSource {
   private readonly deps: SourceDependencies;
   private readonly request: MigrateRequest;
   readonly migrationId = randomUUID();
+  /** Whether the request got past its checks and a migration began (the metrics tell refusals apart). */
+  claimed = false;
   private readonly logger: Logger;
   private readonly timer: PhaseTimer;
   private readonly meter = new TransferMeter();
@@ -187,6 +189,7 @@ export class MigrationSource {
     }
     this.record = { ...this.record, migrationId: this.migrationId };
     await this.deps.runtime.store.write(this.record);
+    this.claimed = true;
   }
 
   private disconnect(): void {
