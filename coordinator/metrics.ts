@@ -54,7 +54,8 @@ export class CoordinatorMetrics {
 
   /** A report a source agent returned (a failure before its end comes as an error, without one). */
   reported(report: Pick<MigrationReport, 'outcome' | 'totalMs' | 'bytes'>): void {
-    if (report.outcome !== 'rolled-back') this.duration.observe(report.totalMs / 1000);
+    // An in-doubt migration has not ended yet; its time so far would be wrong.
+    if (report.outcome === 'succeeded') this.duration.observe(report.totalMs / 1000);
     for (const [part, value] of Object.entries(report.bytes)) this.bytes.inc({ part }, value);
   }
 }
