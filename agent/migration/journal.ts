@@ -38,8 +38,8 @@ export class MigrationJournal {
 
   async write(entry: Omit<JournalEntry, 'updatedAt'>): Promise<JournalEntry> {
     const full = { ...entry, updatedAt: new Date().toISOString() };
-    // It may hold the peer's token.
-    await writeJsonFile(join(this.directory(entry.migrationId), 'journal.json'), full, 0o600);
+    // It may hold the peer's token. Durable: after a power loss the decision must still be the one sent.
+    await writeJsonFile(join(this.directory(entry.migrationId), 'journal.json'), full, 0o600, { durable: true });
     return full;
   }
 
