@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type WebSocket from 'ws';
 import { Criu } from '../src/criu/criu.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
+import { migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { protocolVersion } from '../src/protocol/messages.ts';
 import { AgentClient, openSocket } from '../src/transport/client.ts';
 import {
@@ -131,6 +132,36 @@ describe('refusals', () => {
     expect(await migrationIds(b)).toEqual(onB);
     expect((await b.client.request('list', {})).containers).toEqual([]);
     expect(b.agent.logs().some((line) => line.includes('"phase":"preflight"'))).toBe(false);
+  });
+
+  it('refuses --strategy precopy between hosts without soft-dirty in preflight, before the container is frozen', async () => {
+    const name = 'wants-precopy';
+    try {
+      await runContainer(a, counterSpec(name));
+      const pid = await containerPid(a, name);
+      await waitForCount(a, name, 3);
+      const watch = watchFrozen(join(a.host.cgroupRoot, name));
+      const request = a.client.request('migrate', {
+        name,
+        destination: { url: b.agent.url, token: b.agent.token },
+        options: migrationOptionsSchema.parse({ strategy: 'precopy' }),
+      });
+      const error = await failureOf(request).finally(() => watch.stop());
+      expect(error.code).toBe('INCOMPATIBLE');
+      expect(error.phase).toBe('preflight');
+      expect(error.message).toMatch(/soft-dirty.*h0 and h1 lack it/);
+      expect((await watch.result).frozen).toBe(0);
+      const list = await a.client.request('list', {});
+      expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+      await waitUntilClean(b, name, 5_000);
+      // auto, on the same hosts, moves it stop-and-copy and says why.
+      const report = await migrate(a, b, name);
+      expect(report.strategy).toBe('stop-and-copy');
+      expect(report.strategyNote).toMatch(/no dirty-memory tracking/);
+      await removeQuietly(b, name);
+    } finally {
+      await removeQuietly(a, name);
+    }
   });
 
   it('is refused in preflight by a destination without CRIU; the container is never frozen', async () => {

@@ -232,6 +232,15 @@ export class MigrationSource {
     const accept = await this.peer.expect('accept', 60_000, 'preflight');
     this.peerMemoryTracking = accept.destination.memoryTracking;
     this.peerFreeBytes = accept.destination.freeBytes;
+    const lacking = await this.lackingMemoryTracking();
+    if (this.request.options.strategy === 'precopy' && lacking.length) {
+      // Asked for by name, so not quietly replaced by a stop-and-copy whose downtime grows with the memory.
+      throw new FerryError(
+        'INCOMPATIBLE',
+        `--strategy precopy needs dirty-memory tracking (soft-dirty) on both hosts, and ${lacking.join(' and ')} lack it; use auto or stop-and-copy`,
+        { phase: 'preflight' },
+      );
+    }
     // Data channels are opened before the freeze so their set-up is not downtime.
     const [files, pages] = await Promise.all([
       this.peer.openChannel(this.migrationId, 'files'),
@@ -251,13 +260,20 @@ export class MigrationSource {
     if (pause) await sleep(pause);
   }
 
-  /** Pre-copy needs soft-dirty tracking on both kernels; without it memory moves stop-and-copy, and the report says why. */
+  /** The hosts (of the two) whose kernels lack soft-dirty tracking. */
+  private async lackingMemoryTracking(): Promise<string[]> {
+    const here = await this.criu.memoryTracking();
+    return [here ? undefined : this.deps.runtime.hostName, this.peerMemoryTracking ? undefined : this.peer!.peerName].filter(
+      (host): host is string => host !== undefined,
+    );
+  }
+
+  /** Pre-copy needs soft-dirty tracking on both kernels; under auto, without it memory moves stop-and-copy, and the report says why. */
   private async choosePrecopy(): Promise<boolean> {
     const { strategy } = this.request.options;
     if (strategy === 'stop-and-copy') return false;
-    const here = await this.criu.memoryTracking();
-    if (here && this.peerMemoryTracking) return true;
-    const lacking = [here ? undefined : this.deps.runtime.hostName, this.peerMemoryTracking ? undefined : this.peer!.peerName].filter(Boolean);
+    const lacking = await this.lackingMemoryTracking();
+    if (!lacking.length) return true;
     this.strategyNote = `no dirty-memory tracking (soft-dirty) on ${lacking.join(' and ')}: memory moved stop-and-copy, the rootfs in two passes`;
     this.logger.warn({ strategy }, this.strategyNote);
     return false;
