@@ -20,9 +20,9 @@ export async function writeJsonFile(path: string, value: unknown, mode = 0o644, 
   const temporary = `${path}.tmp`;
   const file = await open(temporary, 'w', mode);
   try {
-    await file.writeFile(JSON.stringify(value, null, 2));
-    // A temporary left by a crash keeps its old mode through open.
+    // A temporary left by a crash keeps its old mode through open: narrow it before anything is written.
     await file.chmod(mode);
+    await file.writeFile(JSON.stringify(value, null, 2));
     if (options.durable) await file.sync();
   } finally {
     await file.close();
