@@ -10,7 +10,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type WebSocket from 'ws';
 import { Criu } from '../src/criu/criu.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
-import { migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { protocolVersion } from '../src/protocol/messages.ts';
 import { AgentClient, openSocket } from '../src/transport/client.ts';
 import {
@@ -141,18 +140,12 @@ describe('refusals', () => {
       const pid = await containerPid(a, name);
       await waitForCount(a, name, 3);
       const watch = watchFrozen(join(a.host.cgroupRoot, name));
-      const request = a.client.request('migrate', {
-        name,
-        destination: { url: b.agent.url, token: b.agent.token },
-        options: migrationOptionsSchema.parse({ strategy: 'precopy' }),
-      });
-      const error = await failureOf(request).finally(() => watch.stop());
+      const error = await failureOf(migrate(a, b, name, undefined, { strategy: 'precopy' })).finally(() => watch.stop());
       expect(error.code).toBe('INCOMPATIBLE');
       expect(error.phase).toBe('preflight');
       expect(error.message).toMatch(/soft-dirty.*h0 and h1 lack it/);
       expect((await watch.result).frozen).toBe(0);
-      const list = await a.client.request('list', {});
-      expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+      await expectStillRunning(a, name, pid);
       await waitUntilClean(b, name, 5_000);
       // auto, on the same hosts, moves it stop-and-copy and says why.
       const report = await migrate(a, b, name);
@@ -179,8 +172,7 @@ describe('refusals', () => {
       const sampled = await watch.result;
       expect(sampled.samples).toBeGreaterThan(10);
       expect(sampled.frozen).toBe(0);
-      const list = await a.client.request('list', {});
-      expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+      await expectStillRunning(a, name, pid);
       const text = await waitForCount(a, name, lastCount(await logsOf(a, name)) + 5);
       expect(counts(text)).toEqual(counts(text).map((_, index) => index + 1));
       await waitUntilClean(b, name, 5_000);
@@ -190,6 +182,12 @@ describe('refusals', () => {
     }
   });
 });
+
+/** The node runs just this container, as the same process as before. */
+async function expectStillRunning(node: Node, name: string, pid: number): Promise<void> {
+  const list = await node.client.request('list', {});
+  expect(list.containers.map((container) => [container.name, container.status, container.pid])).toEqual([[name, 'running', pid]]);
+}
 
 /** Samples the cgroup's frozen state every few ms until stopped. */
 function watchFrozen(cgroupDir: string): { stop: () => void; result: Promise<{ samples: number; frozen: number }> } {

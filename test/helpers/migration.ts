@@ -3,6 +3,7 @@
 import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { z } from 'zod';
 import { FerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpecInput } from '../../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport, type ProgressEvent } from '../../src/protocol/migration.ts';
@@ -159,10 +160,11 @@ export function migrate(
   to: Node,
   name: string,
   onProgress?: (event: ProgressEvent) => void,
+  options: z.input<typeof migrationOptionsSchema> = {},
 ): Promise<MigrationReport> {
   return from.client.request(
     'migrate',
-    { name, destination: { url: to.agent.url, token: to.agent.token }, options: migrationOptionsSchema.parse({}) },
+    { name, destination: { url: to.agent.url, token: to.agent.token }, options: migrationOptionsSchema.parse(options) },
     onProgress,
   );
 }
