@@ -11,6 +11,7 @@ import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
+import { idleGuard } from '../../src/transport/idle.ts';
 import { parsePageStreamName } from '../../src/criu/follow.ts';
 import { faultActive } from '../../src/transport/faults.ts';
 import { freeBytes } from '../../src/host/doctor.ts';
@@ -22,6 +23,27 @@ import { resumeContainer } from './resume.ts';
 import { withTimeout } from './timing.ts';
 
 type Offer = Extract<PeerMessage, { type: 'offer' }>;
+type Channel = 'files' | 'pages';
+
+/** A stream that stops delivering bytes for this long fails the migration. */
+const STREAM_IDLE_MS = 60_000;
+
+/**
+ * The states of one incoming migration and where each may go. Every message
+ * and every data channel is checked against the state it arrives in; what
+ * does not fit is refused (before `prepared` that ends the migration).
+ */
+export const destinationTransitions = {
+  preflight: ['receiving', 'aborting'],
+  receiving: ['restoring', 'aborting'],
+  restoring: ['prepared', 'aborting'],
+  prepared: ['committing', 'aborting'],
+  committing: ['done'],
+  aborting: ['aborted'],
+  done: [],
+  aborted: [],
+} as const satisfies Record<string, readonly string[]>;
+export type DestinationState = keyof typeof destinationTransitions;
 
 export interface DestinationDependencies {
   runtime: ContainerRuntime;
@@ -46,87 +68,76 @@ export class DestinationSessions implements PeerHandler {
   }
 
   async onPeerMessage(message: PeerMessage, connection: ControlConnection): Promise<void> {
-    if (message.type === 'offer') return this.offer(message, connection);
-    if (message.type === 'decision') return this.decide(message.migrationId, message.decision, connection);
-    const session = this.sessions.get(message.migrationId);
-    if (!session) {
-      connection.send({
-        type: 'abort',
-        migrationId: message.migrationId,
-        error: { code: 'NOT_FOUND', message: `no migration ${message.migrationId} here` },
-      });
-      return;
+    switch (message.type) {
+      case 'offer':
+        return this.offer(message, connection);
+      case 'decision':
+        return this.decide(message.migrationId, message.decision, connection);
+      case 'transfer-complete':
+        return this.withSession(message.migrationId, connection, (session) => session.transferComplete(message.pages));
+      case 'abort':
+        return this.withSession(message.migrationId, connection, (session) =>
+          session.abort(`the source aborted: ${message.error.code}: ${message.error.message}`),
+        );
+      default:
+        // accept, staged, prepared and decided travel the other way.
+        return this.withSession(message.migrationId, connection, (session) => session.refuse(`a source does not send ${message.type}`));
     }
-    if (message.type === 'transfer-complete') await session.restore(message.pages);
-    else if (message.type === 'abort') await this.finish(session, 'abort', message.error.message);
   }
 
   onPeerClosed(connection: ControlConnection): void {
     for (const session of this.sessions.values()) {
-      if (session.connection !== connection) continue;
-      // Once prepared, only the source's decision may drop the copy: it may have committed.
-      if (session.state === 'prepared') {
-        session.logger.warn('source disconnected after prepare; keeping the stopped copy until its decision arrives');
-      } else {
-        void this.finish(session, 'abort', 'source disconnected');
-      }
+      if (session.connection === connection) session.sourceGone();
     }
   }
 
   onData(socket: WebSocket, migrationId: string, channel: string): void {
     const session = this.sessions.get(migrationId);
-    if (!session || (channel !== 'files' && channel !== 'pages')) {
-      socket.close(4004, 'no such migration channel');
-      return;
+    const refusal = !session
+      ? 'no such migration'
+      : channel !== 'files' && channel !== 'pages'
+        ? `no channel ${channel}`
+        : session.attach(channel, socket);
+    if (refusal) {
+      this.deps.logger.warn({ migrationId, channel, reason: refusal }, 'data channel refused');
+      socket.close(4004, refusal.slice(0, 100));
     }
-    session.attach(channel, socket);
+  }
+
+  private async withSession(migrationId: string, connection: ControlConnection, act: (session: DestinationSession) => Promise<void>): Promise<void> {
+    const session = this.sessions.get(migrationId);
+    if (session && session.connection === connection) return act(session);
+    connection.send({ type: 'abort', migrationId, error: { code: 'NOT_FOUND', message: `no migration ${migrationId} on this connection` } });
   }
 
   private async offer(offer: Offer, connection: ControlConnection): Promise<void> {
-    const session = new DestinationSession(this.deps, offer, connection, () => this.sessions.delete(offer.migrationId));
-    try {
-      await session.preflight();
-      // A source that left during preflight was never seen by onPeerClosed: drop what preflight made.
-      if (!connection.open) throw new FerryError('PEER_GONE', 'the source disconnected during preflight');
-      this.sessions.set(offer.migrationId, session);
+    // A migration id names one migration, ever: a second offer must not touch the first one's state.
+    if (this.sessions.has(offer.migrationId) || (await this.deps.journal.read(offer.migrationId).catch(() => undefined))) {
       connection.send({
-        type: 'accept',
+        type: 'abort',
         migrationId: offer.migrationId,
-        destination: { host: this.deps.runtime.hostName, criuVersion: session.criuVersion, memoryTracking: session.memoryTracking, freeBytes: session.freeBytes },
+        error: { code: 'BAD_MESSAGE', message: `migration ${offer.migrationId} is already known here`, phase: 'preflight' },
       });
-    } catch (error) {
-      // Whatever refused the offer (a missing CRIU says 'setup'), the migration failed in preflight.
-      const cause = toFerryError(error);
-      const failure = new FerryError(cause.code, cause.message, { phase: 'preflight', cause, details: cause.details });
-      session.logger.warn({ code: failure.code, err: failure }, 'offer refused');
-      await session.discard();
-      connection.send({ type: 'abort', migrationId: offer.migrationId, error: failure.toJSON() });
+      return;
     }
+    const session = new DestinationSession(this.deps, offer, connection, () => this.sessions.delete(offer.migrationId));
+    this.sessions.set(offer.migrationId, session);
+    await session.start();
   }
 
   /**
-   * The source's decision, in the session or re-delivered after a restart;
-   * the journal makes it idempotent.
+   * The source's decision, in the session or re-delivered after a restart
+   * or a lost link; the journal makes it idempotent.
    */
   private async decide(migrationId: string, decision: 'commit' | 'abort', connection: ControlConnection): Promise<void> {
     const session = this.sessions.get(migrationId);
-    if (session) {
-      await this.finish(session, decision, 'source decided abort');
-    } else {
-      await decideFromJournal(this.deps, migrationId, decision);
-    }
-    const entry = await this.deps.journal.read(migrationId);
+    if (session) await session.decide(decision);
+    else await decideFromJournal(this.deps, migrationId, decision);
+    const entry = await this.deps.journal.read(migrationId).catch(() => undefined);
     const outcome = entry?.state === 'done' ? 'commit' : 'abort';
     connection.send({ type: 'decided', migrationId, decision: outcome });
     // The container already runs: the images go after the source heard so.
-    if (outcome === 'commit') await (session ? session.dropImages() : this.deps.journal.removeImages(migrationId).catch(() => undefined));
-  }
-
-  private async finish(session: DestinationSession, decision: 'commit' | 'abort', reason: string): Promise<void> {
-    this.sessions.delete(session.migrationId);
-    if (decision === 'commit') await session.commit();
-    else await session.discard(reason);
-    session.settle(decision === 'commit' ? 'succeeded' : 'rolled-back');
+    if (outcome === 'commit') await this.deps.journal.removeImages(migrationId).catch(() => undefined);
   }
 }
 
@@ -144,30 +155,35 @@ export async function decideFromJournal(
     return;
   }
   await deps.runtime.destroy(entry.container);
-  await deps.journal.update(migrationId, 'aborted', 'source decided abort');
+  await deps.journal.update(migrationId, 'aborted', decision === 'commit' ? 'commit before the copy was prepared' : 'source decided abort');
   await deps.journal.removeImages(migrationId);
 }
 
-/** One incoming migration: preflight, receive, restore stopped, then commit or discard. */
+/**
+ * One incoming migration as a state machine: preflight → receiving →
+ * restoring → prepared → committing → done, or → aborting → aborted from any
+ * state before the commit. An abort stops every writer before cleaning up.
+ */
 class DestinationSession {
   readonly migrationId: string;
   readonly connection: ControlConnection;
   readonly logger: Logger;
-  state: 'receiving' | 'prepared' = 'receiving';
-  criuVersion = '';
-  memoryTracking = false;
-  freeBytes = 0;
+  private state: DestinationState = 'preflight';
   private readonly deps: DestinationDependencies;
   private readonly offer: Offer;
   private criu!: Criu;
+  /** Releases the container name; set once preflight claimed it. */
   private releaseName: (() => void) | undefined;
-  private files: Promise<void> | undefined;
-  private pages: Promise<void> | undefined;
+  private readonly channels = new Map<Channel, WebSocket>();
+  /** Everything still writing into this migration's directories; an abort waits for all of it. */
+  private readonly writers: Array<Promise<unknown>> = [];
+  private filesDone: Promise<void> | undefined;
   private readonly receivedPages = new Map<string, string>();
-  private pagesArrived: () => void = () => undefined;
-  private channels: WebSocket[] = [];
-
-  /** Drops this session from the agent's table once it failed on its own. */
+  private pagesFailure: unknown;
+  private pagesChanged: () => void = () => undefined;
+  private aborted: Promise<void> | undefined;
+  /** Whether the offer was accepted: only those count as migrations in the metrics. */
+  private accepted = false;
   private readonly forget: () => void;
 
   constructor(deps: DestinationDependencies, offer: Offer, connection: ControlConnection, forget: () => void) {
@@ -191,12 +207,45 @@ class DestinationSession {
     return join(this.directory, 'images');
   }
 
+  private get live(): boolean {
+    return this.state !== 'aborting' && this.state !== 'aborted';
+  }
+
+  private transition(to: DestinationState): void {
+    const allowed: readonly DestinationState[] = destinationTransitions[this.state];
+    if (!allowed.includes(to)) throw new FerryError('BAD_MESSAGE', `migration ${this.migrationId} cannot go from ${this.state} to ${to}`);
+    this.logger.debug({ from: this.state, to }, 'state');
+    this.state = to;
+  }
+
+  /** Preflight, then accept; a refusal tells the source why and leaves nothing here. */
+  async start(): Promise<void> {
+    try {
+      // Tracked: a source that leaves during preflight aborts, and the abort waits for what preflight makes.
+      const facts = await this.track(this.preflight());
+      if (!this.live) return;
+      if (!this.connection.open) throw new FerryError('PEER_GONE', 'the source disconnected during preflight');
+      this.transition('receiving');
+      this.accepted = true;
+      this.connection.send({
+        type: 'accept',
+        migrationId: this.migrationId,
+        destination: { host: this.deps.runtime.hostName, ...facts },
+      });
+    } catch (error) {
+      // Whatever refused the offer (a missing CRIU says 'setup'), the migration failed in preflight.
+      const cause = toFerryError(error);
+      const failure = new FerryError(cause.code, cause.message, { phase: 'preflight', cause, details: cause.details });
+      this.logger.warn({ code: failure.code, err: failure }, 'offer refused');
+      await this.fail(failure);
+    }
+  }
+
   /** Everything that can be checked before the source freezes anything. */
-  async preflight(): Promise<void> {
+  private async preflight(): Promise<{ criuVersion: string; memoryTracking: boolean; freeBytes: number }> {
     this.logger.info({ phase: 'preflight', from: this.offer.source.host }, 'phase');
     this.criu = await this.deps.criu();
-    this.criuVersion = this.criu.version.text;
-    this.memoryTracking = await this.criu.memoryTracking();
+    const memoryTracking = await this.criu.memoryTracking();
     const sourceVersion = parseCriuVersion(`Version: ${this.offer.source.criuVersion}`);
     if (!sourceVersion || compareVersions(this.criu.version, sourceVersion) < 0) {
       throw new FerryError(
@@ -206,7 +255,10 @@ class DestinationSession {
       );
     }
     this.releaseName = await this.deps.runtime.claim(this.name);
-    await mkdir(this.imagesDir, { recursive: true });
+    // The journal first: from here a restarted agent knows what to remove.
+    await this.deps.journal.write({ migrationId: this.migrationId, role: 'destination', container: this.name, state: 'started' });
+    await this.deps.runtime.store.create(this.name);
+    await mkdir(this.imagesDir, { recursive: true, mode: 0o700 });
     const cpuinfoDir = join(this.directory, 'cpuinfo');
     await mkdir(cpuinfoDir, { recursive: true });
     await writeFile(join(cpuinfoDir, 'cpuinfo.img'), Buffer.from(this.offer.cpuinfo, 'base64'));
@@ -214,24 +266,34 @@ class DestinationSession {
     if (cpuProblem) throw new FerryError('INCOMPATIBLE', `CPU of this host cannot run the source's images: ${cpuProblem}`);
     const needed = Math.ceil((this.offer.needs.rootfsBytes + this.offer.needs.memoryBytes) * 1.2);
     const free = await freeBytes(this.deps.runtime.store.root);
-    this.freeBytes = free;
     if (free < needed) throw new FerryError('NO_SPACE', `needs ${needed} bytes in the state directory, ${free} free`);
     await this.deps.runtime.cgroup(this.name).create();
     if (this.offer.spec.privateNetwork) await canCreateNetworkNamespace();
-    await this.deps.journal.write({
-      migrationId: this.migrationId,
-      role: 'destination',
-      container: this.name,
-      state: 'started',
-    });
+    return { criuVersion: this.criu.version.text, memoryTracking, freeBytes: free };
   }
 
-  attach(channel: 'files' | 'pages', socket: WebSocket): void {
-    this.channels.push(socket);
-    const work = channel === 'files' ? this.receiveFiles(socket) : this.receivePages(socket);
-    work.catch((error: unknown) => this.fail(error));
-    if (channel === 'files') this.files = work;
-    else this.pages = work;
+  /** A data channel of this migration; returns why it is refused, if it is. */
+  attach(channel: Channel, socket: WebSocket): string | undefined {
+    if (this.state !== 'receiving') return `migration is ${this.state}, not receiving`;
+    if (this.channels.has(channel)) return `the ${channel} channel is already open`;
+    this.channels.set(channel, socket);
+    if (channel === 'files') {
+      this.filesDone = this.track(this.receiveFiles(socket));
+      this.filesDone.catch((error: unknown) => this.fail(error));
+    } else {
+      const pages = this.track(this.receivePages(socket));
+      pages.catch((error: unknown) => {
+        this.pagesFailure = error;
+        this.pagesChanged();
+        void this.fail(error);
+      });
+    }
+    return undefined;
+  }
+
+  private track<T>(work: Promise<T>): Promise<T> {
+    this.writers.push(work.catch(() => undefined));
+    return work;
   }
 
   /** Where pre-dump round N's images go; CRIU finds them through each directory's `parent` link. */
@@ -240,17 +302,18 @@ class DestinationSession {
   }
 
   /**
-   * The rootfs (pass 1, sent while the container ran), the pre-dump rounds'
-   * images in order, the rootfs final pass (what changed by the freeze, and
-   * deletions), then the final dump's non-page images; each is unpacked
-   * while it arrives.
+   * The files channel's streams, in this order: the rootfs (pass 1, sent
+   * while the container ran), the pre-dump rounds' images, the rootfs final
+   * pass (what changed by the freeze, and deletions), then the final dump's
+   * non-page images; each is unpacked while it arrives.
    */
   private async receiveFiles(socket: WebSocket): Promise<void> {
     const receiver = new ChannelReceiver(socket);
     const rootfs = this.deps.runtime.store.rootfs(this.name);
     await this.unpackStream(await receiver.next(), 'rootfs', rootfs);
+    this.ensureLive();
     this.connection.send({ type: 'staged', migrationId: this.migrationId });
-    let stream = await receiver.next();
+    let stream = await this.nextStream(receiver);
     let rounds = 0;
     while (stream.name === `round-${rounds + 1}`) {
       rounds += 1;
@@ -259,21 +322,34 @@ class DestinationSession {
       await this.unpackStream(stream, stream.name, directory, { images: true });
       // The chain's links are made here, never taken from the source (O_EXCL-like: symlink fails if one exists).
       if (rounds > 1) await symlink(`../${rounds - 1}`, join(directory, 'parent'));
-      stream = await receiver.next();
+      stream = await this.nextStream(receiver);
     }
     await this.unpackStream(stream, 'rootfs-delta', rootfs);
-    await this.unpackStream(await receiver.next(), 'images', this.imagesDir, { images: true });
+    await this.unpackStream(await this.nextStream(receiver), 'images', this.imagesDir, { images: true });
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
   }
 
+  private async nextStream(receiver: ChannelReceiver): Promise<IncomingStream> {
+    const stream = await receiver.next();
+    this.ensureLive();
+    return stream;
+  }
+
+  /** A writer that finds the migration aborted stops before writing anything more. */
+  private ensureLive(): void {
+    if (!this.live) throw new FerryError('CANCELLED', 'the migration was aborted', { phase: 'stream' });
+  }
+
   private async unpackStream(stream: IncomingStream, expected: string, into: string, options: { images?: boolean } = {}): Promise<void> {
-    if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`);
+    this.ensureLive();
+    if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`, { phase: 'stream' });
     if (stream.deleted.length && expected !== 'rootfs-delta') {
       throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
     }
     for (const path of stream.deleted) rmSync(resolveInside(into, path), { recursive: true, force: true });
     const digests = new Map<string, string>();
-    const [, end] = await Promise.all([unpackInto(into, stream.body, digests, { flatFilesOnly: options.images }), stream.end]);
+    const body = idleGuard(stream.body, STREAM_IDLE_MS, `the ${expected} stream`, 'stream');
+    const [, end] = await Promise.all([unpackInto(into, body, digests, { flatFilesOnly: options.images }), stream.end]);
     const problems = compareDigests(new Map(Object.entries(end.files ?? {})), digests);
     if (problems.length) {
       throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });
@@ -285,111 +361,140 @@ class DestinationSession {
   private async receivePages(socket: WebSocket): Promise<void> {
     const receiver = new ChannelReceiver(socket);
     for (;;) {
-      const stream = await receiver.next();
+      const stream = await this.nextStream(receiver);
       const image = parsePageStreamName(stream.name);
-      if (!image) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`);
+      if (!image) throw new FerryError('BAD_MESSAGE', `not a page image name: ${stream.name}`, { phase: 'stream' });
       const directory = image.round === undefined ? this.imagesDir : this.roundDirectory(image.round);
       await mkdir(directory, { recursive: true });
       const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
       const handle = await open(join(directory, image.file), flags, 0o600);
-      const [, end] = await Promise.all([pipeline(stream.body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
+      const body = idleGuard(stream.body, STREAM_IDLE_MS, `page image ${stream.name}`, 'stream');
+      const [, end] = await Promise.all([pipeline(body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
       this.receivedPages.set(stream.name, end.sha256);
-      this.pagesArrived();
+      this.pagesChanged();
     }
   }
 
   /** Resolves once every page image the source sent is here with the same sha256. */
   private async allPages(expected: Array<{ name: string; sha256: string }>): Promise<void> {
     for (;;) {
+      this.ensureLive();
+      if (this.pagesFailure) throw toFerryError(this.pagesFailure, 'stream');
       const missing = expected.filter((image) => !this.receivedPages.has(image.name));
       const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.sha256);
       if (wrong) throw new FerryError('CHECKSUM_MISMATCH', `page image ${wrong.name} differs from what the source sent`, { phase: 'stream' });
       if (!missing.length) return;
-      await new Promise<void>((resolve) => (this.pagesArrived = resolve));
+      await new Promise<void>((resolve) => (this.pagesChanged = resolve));
     }
   }
 
-  async restore(pages: Array<{ name: string; sha256: string }>): Promise<void> {
-    try {
-      if (!this.files || !this.pages) throw new FerryError('BAD_MESSAGE', 'restore requested before all data channels opened');
-      await withTimeout(Promise.all([this.files, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
-      this.logger.info({ phase: 'restore' }, 'phase');
-      // Test fault: a real criu restore failure, from a pstree.img that is not a CRIU image.
-      // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
-      if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
-      const started = performance.now();
-      const { restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
-        spec: this.offer.spec,
-        history: this.offer.history,
-        imagesDir: this.imagesDir,
-        rootfs: this.deps.runtime.store.rootfs(this.name),
-        leaveStopped: true,
-        logFile: join(this.directory, 'restore.log'),
-        migrationId: this.migrationId,
-      });
-      await this.deps.journal.update(this.migrationId, 'prepared');
-      this.state = 'prepared';
-      this.connection.send({
-        type: 'prepared',
-        migrationId: this.migrationId,
-        restoreMs: Math.round(performance.now() - started),
-        ...(restoreStats ? { restoreStats } : {}),
-      });
-    } catch (error) {
-      await this.fail(error);
-    }
+  /** transfer-complete: only while receiving, with both channels open. */
+  async transferComplete(pages: Array<{ name: string; sha256: string }>): Promise<void> {
+    if (this.state !== 'receiving') return this.refuse(`transfer-complete while ${this.state}`);
+    if (!this.filesDone || !this.channels.has('pages')) return this.refuse('transfer-complete before both data channels opened');
+    this.transition('restoring');
+    const restoring = this.track(this.restore(this.filesDone, pages));
+    await restoring.catch((error: unknown) => this.fail(error));
   }
 
-  async commit(): Promise<void> {
+  private async restore(filesDone: Promise<void>, pages: Array<{ name: string; sha256: string }>): Promise<void> {
+    await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
+    this.ensureLive();
+    this.logger.info({ phase: 'restore' }, 'phase');
+    // Test fault: a real criu restore failure, from a pstree.img that is not a CRIU image.
+    // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
+    if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
+    const started = performance.now();
+    const { restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
+      spec: this.offer.spec,
+      history: this.offer.history,
+      imagesDir: this.imagesDir,
+      rootfs: this.deps.runtime.store.rootfs(this.name),
+      leaveStopped: true,
+      logFile: join(this.directory, 'restore.log'),
+      migrationId: this.migrationId,
+    });
+    this.ensureLive();
+    await this.deps.journal.update(this.migrationId, 'prepared');
+    this.transition('prepared');
+    this.connection.send({
+      type: 'prepared',
+      migrationId: this.migrationId,
+      restoreMs: Math.round(performance.now() - started),
+      ...(restoreStats ? { restoreStats } : {}),
+    });
+  }
+
+  /** The source's decision. A commit is only taken once prepared; earlier it is refused and the copy dropped. */
+  async decide(decision: 'commit' | 'abort'): Promise<void> {
+    if (decision === 'abort') return this.abort('the source decided abort');
+    if (this.state !== 'prepared') {
+      this.logger.warn({ state: this.state }, 'commit refused: the copy is not prepared');
+      return this.abort(`commit arrived while ${this.state}`);
+    }
+    this.transition('committing');
+    this.forget();
     await resumeContainer(this.deps.runtime, this.name);
     await this.deps.journal.update(this.migrationId, 'done');
+    this.transition('done');
     this.closeChannels();
     this.releaseName?.();
+    this.deps.onOutcome?.('succeeded');
     this.logger.info({ phase: 'confirm' }, 'container running here');
   }
 
-  async dropImages(): Promise<void> {
-    await this.deps.journal.removeImages(this.migrationId).catch((error: unknown) => this.logger.warn({ err: error }, 'could not remove images'));
+  /** The source's control connection closed. Once prepared, only its decision may drop the copy: it may have committed. */
+  sourceGone(): void {
+    if (this.state === 'prepared') {
+      this.logger.warn('source disconnected after prepare; keeping the stopped copy until its decision arrives');
+      return;
+    }
+    void this.abort('the source disconnected');
   }
 
-  /** Drops everything this migration made here: tasks, cgroup, rootfs, images. */
-  async discard(reason?: string): Promise<void> {
+  /** A message that does not fit the state: before `prepared` it ends the migration; after, it is only logged. */
+  async refuse(reason: string): Promise<void> {
+    this.logger.warn({ state: this.state, reason }, 'out-of-order message refused');
+    if (this.state === 'prepared' || this.state === 'committing' || this.state === 'done') return;
+    await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.state === 'restoring' ? 'restore' : 'stream' }));
+  }
+
+  /** Our own failure: the source hears why, then everything here goes. */
+  private async fail(error: unknown): Promise<void> {
+    if (!this.live || this.state === 'prepared' || this.state === 'committing' || this.state === 'done') return;
+    const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : 'stream');
+    this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
+    this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
+    await this.abort(failure.message);
+  }
+
+  /** Stops every writer, then drops what this migration made here: tasks, cgroup, rootfs, images. Idempotent. */
+  abort(reason: string): Promise<void> {
+    if (this.state === 'committing' || this.state === 'done') return Promise.resolve();
+    this.aborted ??= this.discard(reason);
+    return this.aborted;
+  }
+
+  private async discard(reason: string): Promise<void> {
+    this.transition('aborting');
+    this.forget();
     this.closeChannels();
-    // A failure here and the source's abort may both discard: only the first destroys.
-    const release = this.releaseName;
-    this.releaseName = undefined;
-    if (release) {
+    this.pagesChanged();
+    await Promise.all(this.writers);
+    if (this.releaseName) {
       await this.deps.runtime.destroy(this.name).catch((error: unknown) => this.logger.error({ err: error }, 'cleanup failed'));
-      release();
+      this.releaseName();
+      this.releaseName = undefined;
     }
     await this.deps.journal.update(this.migrationId, 'aborted', reason).catch(() => undefined);
     await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);
-    if (reason) this.logger.warn({ reason }, 'incoming migration discarded');
-  }
-
-  private failed = false;
-  private settled = false;
-
-  /** Reports the outcome once, however many paths end the session. */
-  settle(outcome: 'succeeded' | 'rolled-back'): void {
-    if (this.settled) return;
-    this.settled = true;
-    this.deps.onOutcome?.(outcome);
-  }
-
-  private async fail(error: unknown): Promise<void> {
-    if (this.failed || this.state === 'prepared') return;
-    this.failed = true;
-    const failure = toFerryError(error, 'restore');
-    this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
-    this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
-    this.forget();
-    await this.discard(failure.message);
-    this.settle('rolled-back');
+    this.transition('aborted');
+    if (this.accepted) this.deps.onOutcome?.('rolled-back');
+    this.logger.warn({ reason }, 'incoming migration discarded');
   }
 
   private closeChannels(): void {
-    for (const socket of this.channels) socket.close();
+    for (const socket of this.channels.values()) socket.terminate();
   }
 }
 

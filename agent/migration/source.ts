@@ -95,6 +95,9 @@ export class MigrationSource {
   private stopReason: FerryError | undefined;
   /** When the destination confirmed the container runs there: the end of downtime. */
   private runningAt: number | undefined;
+  private readonly warnings: string[] = [];
+  /** Whether the destination may hold state of this migration (an offer went out). */
+  private offered = false;
 
   constructor(deps: SourceDependencies, request: MigrateRequest) {
     this.deps = deps;
@@ -229,6 +232,7 @@ export class MigrationSource {
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
       needs: { rootfsBytes, memoryBytes },
     });
+    this.offered = true;
     const accept = await this.peer.expect('accept', 60_000, 'preflight');
     this.peerMemoryTracking = accept.destination.memoryTracking;
     this.peerFreeBytes = accept.destination.freeBytes;
@@ -500,15 +504,29 @@ export class MigrationSource {
     }
   }
 
+  /** After the commit nothing here may fail the migration: trouble becomes a warning in the report. */
   private async cleanup(confirmed: boolean): Promise<void> {
-    await this.deps.runtime.destroy(this.request.name);
-    await this.deps.journal.removeImages(this.migrationId);
+    const { runtime, journal } = this.deps;
+    const name = this.request.name;
+    await this.tidy('remove the frozen copy', () => runtime.destroy(name), () => runtime.forget(name));
+    await this.tidy('remove the images', () => journal.removeImages(this.migrationId));
     if (confirmed) {
-      await this.deps.journal.update(this.migrationId, 'done');
+      await this.tidy('record the migration as done', () => journal.update(this.migrationId, 'done'));
       return;
     }
-    const entry = await this.deps.journal.read(this.migrationId);
+    const entry = await journal.read(this.migrationId).catch(() => undefined);
     if (entry) void deliverDecision(this.deps, entry, 'commit', this.logger);
+  }
+
+  private async tidy(what: string, work: () => Promise<void>, fallback?: () => Promise<void>): Promise<void> {
+    try {
+      await work();
+    } catch (error) {
+      const message = `could not ${what}: ${toFerryError(error).message}`;
+      this.warnings.push(message);
+      this.logger.warn({ err: error }, message);
+      await fallback?.().catch((fallbackError: unknown) => this.logger.error({ err: fallbackError }, 'fallback cleanup failed'));
+    }
   }
 
   /** Before the decision: the container thaws here, the destination drops its copy. */
@@ -527,6 +545,10 @@ export class MigrationSource {
     await this.deps.journal.update(this.migrationId, 'aborted', `${error.code}: ${error.message}`).catch(() => undefined);
     await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);
     this.peer?.close();
+    // The abort above may never arrive (a cut link), and a prepared copy waits for a decision:
+    // it is delivered again on a new connection until the destination acknowledges it.
+    const entry = this.offered ? await this.deps.journal.read(this.migrationId).catch(() => undefined) : undefined;
+    if (entry) void deliverDecision(this.deps, entry, 'abort', this.logger);
   }
 
   private emit(phase: Phase): void {
@@ -557,6 +579,7 @@ export class MigrationSource {
             },
           }
         : {}),
+      ...(this.warnings.length ? { warnings: this.warnings } : {}),
     };
   }
 }

@@ -1,10 +1,12 @@
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { z } from 'zod';
 import type { Cgroup } from '../../src/cgroup/cgroup.ts';
 import type { Criu } from '../../src/criu/criu.ts';
+import { validateImages } from '../../src/criu/images.ts';
+import { faultActive } from '../../src/transport/faults.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
@@ -28,7 +30,12 @@ const manifestSchema = z.object({
 export interface CheckpointResult {
   dumpStats: DumpStats | undefined;
   frozenMs: number;
+  /** Trouble after the dump succeeded: the checkpoint is complete, something was left to tidy. */
+  warnings: string[];
 }
+
+/** What a checkpoint writes into the caller's directory; a failure removes these and nothing else. */
+const checkpointEntries = ['images', 'rootfs.tar', 'container.json', 'dump.log'] as const;
 
 export async function checkpointToDirectory(
   runtime: ContainerRuntime,
@@ -40,24 +47,54 @@ export async function checkpointToDirectory(
   const record = await runtime.get(name);
   const cgroup = runtime.cgroup(name);
   const imagesDir = join(directory, 'images');
-  await mkdir(imagesDir, { recursive: true });
+  const createdDirectory = await prepareCheckpointDirectory(directory);
   const frozenAt = performance.now();
-  await freeze(cgroup);
+  let dumpStats: DumpStats | undefined;
   try {
+    await mkdir(imagesDir);
+    await freeze(cgroup);
     const digests = new Map<string, string>();
-    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar'), { highWaterMark: bulkWriteBuffer }))
+    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar'), { flags: 'wx', highWaterMark: bulkWriteBuffer }))
       .catch((error: unknown) => Promise.reject(toFerryError(error, 'snapshot')));
-    const dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
+    dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
     const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };
-    await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2));
-    if (keepRunning) await cgroup.thaw();
-    else await runtime.destroy(name);
-    return { dumpStats, frozenMs: performance.now() - frozenAt };
+    await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2), { flag: 'wx' });
   } catch (error) {
     await cgroup.thaw().catch(() => undefined);
-    await rm(directory, { recursive: true, force: true });
+    await removeCheckpointEntries(directory, createdDirectory);
     throw toFerryError(error, 'dump');
   }
+  // From here the images are the workload: nothing may delete them, and trouble is only a warning.
+  const frozenMs = performance.now() - frozenAt;
+  const warnings: string[] = [];
+  try {
+    if (keepRunning) await cgroup.thaw();
+    else await runtime.destroy(name);
+  } catch (error) {
+    warnings.push(`checkpoint written, but could not ${keepRunning ? 'thaw' : 'remove'} the container: ${toFerryError(error).message}`);
+    if (!keepRunning) await runtime.forget(name).catch(() => undefined);
+  }
+  return { dumpStats, frozenMs, warnings };
+}
+
+/** Refuses a directory that already holds checkpoint entries; returns whether it was created here. */
+async function prepareCheckpointDirectory(directory: string): Promise<boolean> {
+  const existing = await readdir(directory).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === 'ENOENT') return undefined;
+    throw new FerryError('BAD_REQUEST', `cannot use ${directory} for a checkpoint: ${error.code ?? error.message}`, { phase: 'dump' });
+  });
+  if (!existing) {
+    await mkdir(directory, { recursive: true, mode: 0o700 });
+    return true;
+  }
+  const clash = checkpointEntries.find((entry) => existing.includes(entry));
+  if (clash) throw new FerryError('NAME_IN_USE', `${directory} already holds ${clash}; choose an empty directory`, { phase: 'dump' });
+  return false;
+}
+
+async function removeCheckpointEntries(directory: string, createdDirectory: boolean): Promise<void> {
+  for (const entry of checkpointEntries) await rm(join(directory, entry), { recursive: true, force: true }).catch(() => undefined);
+  if (createdDirectory) await rmdir(directory).catch(() => undefined);
 }
 
 export async function freeze(cgroup: Cgroup): Promise<void> {
@@ -112,6 +149,9 @@ export async function restoreContainer(
   const cgroup = runtime.cgroup(name);
   const pidFile = join(request.imagesDir, 'restore.pid');
   try {
+    // The images decide what runs with which root and namespaces: only a container's are restored.
+    // (The fail-restore test fault corrupts them on purpose, to see CRIU itself fail.)
+    if (!faultActive('fail-restore')) await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork });
     await cgroup.create();
     const restoreStats = await criu.restore(
       {

@@ -43,11 +43,16 @@ export class ContainerRuntime {
 
   /** Reserves a name; throws NAME_IN_USE when a container has it. */
   async claim(name: string): Promise<() => void> {
-    if (this.claimed.has(name) || (await this.store.read(name))) {
-      throw new FerryError('NAME_IN_USE', `a container named ${name} already exists on ${this.hostName}`);
-    }
+    const inUse = () => new FerryError('NAME_IN_USE', `a container named ${name} already exists on ${this.hostName}`);
+    // Taken before the await, so two requests for one name cannot both pass.
+    if (this.claimed.has(name)) throw inUse();
     this.claimed.add(name);
-    return () => this.claimed.delete(name);
+    const release = () => void this.claimed.delete(name);
+    if (await this.store.read(name).catch(() => undefined)) {
+      release();
+      throw inUse();
+    }
+    return release;
   }
 
   async run(spec: ContainerSpec): Promise<ContainerInfo> {
@@ -55,6 +60,7 @@ export class ContainerRuntime {
     const cgroup = this.cgroup(spec.name);
     try {
       const rootfs = this.store.rootfs(spec.name);
+      await this.store.create(spec.name);
       await copyRootfs(spec.rootfs, rootfs);
       await cgroup.create();
       const pid = await startContainer(spec, rootfs, cgroup.procsFile);
@@ -159,6 +165,31 @@ export class ContainerRuntime {
     await cgroup.kill();
     await cgroup.remove();
     await this.store.remove(name);
+  }
+
+  /**
+   * After a destroy failed for a container that now lives elsewhere: its
+   * state goes at once, and the cgroup is retried for a bounded time.
+   */
+  async forget(name: string): Promise<void> {
+    await this.store.remove(name);
+    // The name stays claimed meanwhile: a new container of that name must not share the cgroup being killed.
+    this.claimed.add(name);
+    const cgroup = this.cgroup(name);
+    void (async () => {
+      try {
+        for (let attempt = 1; attempt <= 10; attempt += 1) {
+          await sleep(10_000);
+          const removed = await cgroup.kill().then(() => cgroup.remove()).then(() => true, (error: unknown) => {
+            this.logger.warn({ container: name, err: error, attempt }, 'cgroup of a departed container not removed yet');
+            return false;
+          });
+          if (removed) return;
+        }
+      } finally {
+        this.claimed.delete(name);
+      }
+    })();
   }
 }
 

@@ -1,4 +1,4 @@
-import { readdir, rm } from 'node:fs/promises';
+import { chmod, mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { readJsonFile, writeJsonFile } from '../../src/json-file.ts';
@@ -29,6 +29,12 @@ export class ContainerStore {
     return join(this.root, name);
   }
 
+  /** Creates a container's directory, private to root like the rest of the state. */
+  async create(name: string): Promise<void> {
+    await mkdir(this.directory(name), { recursive: true, mode: 0o700 });
+    await chmod(this.directory(name), 0o700);
+  }
+
   rootfs(name: string): string {
     return join(this.root, name, 'rootfs');
   }
@@ -49,4 +55,17 @@ export class ContainerStore {
   async remove(name: string): Promise<void> {
     await rm(this.directory(name), { recursive: true, force: true });
   }
+}
+
+/**
+ * The state directory and what holds container rootfs and images are 0700:
+ * a rootfs may hold setuid files that no other local user may reach. Run at
+ * every start, so an older or hand-made state directory is narrowed too.
+ */
+export async function securePrivateState(stateDir: string, store: ContainerStore, migrationsRoot: string): Promise<void> {
+  for (const directory of [stateDir, store.root, migrationsRoot]) {
+    await mkdir(directory, { recursive: true, mode: 0o700 });
+    await chmod(directory, 0o700);
+  }
+  for (const name of await store.names()) await chmod(store.directory(name), 0o700).catch(() => undefined);
 }

@@ -66,8 +66,12 @@ export class Cgroup {
     await this.waitUntil(async () => !(await this.isFrozen()), timeoutMs, 'thaw');
   }
 
-  /** Kills every task, frozen or not, and waits until the group is empty. */
-  async kill(timeoutMs = 10_000): Promise<void> {
+  /**
+   * Kills every task, frozen or not, and waits until the group is empty:
+   * no task listed and, on v2, `populated 0` (tasks freeing a large memory
+   * leave cgroup.procs before they have exited, and rmdir fails until then).
+   */
+  async kill(timeoutMs = 30_000): Promise<void> {
     if (!(await this.exists())) return;
     const killFile = join(this.path, 'cgroup.kill');
     if (this.version === 2 && (await fileExists(killFile))) {
@@ -77,16 +81,40 @@ export class Cgroup {
       // v1 frozen tasks only die once thawed.
       if (this.version === 1) await this.setFrozen(false);
     }
-    await this.waitUntil(async () => (await this.pids()).length === 0, timeoutMs, 'kill');
+    await this.waitUntil(() => this.isEmpty(), timeoutMs, 'kill');
   }
 
-  /** Removes the (empty) group; a missing group is not an error. */
-  async remove(): Promise<void> {
+  /** No task in the group, exiting ones included where the kernel tells (v2). */
+  async isEmpty(): Promise<boolean> {
+    if ((await this.pids()).length) return false;
+    if (this.version === 1 || !(await this.exists())) return true;
+    return (await this.events().catch(() => new Map<string, string>())).get('populated') !== '1';
+  }
+
+  /**
+   * Removes the group once it is empty; a missing group is not an error.
+   * EBUSY (tasks still exiting) is retried until `timeoutMs`.
+   */
+  async remove(timeoutMs = 30_000): Promise<void> {
     if (!(await this.exists())) return;
     if (await this.isFrozen().catch(() => false)) await this.setFrozen(false);
-    await rmdir(this.path).catch((error: NodeJS.ErrnoException) => {
-      if (error.code !== 'ENOENT') throw error;
-    });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        await rmdir(this.path);
+        return;
+      } catch (error) {
+        const code = (error as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') return;
+        if (code !== 'EBUSY' || Date.now() > deadline) {
+          throw new FerryError('CGROUP_FAILED', `cannot remove cgroup ${this.path}: ${code ?? (error as Error).message}`, {
+            cause: error,
+            phase: 'cleanup',
+          });
+        }
+        await sleep(50);
+      }
+    }
   }
 
   private async setFrozen(frozen: boolean): Promise<void> {

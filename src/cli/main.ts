@@ -154,7 +154,8 @@ program
     const result = await withAgent(undefined, (client) =>
       client.request('checkpoint', { name, directory: resolve(directory), keepRunning: !!options.keepRunning }),
     );
-    print(`${name} checkpointed to ${result.directory} (frozen ${result.frozenMs.toFixed(1)} ms)`, result);
+    const warnings = (result.warnings ?? []).map((warning) => `\nwarning: ${warning}`).join('');
+    print(`${name} checkpointed to ${result.directory} (frozen ${result.frozenMs.toFixed(1)} ms)${warnings}`, result);
   });
 
 program

@@ -48,6 +48,7 @@ export function reportText(report: MigrationReport): string {
     '',
     table(['PHASE', 'TIME'], report.phases.map((phase) => [phase.phase, ms(phase.ms)])),
   ];
+  for (const warning of report.warnings ?? []) lines.push(`  warning: ${warning}`);
   if (report.precopy) {
     const { rounds, stopReason, predictedDowntimeMs } = report.precopy;
     const predicted = predictedDowntimeMs === undefined ? 'no prediction' : `predicted downtime ${ms(predictedDowntimeMs)}, actual ${ms(report.downtimeMs)}`;
