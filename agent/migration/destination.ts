@@ -26,7 +26,7 @@ type Offer = Extract<PeerMessage, { type: 'offer' }>;
 type Channel = 'files' | 'pages';
 
 /** A stream that stops delivering bytes for this long fails the migration. */
-const STREAM_IDLE_MS = 60_000;
+const STREAM_IDLE_MS = Number(process.env.FERRY_STREAM_IDLE_MS) || 60_000;
 
 /**
  * The states of one incoming migration and where each may go. Every message
