@@ -9,9 +9,11 @@
  * namespaces and forks; the child is PID 1 of the new PID namespace. The child
  * joins the cgroup, makes its mounts private, bind-mounts the rootfs onto
  * itself, mounts /proc and a tmpfs /dev inside, pivots into the rootfs, reopens
- * stdio inside the new root, closes every other fd, becomes a session leader
- * and execs the command. Failures travel back to the parent over a CLOEXEC
- * pipe ("CODE message\n"); EOF without data means execve succeeded.
+ * stdio inside the new root, closes every other fd, becomes a session leader,
+ * enters the boundary OCI runtimes give a container by default (see
+ * enter_boundary) and execs the command. Failures travel back to the parent
+ * over a CLOEXEC pipe ("CODE message\n"); EOF without data means execve
+ * succeeded.
  *
  * Output (stdout, one line of JSON):
  *   {"pid":HOSTPID}                        exit 0
@@ -31,10 +33,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
@@ -221,6 +226,26 @@ static void setup_dev(const char *rootfs)
 		if (symlink(links[i].target, path) < 0)
 			child_fail("SETUP_FAILED", errno, "symlink %s", path);
 	}
+	/* CAP_MKNOD stays (OCI default): a read-only /dev and a nodev rootfs keep
+	 * any node the container makes from opening a device. */
+	if (mount(NULL, dev, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m,nr_inodes=64k") < 0)
+		child_fail("SETUP_FAILED", errno, "remount %s read-only", dev);
+}
+
+/* Adds MS_NODEV to the bind mount at path, keeping the flags it has. */
+static int remount_nodev(const char *path)
+{
+	struct statvfs sv;
+	unsigned long flags = MS_BIND | MS_REMOUNT | MS_NODEV;
+	if (statvfs(path, &sv) < 0)
+		return -1;
+	if (sv.f_flag & ST_RDONLY)
+		flags |= MS_RDONLY;
+	if (sv.f_flag & ST_NOSUID)
+		flags |= MS_NOSUID;
+	if (sv.f_flag & ST_NOEXEC)
+		flags |= MS_NOEXEC;
+	return mount(NULL, path, NULL, flags, NULL);
 }
 
 static void loopback_up(void)
@@ -247,6 +272,8 @@ static void enter_root(const char *rootfs)
 		child_fail("SETUP_FAILED", errno, "make / rprivate");
 	if (mount(rootfs, rootfs, NULL, MS_BIND | MS_REC, NULL) < 0)
 		child_fail("SETUP_FAILED", errno, "bind-mount %s", rootfs);
+	if (remount_nodev(rootfs) < 0)
+		child_fail("SETUP_FAILED", errno, "remount %s nodev", rootfs);
 
 	snprintf(proc, sizeof(proc), "%s/proc", rootfs);
 	ensure_dir(proc, 0555);
@@ -264,6 +291,106 @@ static void enter_root(const char *rootfs)
 		child_fail("SETUP_FAILED", errno, "detach old root");
 	if (chdir("/") < 0)
 		child_fail("SETUP_FAILED", errno, "chdir /");
+}
+
+/* ---- the container boundary (what runc and containerd do by default) ---- */
+
+/* The OCI default capability set: everything else leaves the bounding set. */
+static const int oci_caps[] = {
+	CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FSETID, CAP_FOWNER, CAP_MKNOD,
+	CAP_NET_RAW, CAP_SETGID, CAP_SETUID, CAP_SETFCAP, CAP_SETPCAP,
+	CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT, CAP_KILL, CAP_AUDIT_WRITE,
+};
+
+static int is_oci_cap(int cap)
+{
+	for (size_t i = 0; i < sizeof(oci_caps) / sizeof(oci_caps[0]); i++)
+		if (oci_caps[i] == cap)
+			return 1;
+	return 0;
+}
+
+/* Needs CAP_SETPCAP, so it runs before capset drops anything. */
+static void drop_bounding_set(void)
+{
+	for (int cap = 0; cap <= 63; cap++) {
+		if (is_oci_cap(cap))
+			continue;
+		if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0)
+			continue;
+		if (errno == EINVAL) /* past the kernel's last capability */
+			break;
+		child_fail("SETUP_FAILED", errno, "drop capability %d from the bounding set", cap);
+	}
+}
+
+/* Effective and permitted become the OCI set; inheritable stays empty
+ * (as in containerd and moby since CVE-2022-24769), ambient is cleared. */
+static void set_capabilities(void)
+{
+	struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[2];
+	memset(data, 0, sizeof(data));
+	for (size_t i = 0; i < sizeof(oci_caps) / sizeof(oci_caps[0]); i++) {
+		int cap = oci_caps[i];
+		data[cap / 32].effective |= 1U << (cap % 32);
+		data[cap / 32].permitted |= 1U << (cap % 32);
+	}
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+		child_fail("SETUP_FAILED", errno, "clear ambient capabilities");
+	if (syscall(SYS_capset, &header, data) < 0)
+		child_fail("SETUP_FAILED", errno, "capset");
+}
+
+/* runc's default masked paths: files get /dev/null, directories an empty read-only tmpfs. */
+static void mask_paths(void)
+{
+	static const char *paths[] = {
+		"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+		"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+		"/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+		"/sys/devices/virtual/powercap",
+	};
+	struct stat st;
+	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+		const char *path = paths[i];
+		if (lstat(path, &st) < 0)
+			continue; /* not on this kernel, or no /sys */
+		int r = S_ISDIR(st.st_mode)
+			? mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0555")
+			: mount("/dev/null", path, NULL, MS_BIND, NULL);
+		if (r < 0)
+			child_fail("SETUP_FAILED", errno, "mask %s", path);
+	}
+}
+
+/* runc's default read-only paths: bind-mounted onto themselves, then remounted read-only. */
+static void readonly_paths(void)
+{
+	static const char *paths[] = {
+		"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+	};
+	const unsigned long flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC;
+	struct stat st;
+	for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+		const char *path = paths[i];
+		if (lstat(path, &st) < 0)
+			continue;
+		if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0 || mount(NULL, path, NULL, flags, NULL) < 0)
+			child_fail("SETUP_FAILED", errno, "make %s read-only", path);
+	}
+}
+
+/* Last step before exec: after it the container cannot mount, load modules,
+ * raise its capabilities or gain any through setuid files. */
+static void enter_boundary(void)
+{
+	mask_paths();
+	readonly_paths();
+	drop_bounding_set();
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		child_fail("SETUP_FAILED", errno, "no_new_privs");
+	set_capabilities();
 }
 
 static void setup_stdio(const char *log)
@@ -395,6 +522,7 @@ static void child_main(const struct options *o)
 		child_fail("SETUP_FAILED", errno, "setsid");
 	if (chdir(o->cwd) < 0)
 		child_fail("SETUP_FAILED", errno, "chdir %s", o->cwd);
+	enter_boundary();
 	exec_command(o->argv, (char **)o->env);
 }
 
@@ -546,7 +674,11 @@ static const char *need_value(int argc, char **argv, int *i)
  * with --kdat, a private mount namespace whose /run is a small tmpfs holding
  * a copy of CRIU's kernel-probe cache (CRIU keeps that cache only on tmpfs);
  * with --cgroup-procs, the process joins that cgroup first, so tasks CRIU
- * restores are born in it. Exits 126 with a message when a step fails.
+ * restores are born in it. When CRIU's arguments name a --root (a restore),
+ * that directory becomes a nodev mount in CRIU's mount namespace: CRIU
+ * before 4.2 (criu#2632) does not restore the root mount's flags, but its
+ * bind mount of --root copies them from there. Exits 126 with a message when
+ * a step fails.
  */
 static void copy_file(const char *from, const char *to)
 {
@@ -564,6 +696,29 @@ static void copy_file(const char *from, const char *to)
 		write_all(out, buf, (size_t)n);
 	close(in);
 	close(out);
+}
+
+/* The value of CRIU's --root among its arguments, or NULL. */
+static const char *criu_root(char **args)
+{
+	for (int i = 0; args[i]; i++) {
+		if (strcmp(args[i], "--root") == 0)
+			return args[i + 1];
+		if (strncmp(args[i], "--root=", 7) == 0)
+			return args[i] + 7;
+	}
+	return NULL;
+}
+
+static int private_mounts(void)
+{
+	return unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ? -1 : 0;
+}
+
+/* Binds root onto itself with nodev, as ferry-helper run mounts a rootfs. */
+static int nodev_root(const char *root)
+{
+	return mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0 ? -1 : remount_nodev(root);
 }
 
 static int criu_exec(int argc, char **argv)
@@ -584,9 +739,17 @@ static int criu_exec(int argc, char **argv)
 	}
 	if (i >= argc)
 		usage_exit("criu-exec: missing command");
+	const char *root = criu_root(argv + i);
+	if ((kdat || root) && private_mounts() < 0) {
+		fprintf(stderr, "ferry-helper criu-exec: private mount namespace: %s\n", strerror(errno));
+		return 126;
+	}
+	if (root && nodev_root(root) < 0) {
+		fprintf(stderr, "ferry-helper criu-exec: nodev %s: %s\n", root, strerror(errno));
+		return 126;
+	}
 	if (kdat) {
-		if (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
-		    mount("criu-kdat", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755") < 0) {
+		if (mount("criu-kdat", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755") < 0) {
 			fprintf(stderr, "ferry-helper criu-exec: private /run: %s\n", strerror(errno));
 			return 126;
 		}
