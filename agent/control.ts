@@ -5,6 +5,7 @@ import { FerryError, toFerryError } from '../src/errors.ts';
 import {
   describeIssues,
   helloSchema,
+  parseJsonMessage,
   protocolVersion,
   requestSchema,
   type Request,
@@ -30,6 +31,10 @@ export interface PeerHandler {
 }
 
 const peerTypes = new Set<string>(peerMessageSchema.options.map((option) => option.shape.type.value));
+/** A client that has not said hello by then is not one: its connection is closed. */
+export const helloTimeoutMs = 10_000;
+/** Requests one connection may have running at once (a migration is one; the CLI sends one at a time). */
+export const maxInFlight = 64;
 
 /** One client's control connection: hello first, then requests, replies and progress. */
 export class ControlConnection {
@@ -46,11 +51,20 @@ export class ControlConnection {
     this.handlers = handlers;
     this.peer = peer;
     keepAlive(socket);
+    const helloDeadline = setTimeout(() => this.closeWith('TIMEOUT', `no hello within ${helloTimeoutMs} ms`), helloTimeoutMs);
+    helloDeadline.unref();
     socket.on('message', (data, isBinary) => {
       if (isBinary) return this.refuse(undefined, 'binary frames are not allowed on the control channel');
-      this.onText(data.toString(), hostName);
+      try {
+        this.onText(data.toString(), hostName);
+      } catch (error) {
+        this.logger.error({ err: error }, 'control message handler failed');
+        this.closeWith('INTERNAL', 'the agent could not handle a message');
+      }
+      if (this.greeted) clearTimeout(helloDeadline);
     });
     socket.on('close', () => {
+      clearTimeout(helloDeadline);
       for (const controller of this.inFlight.values()) controller.abort();
       this.peer.onPeerClosed(this);
     });
@@ -64,12 +78,20 @@ export class ControlConnection {
     if (this.open) this.socket.send(JSON.stringify(message));
   }
 
+  /** Says why, then closes; a peer that does not answer the close is cut off. */
+  private closeWith(code: 'TIMEOUT' | 'INTERNAL' | 'PROTOCOL_VERSION' | 'BAD_MESSAGE', message: string): void {
+    this.logger.warn({ code, message }, 'control connection closed');
+    this.send({ type: 'error', error: { code, message } });
+    this.socket.close(code === 'INTERNAL' ? 1011 : 1008, code);
+    setTimeout(() => this.socket.terminate(), 2_000).unref();
+  }
+
   private onText(text: string, hostName: string): void {
     let raw: unknown;
     try {
-      raw = JSON.parse(text);
-    } catch {
-      return this.refuse(undefined, 'message is not JSON');
+      raw = parseJsonMessage(text);
+    } catch (error) {
+      return this.refuse(undefined, error instanceof FerryError ? error.message : 'message is not JSON');
     }
     const id = typeof (raw as { id?: unknown })?.id === 'string' ? (raw as { id: string }).id : undefined;
     if (!this.greeted) return this.onHello(raw, hostName);
@@ -89,24 +111,20 @@ export class ControlConnection {
 
   private onHello(raw: unknown, hostName: string): void {
     const hello = helloSchema.safeParse(raw);
-    if (!hello.success) {
-      this.refuse(undefined, `expected hello first: ${describeIssues(hello.error)}`);
-      this.socket.close();
-      return;
-    }
+    if (!hello.success) return this.closeWith('BAD_MESSAGE', `expected hello first: ${describeIssues(hello.error)}`);
     if (hello.data.version !== protocolVersion) {
-      this.send({
-        type: 'error',
-        error: { code: 'PROTOCOL_VERSION', message: `agent speaks protocol ${protocolVersion}, client ${hello.data.version}` },
-      });
-      this.socket.close();
-      return;
+      return this.closeWith('PROTOCOL_VERSION', `agent speaks protocol ${protocolVersion}, client ${hello.data.version}`);
     }
     this.greeted = true;
     this.send({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName });
   }
 
   private async dispatch(request: Request): Promise<void> {
+    if (this.inFlight.has(request.id)) return this.refuse(request.id, `request ${request.id} is already running`);
+    if (this.inFlight.size >= maxInFlight) {
+      this.send({ type: 'error', id: request.id, error: { code: 'BUSY', message: `at most ${maxInFlight} requests at once on one connection` } });
+      return;
+    }
     if (request.type === 'cancel') {
       const target = this.inFlight.get(request.target);
       target?.abort(new FerryError('CANCELLED', 'cancelled by the client'));

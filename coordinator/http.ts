@@ -1,6 +1,6 @@
 // The coordinator's HTTP+JSON API. Every route needs the Bearer token; bodies
 // are zod-validated; errors are JSON with a stable code (and the field at fault).
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { z } from 'zod';
 import { FerryError, toFerryError, type ErrorCode } from '../src/errors.ts';
 import {
@@ -10,8 +10,10 @@ import {
   registerHostBodySchema,
   type ApiError,
 } from '../src/protocol/coordinator.ts';
-import { describeIssues } from '../src/protocol/messages.ts';
+import { describeIssues, parseJsonMessage } from '../src/protocol/messages.ts';
 import { bearerToken, tokenMatches } from '../src/transport/auth.ts';
+import { ConnectionLimiter, defaultConnectionLimits, requestPath, serverTimeouts } from '../src/transport/limits.ts';
+import type { Logger } from 'pino';
 import type { Service } from './service.ts';
 
 const MAX_BODY_BYTES = 1024 * 1024;
@@ -96,11 +98,30 @@ const routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [
   },
 ];
 
-/** Serves one request: authenticate, route, answer JSON (or SSE, or Prometheus text). */
-export async function handle(service: Service, request: IncomingMessage, response: ServerResponse): Promise<void> {
+/**
+ * The API's HTTP server, with the bounds any listener reachable from the
+ * network needs: a request must arrive within 10 s, and connections that have
+ * not presented the token are capped per address and in all.
+ */
+export function createApiServer(service: Service, logger: Logger): Server {
+  const server = createServer(serverTimeouts);
+  const limiter = new ConnectionLimiter(server, defaultConnectionLimits, (address) => {
+    logger.warn({ remote: address }, 'refused a connection: too many waiting to authenticate');
+  });
+  server.on('request', (request, response) => {
+    if (tokenMatches(bearerToken(request), service.token)) limiter.trust(request.socket);
+    void handle(service, request, response, logger);
+  });
+  return server;
+}
+
+/** Serves one request: authenticate, route, answer JSON (or SSE, or Prometheus text). Never rejects. */
+export async function handle(service: Service, request: IncomingMessage, response: ServerResponse, logger?: Logger): Promise<void> {
   try {
     if (!tokenMatches(bearerToken(request), service.token)) throw new HttpError(401, 'UNAUTHORIZED', 'wrong or missing token');
-    const path = new URL(request.url ?? '/', 'http://coordinator').pathname;
+    // Not `new URL`: it throws on targets such as "//a:99999".
+    const path = requestPath(request.url);
+    if (path === undefined) throw new HttpError(400, 'BAD_REQUEST', 'the request target is not a path');
     if (request.method === 'GET' && path === '/v1/events') return service.events.serveSse(response);
     if (request.method === 'GET' && path === '/metrics') {
       response.writeHead(200, { 'content-type': service.metrics.registry.contentType });
@@ -108,13 +129,14 @@ export async function handle(service: Service, request: IncomingMessage, respons
       return;
     }
     const matching = routes.filter((candidate) => candidate.pattern.test(path));
-    if (!matching.length) throw new HttpError(404, 'NOT_FOUND', `no route ${path}`);
+    if (!matching.length) throw new HttpError(404, 'NOT_FOUND', `no route ${path.slice(0, 200)}`);
     const route = matching.find((candidate) => candidate.method === request.method);
-    if (!route) throw new HttpError(405, 'BAD_REQUEST', `${request.method} not allowed on ${path}`);
+    if (!route) throw new HttpError(405, 'BAD_REQUEST', `${request.method} not allowed on ${path.slice(0, 200)}`);
     const params = route.pattern.exec(path)!.slice(1);
     const { status, body } = await route.handler(service, request, params);
     sendJson(response, status, body);
   } catch (error) {
+    if (!(error instanceof HttpError)) logger?.warn({ err: error, path: request.url?.slice(0, 200) }, 'API request failed');
     sendError(response, error);
   }
 }
@@ -131,7 +153,8 @@ function sendError(response: ServerResponse, error: unknown): void {
   const body: ApiError = {
     error: {
       code: httpError?.code ?? ferryError!.code,
-      message: (httpError ?? ferryError!).message,
+      // An internal error says what failed, not the paths on this host (the log above has them).
+      message: httpError?.message ?? ferryError!.toJSON().message,
       ...(httpError?.field ? { field: httpError.field } : {}),
     },
   };
@@ -148,9 +171,9 @@ async function readJson(request: IncomingMessage): Promise<unknown> {
     chunks.push(chunk);
   }
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
-  } catch {
-    throw new HttpError(400, 'BAD_REQUEST', 'body is not JSON', '(body)');
+    return parseJsonMessage(Buffer.concat(chunks).toString('utf8'));
+  } catch (error) {
+    throw new HttpError(400, 'BAD_REQUEST', error instanceof FerryError ? error.message.replace('message', 'body') : 'body is not JSON', '(body)');
   }
 }
 

@@ -75,14 +75,34 @@ export class FerryError extends Error {
     return new FerryError(this.code, this.message, { phase, cause: this.cause, details: this.details });
   }
 
+  /** The wire form, for peers and clients. */
   toJSON(): WireError {
     return {
       code: this.code,
-      message: this.message,
+      message: this.hidesPaths ? withoutPaths(this.message) : this.message,
       ...(this.phase ? { phase: this.phase } : {}),
-      ...(this.details.length ? { details: this.details } : {}),
+      ...(this.details.length ? { details: this.hidesPaths ? this.details.map(withoutPaths) : this.details } : {}),
     };
   }
+
+  /**
+   * An internal error, or one made from a failed system call, tells a peer
+   * what failed but not where on this host: paths are cut from its wire
+   * form (the agent's log keeps the full error).
+   */
+  private get hidesPaths(): boolean {
+    return this.code === 'INTERNAL' || isSystemError(this.cause);
+  }
+}
+
+/** A Node system error (ENOENT, EEXIST, ...): its message names the paths involved. */
+function isSystemError(error: unknown): boolean {
+  return error instanceof Error && typeof (error as NodeJS.ErrnoException).syscall === 'string';
+}
+
+/** Replaces absolute paths, quoted (Node's form) or bare, with <path>; URLs stay. */
+export function withoutPaths(text: string): string {
+  return text.replace(/'\/[^']*'/g, "'<path>'").replace(/(?<![\w.~:/<-])\/[^\s'",;:()[\]{}<>]+/g, '<path>');
 }
 
 export interface WireError {

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { byteCount } from './numbers.ts';
 
 export const containerNameSchema = z
   .string()
@@ -27,13 +28,13 @@ export type ContainerStatus = z.infer<typeof containerStatusSchema>;
 export const containerInfoSchema = z.object({
   name: z.string(),
   status: containerStatusSchema,
-  pid: z.number().int().optional(),
+  pid: z.number().int().positive().optional(),
   command: z.array(z.string()),
   createdAt: z.string(),
   /** Hosts the container has lived on, oldest first. */
   history: z.array(z.string()),
-  memoryBytes: z.number().optional(),
-  rootfsBytes: z.number().optional(),
+  memoryBytes: byteCount.optional(),
+  rootfsBytes: byteCount.optional(),
   labels: z.record(z.string(), z.string()),
 });
 export type ContainerInfo = z.infer<typeof containerInfoSchema>;

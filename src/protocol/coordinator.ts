@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { containerNameSchema } from './container.ts';
 import { hostInfoSchema } from './host.ts';
+import { byteCount, count, milliseconds } from './numbers.ts';
 
 // The coordinator's HTTP+JSON API: request bodies (validated by the service),
 // the views it returns, and the events of its SSE stream. Shared with the CLI.
@@ -40,9 +41,9 @@ export const migrationViewSchema = z.object({
   source: z.string(),
   target: z.string().nullable(),
   state: z.enum(migrationStates),
-  attempt: z.number().int(),
+  attempt: count,
   error: z.string().nullable(),
-  downtimeMs: z.number().nullable(),
+  downtimeMs: milliseconds.nullable(),
   evacuationId: z.string().nullable(),
   startedAt: z.string().nullable(),
   finishedAt: z.string().nullable(),
@@ -85,7 +86,7 @@ export type ApiError = z.infer<typeof apiErrorSchema>;
 /** Events on GET /v1/events. */
 export const coordinatorEventSchema = z.discriminatedUnion('type', [
   z.object({ type: z.literal('migration-started'), at: z.string(), migration: migrationViewSchema }),
-  z.object({ type: z.literal('migration-progress'), at: z.string(), migrationId: z.string(), phase: z.string(), bytes: z.number().optional() }),
+  z.object({ type: z.literal('migration-progress'), at: z.string(), migrationId: z.string(), phase: z.string(), bytes: byteCount.optional() }),
   z.object({ type: z.literal('migration-finished'), at: z.string(), migration: migrationViewSchema }),
   z.object({ type: z.literal('evacuation-finished'), at: z.string(), evacuation: evacuationViewSchema }),
 ]);

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { containerInfoSchema } from './container.ts';
+import { byteCount, count } from './numbers.ts';
 
 /** One line of `ferry doctor`: a capability, whether this host has it, and why not. */
 export const capabilitySchema = z.object({
@@ -18,13 +19,13 @@ export const hostInfoSchema = z.object({
   criu: z.object({ path: z.string(), version: z.string() }).optional(),
   capabilities: z.array(capabilitySchema),
   capacity: z.object({
-    memoryBytes: z.number(),
-    memoryAvailableBytes: z.number(),
-    cpus: z.number(),
-    diskFreeBytes: z.number(),
+    memoryBytes: byteCount,
+    memoryAvailableBytes: byteCount,
+    cpus: count,
+    diskFreeBytes: byteCount,
   }),
   containers: z.array(containerInfoSchema),
   /** Incoming or outgoing migrations in progress. */
-  migrations: z.number().int(),
+  migrations: count,
 });
 export type HostInfo = z.infer<typeof hostInfoSchema>;

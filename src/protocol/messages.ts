@@ -1,8 +1,8 @@
 import { z } from 'zod';
-import { errorCodes, phases } from '../errors.ts';
+import { errorCodes, FerryError, phases } from '../errors.ts';
 import { containerInfoSchema, containerNameSchema, containerSpecSchema } from './container.ts';
 import { hostInfoSchema } from './host.ts';
-import { migrationOptionsSchema, migrationReportSchema, progressEventSchema } from './migration.ts';
+import { migrationIdSchema, migrationOptionsSchema, migrationReportSchema, progressEventSchema } from './migration.ts';
 
 // Every control message, defined once and imported by agents, coordinator and
 // CLI. Text frames carry these as JSON; bulk data travels on data channels.
@@ -22,7 +22,7 @@ export const helloSchema = z.object({
   type: z.literal('hello'),
   version: z.number().int(),
   peer: z.enum(['cli', 'agent', 'coordinator']),
-  name: z.string().optional(),
+  name: z.string().max(256).optional(),
 });
 
 export const destinationSchema = z.object({
@@ -62,7 +62,7 @@ export const requestSchema = z.discriminatedUnion('type', [
     options: migrationOptionsSchema.default(migrationOptionsSchema.parse({})),
   }),
   z.object({ type: z.literal('cancel'), id: requestId, target: requestId }),
-  z.object({ type: z.literal('migration-status'), id: requestId, migrationId: z.string() }),
+  z.object({ type: z.literal('migration-status'), id: requestId, migrationId: migrationIdSchema }),
 ]);
 export type Request = z.infer<typeof requestSchema>;
 export type RequestType = Request['type'];
@@ -84,7 +84,7 @@ export const resultSchemas = {
   logs: z.object({ text: z.string() }),
   stop: containerInfoSchema,
   remove: z.object({ removed: z.string() }),
-  checkpoint: z.object({ directory: z.string(), frozenMs: z.number(), dumpStats: z.unknown().optional() }),
+  checkpoint: z.object({ directory: z.string(), frozenMs: z.number(), dumpStats: z.unknown().optional(), warnings: z.array(z.string()).optional() }),
   restore: containerInfoSchema,
   migrate: migrationReportSchema,
   cancel: z.object({ cancelled: z.boolean() }),
@@ -98,4 +98,43 @@ export function describeIssues(error: z.ZodError): string {
     .slice(0, 5)
     .map((issue) => `${issue.path.length ? issue.path.join('.') : '(message)'}: ${issue.message}`)
     .join('; ');
+}
+
+/** Deeper than any message ferry sends (about 6 levels); a bound on what JSON.parse builds. */
+export const maxMessageDepth = 64;
+
+/**
+ * JSON.parse for text from a peer: refuses nesting deeper than
+ * `maxMessageDepth` before parsing, since a few MiB of "[[[[" costs
+ * hundreds of MiB once parsed. Throws BAD_MESSAGE.
+ */
+export function parseJsonMessage(text: string): unknown {
+  if (jsonDepthExceeds(text, maxMessageDepth)) {
+    throw new FerryError('BAD_MESSAGE', `message nested deeper than ${maxMessageDepth} levels`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new FerryError('BAD_MESSAGE', 'message is not JSON');
+  }
+}
+
+/** One pass over the text, counting brackets outside strings. */
+function jsonDepthExceeds(text: string, limit: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let index = 0; index < text.length; index++) {
+    const char = text.charCodeAt(index);
+    if (inString) {
+      if (char === 0x5c) index++; // backslash: skip the escaped character
+      else if (char === 0x22) inString = false;
+    } else if (char === 0x22) {
+      inString = true;
+    } else if (char === 0x7b || char === 0x5b) {
+      if (++depth > limit) return true;
+    } else if (char === 0x7d || char === 0x5d) {
+      depth--;
+    }
+  }
+  return false;
 }

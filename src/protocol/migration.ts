@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { phases } from '../errors.ts';
 import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
+import { byteCount, count, milliseconds, rate } from './numbers.ts';
 
 export const migrationOptionsSchema = z.object({
   strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
@@ -18,26 +19,26 @@ export type MigrationOptions = z.infer<typeof migrationOptionsSchema>;
 /** One pre-dump round in the report. */
 export const roundReportSchema = z.object({
   round: z.number().int().positive(),
-  pagesWritten: z.number(),
-  pagesSkippedParent: z.number(),
-  pagesScanned: z.number(),
-  bytesSent: z.number(),
+  pagesWritten: count,
+  pagesSkippedParent: count,
+  pagesScanned: count,
+  bytesSent: byteCount,
   /** When CRIU started, from the first round's start. */
-  startMs: z.number(),
+  startMs: milliseconds,
   /** CRIU's run time. */
-  criuMs: z.number(),
+  criuMs: milliseconds,
   /** From CRIU's start to the round's last byte handed to the link. */
-  durationMs: z.number(),
+  durationMs: milliseconds,
   /** How long CRIU kept the tasks frozen to collect the round's pages. */
-  frozenMs: z.number(),
+  frozenMs: milliseconds,
   /** The downtime the policy predicted after this round (from the second round on). */
-  predictedDowntimeMs: z.number().optional(),
+  predictedDowntimeMs: milliseconds.optional(),
 });
 export type RoundReport = z.infer<typeof roundReportSchema>;
 
 export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachable', 'max-rounds', 'no-space'] as const;
 
-export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: z.number() });
+export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: milliseconds });
 
 export const migrationReportSchema = z.object({
   migrationId: z.string(),
@@ -48,9 +49,9 @@ export const migrationReportSchema = z.object({
   strategy: z.enum(['precopy', 'stop-and-copy']),
   strategyNote: z.string().optional(),
   /** From the freeze on the source to the container running on the destination. */
-  downtimeMs: z.number(),
-  totalMs: z.number(),
-  bytes: z.object({ rootfs: z.number(), pages: z.number(), images: z.number() }),
+  downtimeMs: milliseconds,
+  totalMs: milliseconds,
+  bytes: z.object({ rootfs: byteCount, pages: byteCount, images: byteCount }),
   phases: z.array(phaseTimingSchema),
   criu: z.object({ dump: dumpStatsSchema.optional(), restore: restoreStatsSchema.optional() }),
   /** Memory pre-copy: every round, why the rounds stopped, and the downtime predicted for the final dump. */
@@ -58,12 +59,14 @@ export const migrationReportSchema = z.object({
     .object({
       rounds: z.array(roundReportSchema),
       stopReason: z.enum(stopReasons),
-      predictedDowntimeMs: z.number().optional(),
+      predictedDowntimeMs: milliseconds.optional(),
     })
     .optional(),
   error: z
     .object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() })
     .optional(),
+  /** Cleanup trouble after the commit: the migration succeeded, something was left to tidy. */
+  warnings: z.array(z.string()).optional(),
 });
 export type MigrationReport = z.infer<typeof migrationReportSchema>;
 
@@ -71,13 +74,20 @@ export const progressEventSchema = z.object({
   migrationId: z.string(),
   phase: z.enum(phases),
   message: z.string().optional(),
-  bytes: z.number().optional(),
-  totalBytes: z.number().optional(),
-  bytesPerSecond: z.number().optional(),
+  bytes: byteCount.optional(),
+  totalBytes: byteCount.optional(),
+  bytesPerSecond: rate.optional(),
 });
 export type ProgressEvent = z.infer<typeof progressEventSchema>;
 
-const migrationId = z.string().regex(/^[a-zA-Z0-9-]{8,64}$/);
+/**
+ * Every migration id that arrives (peer messages, data channel paths,
+ * migration-status) is checked by this one schema: it names a directory in
+ * the state directory, so it must never hold a "/" or "..".
+ */
+export const migrationIdSchema = z.string().regex(/^[a-zA-Z0-9-]{8,64}$/, 'letters, digits and "-", 8 to 64 of them');
+const migrationId = migrationIdSchema;
+const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/);
 
 /** Messages between the source and the destination agent of one migration. */
 export const peerMessageSchema = z.discriminatedUnion('type', [
@@ -89,7 +99,7 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     source: z.object({ host: z.string(), criuVersion: z.string(), kernel: z.string() }),
     /** `criu cpuinfo dump` of the source, base64. */
     cpuinfo: z.string(),
-    needs: z.object({ rootfsBytes: z.number(), memoryBytes: z.number() }),
+    needs: z.object({ rootfsBytes: byteCount, memoryBytes: byteCount }),
   }),
   z.object({
     type: z.literal('accept'),
@@ -100,7 +110,7 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
       criuVersion: z.string(),
       memoryTracking: z.boolean().default(false),
       /** Free bytes in its state directory, which bounds the pre-dump rounds it keeps. */
-      freeBytes: z.number().optional(),
+      freeBytes: byteCount.optional(),
     }),
   }),
   /** The destination has applied rootfs pass 1, so the freeze will not compete with unpacking it. */
@@ -113,9 +123,9 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
      * The page images sent on the pages channel, pre-dump rounds' as
      * round-N/pages-K.img; the destination restores once it has them all.
      */
-    pages: z.array(z.object({ name: z.string(), bytes: z.number(), sha256: z.string() })),
+    pages: z.array(z.object({ name: z.string(), bytes: byteCount, sha256: sha256Hex })),
   }),
-  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: z.number() }),
+  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
   /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
@@ -139,8 +149,8 @@ export const dataFrameSchema = z.discriminatedUnion('type', [
   }),
   z.object({
     type: z.literal('stream-end'),
-    bytes: z.number().int().min(0),
-    sha256: z.string().regex(/^[0-9a-f]{64}$/),
+    bytes: byteCount,
+    sha256: sha256Hex,
     /** sha256 of every regular file in a tar stream, by path. */
     files: z.record(z.string(), z.string()).optional(),
   }),

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { PassThrough, type Duplex, type Readable } from 'node:stream';
 import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
+import { parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
 import { faultNumber } from './faults.ts';
 
@@ -142,7 +143,7 @@ export class ChannelReceiver {
   private readonly socket: WebSocket;
   private current: { body: PassThrough; hash: ReturnType<typeof createHash>; bytes: number; settle: (frame: DataFrame | Error) => void } | undefined;
   private readonly pending: IncomingStream[] = [];
-  private readonly waiting: Array<(stream: IncomingStream) => void> = [];
+  private readonly waiting: Array<{ resolve: (stream: IncomingStream) => void; reject: (error: FerryError) => void }> = [];
   private closedError: FerryError | undefined;
 
   constructor(socket: WebSocket) {
@@ -156,14 +157,14 @@ export class ChannelReceiver {
     const ready = this.pending.shift();
     if (ready) return Promise.resolve(ready);
     if (this.closedError) return Promise.reject(this.closedError);
-    return new Promise((resolve) => this.waiting.push(resolve));
+    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
   }
 
   private onMessage(data: Buffer, isBinary: boolean): void {
     if (isBinary) return this.onData(data);
     let frame: DataFrame;
     try {
-      frame = dataFrameSchema.parse(JSON.parse(data.toString('utf8')));
+      frame = dataFrameSchema.parse(parseJsonMessage(data.toString('utf8')));
     } catch {
       return this.fail(new FerryError('BAD_MESSAGE', 'malformed data channel frame', { phase: 'stream' }));
     }
@@ -190,7 +191,7 @@ export class ChannelReceiver {
     this.current = { body, hash: createHash('sha256'), bytes: 0, settle };
     const stream = { name, deleted, body, end };
     const waiter = this.waiting.shift();
-    if (waiter) waiter(stream);
+    if (waiter) waiter.resolve(stream);
     else this.pending.push(stream);
   }
 
@@ -223,6 +224,8 @@ export class ChannelReceiver {
 
   private fail(error: FerryError): void {
     this.closedError ??= error;
+    // A consumer waiting for the next stream must hear of the end too, or it waits forever.
+    for (const waiter of this.waiting.splice(0)) waiter.reject(this.closedError);
     if (this.current) {
       this.current.body.destroy(error);
       this.current.settle(error);
