@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the native pieces into .build/bin/: ferry-helper (the container
-# launcher the agent calls) and memload (a static test workload that runs
-# inside the busybox rootfs). Idempotent: a binary newer than its source is
+# launcher the agent calls), fsat.node (the N-API addon through which the
+# agent resolves paths inside a rootfs) and memload (a static test workload
+# that runs inside the busybox rootfs). Idempotent: a binary newer than its source is
 # left alone. Usage: bash scripts/build-native.sh   (from any directory)
 set -euo pipefail
 
@@ -33,6 +34,30 @@ build() {
   echo "build-native: built $bin"
 }
 
+# build_addon NAME SOURCE: an N-API addon, compiled against the headers
+# shipped with the Node binary (node-gyp would download them; N-API is
+# ABI-stable, so plain gcc is enough).
+build_addon() {
+  local name="$1" src="$root/$2"
+  local lib="$out/$name" tmp="$out/.$name.tmp.$$"
+  if [[ -f "$lib" && "$lib" -nt "$src" ]]; then
+    echo "build-native: $name is up to date"
+    return 0
+  fi
+  local node="${FERRY_NODE:-}"
+  if [[ -z "$node" && -f "$root/.build/env" ]]; then node="$(. "$root/.build/env" && echo "${FERRY_NODE:-}")"; fi
+  local include
+  include="$(dirname "${node:-$(command -v node)}")/../include/node"
+  if [[ ! -f "$include/node_api.h" ]]; then
+    echo "build-native: no Node headers at $include (node_api.h); set FERRY_NODE" >&2
+    return 1
+  fi
+  "$cc" "${cflags[@]}" -shared -fPIC -I"$include" -o "$tmp" "$src"
+  mv -f "$tmp" "$lib"
+  echo "build-native: built $lib"
+}
+
 trap 'rm -f "$out"/.*.tmp.$$' EXIT
 build ferry-helper native/ferry-helper.c no
+build_addon fsat.node native/fsat.c
 build memload test/workloads/memload.c yes

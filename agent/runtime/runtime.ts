@@ -1,5 +1,5 @@
 import { createReadStream } from 'node:fs';
-import { mkdir, open, stat } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createGunzip } from 'node:zlib';
@@ -8,6 +8,7 @@ import type { Logger } from 'pino';
 import { Cgroup, CgroupTree } from '../../src/cgroup/cgroup.ts';
 import { FerryError } from '../../src/errors.ts';
 import type { ContainerInfo, ContainerSpec, ContainerStatus } from '../../src/protocol/container.ts';
+import { readTailBeneath } from '../../src/rootfs/safe-fs.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
 import { consoleLogPath, startContainer } from './helper.ts';
 import { isSameProcess, processStartTime, residentBytes } from './process.ts';
@@ -123,17 +124,8 @@ export class ContainerRuntime {
   /** The last `tailBytes` of the container's console log. */
   async logs(name: string, tailBytes = 64 * 1024): Promise<string> {
     await this.get(name);
-    const handle = await open(this.logPath(name), 'r').catch(() => undefined);
-    if (!handle) return '';
-    try {
-      const { size } = await handle.stat();
-      const length = Math.min(size, tailBytes);
-      const buffer = Buffer.alloc(length);
-      await handle.read(buffer, 0, length, size - length);
-      return buffer.toString('utf8');
-    } finally {
-      await handle.close();
-    }
+    // The container controls its rootfs: read by handle, never through a link it planted.
+    return readTailBeneath(this.store.rootfs(name), consoleLogPath, tailBytes).toString('utf8');
   }
 
   /** SIGTERM to the init, then SIGKILL through the cgroup after the grace period. */

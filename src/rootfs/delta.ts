@@ -1,6 +1,7 @@
-import { readlinkSync, type Stats } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, constants, readlinkSync, type Stats } from 'node:fs';
+import { basename, dirname } from 'node:path';
 import { walk } from './pack.ts';
+import { O_PATH, openBeneath, pathAt, withDirectory } from './safe-fs.ts';
 
 // The rootfs two-pass: pass 1 ships the whole tree while the container runs;
 // during the freeze only what changed since is shipped, plus deletions.
@@ -11,8 +12,24 @@ export type RootfsManifest = Map<string, string>;
 /** Type, owner, mode, size, times (ns) and inode; a symlink adds its target. */
 export function entryStamp(root: string, relativePath: string, stats: Stats): string {
   const kind = stats.isDirectory() ? 'd' : stats.isSymbolicLink() ? 'l' : stats.isFile() ? 'f' : 'o';
-  const target = kind === 'l' ? readlinkSync(join(root, relativePath)) : '';
+  const target = kind === 'l' ? linkTargetBeneath(root, relativePath) : '';
   return [kind, stats.mode, stats.uid, stats.gid, stats.size, stats.mtimeMs, stats.ctimeMs, stats.ino, target].join(':');
+}
+
+/** A symlink's target, read through its parent's handle: no link on the way is followed. '' when it is gone. */
+function linkTargetBeneath(root: string, relativePath: string): string {
+  const parentPath = dirname(relativePath);
+  return withDirectory(root, (rootDirectory) => {
+    const parent = openBeneath(rootDirectory, parentPath === '.' ? '' : parentPath, O_PATH | constants.O_DIRECTORY);
+    if (parent === undefined) return '';
+    try {
+      return readlinkSync(pathAt(parent, basename(relativePath)));
+    } catch {
+      return '';
+    } finally {
+      closeSync(parent);
+    }
+  });
 }
 
 export interface RootfsDelta {

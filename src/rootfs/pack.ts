@@ -1,11 +1,10 @@
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { lstatSync, readdirSync, readFileSync, readlinkSync, type Stats } from 'node:fs';
-import { join } from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import { closeSync, constants, createReadStream, lstatSync, readdirSync, readFileSync, readlinkSync, type Stats } from 'node:fs';
+import { Readable, Transform } from 'node:stream';
 import { hashing } from './digest.ts';
 import { pipeline } from 'node:stream/promises';
 import tar from 'tar-stream';
+import { O_PATH, openBeneath, openDirectory, openRegularFileBeneath, pathAt } from './safe-fs.ts';
 
 type EntryHeader = Parameters<tar.Pack['entry']>[0];
 
@@ -37,10 +36,9 @@ export function packDirectory(root: string, options: PackOptions = {}): Readable
 
 async function writeEntries(pack: tar.Pack, root: string, options: PackOptions): Promise<void> {
   const firstPathOfInode = new Map<string, string>();
-  for (const [relativePath, stats] of walk(root, '', options.exclude)) {
+  for (const [relativePath, stats, place] of walk(root, '', options.exclude)) {
     options.onEntry?.(relativePath, stats);
     if (options.include && !options.include(relativePath)) continue;
-    const absolutePath = join(root, relativePath);
     const header: EntryHeader = {
       name: relativePath,
       mode: stats.mode & 0o7777,
@@ -51,7 +49,7 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
     if (stats.isDirectory()) {
       await addEntry(pack, { ...header, name: `${relativePath}/`, type: 'directory' });
     } else if (stats.isSymbolicLink()) {
-      await addEntry(pack, { ...header, type: 'symlink', linkname: readlinkSync(absolutePath) });
+      await addEntry(pack, { ...header, type: 'symlink', linkname: readlinkSync(pathAt(place.directory, place.name)) });
     } else if (stats.isFile()) {
       const inode = `${stats.dev}:${stats.ino}`;
       const linkTarget = stats.nlink > 1 ? firstPathOfInode.get(inode) : undefined;
@@ -61,16 +59,19 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
       }
       if (stats.nlink > 1) firstPathOfInode.set(inode, relativePath);
       const fileHeader = { ...header, type: 'file' as const, size: stats.size };
-      // A live tree (rootfs pass 1) may grow or shrink while read: send exactly
-      // the size the header announced; the final pass sends the file again.
+      // A live tree (rootfs pass 1) may grow, shrink or be swapped for
+      // something else while read: send exactly the size the header
+      // announced (zeros for what is no longer a file); the final pass sends
+      // the file again.
+      const fd = openRegularFileBeneath(place.directory, place.name);
       if (stats.size <= smallFileBytes) {
-        const content = exactSize(readFileSync(absolutePath), stats.size);
+        const content = exactSize(fd === undefined ? Buffer.alloc(0) : readAndClose(fd), stats.size);
         options.digests?.set(relativePath, createHash('sha256').update(content).digest('hex'));
         await addEntry(pack, fileHeader, content);
         continue;
       }
       const hash = createHash('sha256');
-      const content = createReadStream(absolutePath, { end: stats.size - 1 });
+      const content = fd === undefined ? Readable.from([]) : createReadStream('', { fd, end: stats.size - 1 });
       await pipeline(content, padTo(stats.size), hashing(hash), pack.entry(fileHeader));
       options.digests?.set(relativePath, hash.digest('hex'));
     } else if (stats.isCharacterDevice() || stats.isBlockDevice()) {
@@ -101,20 +102,63 @@ function exactSize(content: Buffer, size: number): Buffer {
   return content.length > size ? content.subarray(0, size) : Buffer.concat([content, Buffer.alloc(size - content.length)]);
 }
 
+function readAndClose(fd: number): Buffer {
+  try {
+    return readFileSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Where a walked entry is: its parent's open handle (valid until the walk moves on) and its name there. */
+export interface EntryPlace {
+  directory: number;
+  name: string;
+}
+
 /**
  * Depth-first, sorted, so archives of the same tree are identical. Metadata
  * calls are synchronous: microseconds each, cheaper than thread-pool trips.
+ * Each directory is opened by handle from its parent without following
+ * links, so a live container that swaps a directory for a symlink cannot
+ * make the walk list or read anything outside `root`; what vanished or
+ * stopped being a directory meanwhile is passed over.
  */
-export function* walk(root: string, relativeDir: string, exclude?: (path: string) => boolean): Generator<[string, Stats]> {
-  const names = readdirSync(join(root, relativeDir)).sort();
+export function* walk(root: string, relativeDir: string, exclude?: (path: string) => boolean): Generator<[string, Stats, EntryPlace]> {
+  const rootDirectory = openDirectory(root);
+  try {
+    const directory = openBeneath(rootDirectory, relativeDir, O_PATH | constants.O_DIRECTORY);
+    if (directory === undefined) return;
+    try {
+      yield* walkDirectory(directory, relativeDir, exclude);
+    } finally {
+      closeSync(directory);
+    }
+  } finally {
+    closeSync(rootDirectory);
+  }
+}
+
+function* walkDirectory(directory: number, relativeDir: string, exclude?: (path: string) => boolean): Generator<[string, Stats, EntryPlace]> {
+  const names = readdirSync(pathAt(directory)).sort();
   for (const name of names) {
     const relativePath = relativeDir ? `${relativeDir}/${name}` : name;
     if (exclude?.(relativePath)) continue;
-    const stats = lstatSync(join(root, relativePath));
-    yield [relativePath, stats];
-    if (stats.isDirectory()) yield* walk(root, relativePath, exclude);
+    const stats = lstatSync(pathAt(directory, name), { throwIfNoEntry: false });
+    if (!stats) continue;
+    yield [relativePath, stats, { directory, name }];
+    if (!stats.isDirectory()) continue;
+    const child = openBeneath(directory, name, O_PATH | constants.O_DIRECTORY);
+    if (child === undefined) continue;
+    try {
+      yield* walkDirectory(child, relativePath, exclude);
+    } finally {
+      closeSync(child);
+    }
   }
 }
+
+const zeroChunk = Buffer.alloc(1 << 20);
 
 /** Pads a stream that ended early with zeros up to `size` bytes. */
 function padTo(size: number): Transform {
@@ -125,7 +169,9 @@ function padTo(size: number): Transform {
       callback(null, chunk);
     },
     flush(callback) {
-      callback(null, seen < size ? Buffer.alloc(size - seen) : undefined);
+      // In pieces: a large file truncated meanwhile must not become one huge allocation.
+      for (let missing = size - seen; missing > 0; missing -= zeroChunk.length) this.push(zeroChunk.subarray(0, Math.min(missing, zeroChunk.length)));
+      callback();
     },
   });
 }

@@ -1,37 +1,54 @@
 import { createHash } from 'node:crypto';
 import {
-  chmodSync,
-  constants,
-  lchownSync,
-  linkSync,
-  lstatSync,
-  lutimesSync,
-  mkdirSync,
-  rmSync,
-  symlinkSync,
-  utimesSync,
   closeSync,
-  openSync,
+  constants,
+  createWriteStream,
+  fchmodSync,
+  fchownSync,
+  fstatSync,
+  futimesSync,
+  lstatSync,
+  mkdirSync,
   writeSync,
   type Stats,
 } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { execa } from 'execa';
 import tar from 'tar-stream';
 import { FerryError } from '../errors.ts';
 import { bulkWriteBuffer, hashing } from './digest.ts';
+import { AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, errorCode, fsat, O_PATH, openBeneath, openDirectory, resolveBeneath, withDirectory } from './safe-fs.ts';
 
 export interface UnpackSummary {
   entries: number;
   bytes: number;
 }
 
+/** What one archive may create at most; beyond it the archive is refused, not cut short. */
+export interface UnpackLimits {
+  maxEntries: number;
+  /** Bytes of regular-file content; hard links add none (as in an offer's rootfsBytes). */
+  maxBytes: number;
+}
+
+/** Far above any real rootfs (a full distribution holds ~100k entries); callers that know the size pass less. */
+export const defaultUnpackLimits: UnpackLimits = { maxEntries: 1_000_000, maxBytes: 64 * 2 ** 30 };
+
+export interface UnpackOptions {
+  /** CRIU image directories hold plain files only; a link there would steer `criu restore`. */
+  flatFilesOnly?: boolean;
+  limits?: Partial<UnpackLimits>;
+}
+
 // Metadata calls are synchronous on purpose: each takes microseconds, and a
 // thread-pool round trip per call made extraction of small files several
 // times slower. File contents are streamed asynchronously.
+//
+// Every entry is made relative to an open handle of its parent directory,
+// which was reached without following any link (see safe-fs.ts), so neither
+// the archive nor another process changing the tree meanwhile can steer a
+// write outside `root`.
 
 /**
  * Extracts a tar stream into `root`, refusing any entry that would land
@@ -42,9 +59,10 @@ export async function unpackInto(
   root: string,
   source: Readable,
   digests?: Map<string, string>,
-  options: { flatFilesOnly?: boolean } = {},
+  options: UnpackOptions = {},
 ): Promise<UnpackSummary> {
-  mkdirSync(root, { recursive: true });
+  const limits = { ...defaultUnpackLimits, ...options.limits };
+  const tree = new TargetTree(root);
   const extract = tar.extract();
   const directories: Array<{ path: string; header: tar.Header }> = [];
   const summary: UnpackSummary = { entries: 0, bytes: 0 };
@@ -53,49 +71,25 @@ export async function unpackInto(
   try {
     for await (const entry of extract) {
       const header = entry.header;
-      const path = resolveInside(root, header.name);
-      // CRIU image directories hold plain files only; a link there would steer `criu restore`.
-      if (options.flatFilesOnly && (!['file', 'contiguous-file'].includes(header.type ?? '') || header.name.includes('/'))) {
+      const parts = entryParts(header.name);
+      if (options.flatFilesOnly && (!['file', 'contiguous-file'].includes(header.type ?? '') || parts.length > 1)) {
         throw unsafe(header.name, 'an image stream holds only plain files at its top level');
       }
-      summary.entries += 1;
-      switch (header.type) {
-        case 'directory':
-          makeDirectory(path);
-          directories.push({ path, header });
-          break;
-        case 'file':
-        case 'contiguous-file':
-          await replaceWithFile(path, entry as unknown as Readable, header, digests);
-          summary.bytes += header.size ?? 0;
-          break;
-        case 'symlink':
-          clear(path);
-          symlinkSync(requireLinkname(header), path);
-          break;
-        case 'link':
-          hardLink(root, path, header);
-          break;
-        case 'character-device':
-        case 'block-device':
-        case 'fifo':
-          clear(path);
-          await makeNode(path, header);
-          break;
-        default:
-          throw unsafe(header.name, `unsupported entry type ${header.type}`);
-      }
+      count(summary, header, limits);
+      await writeEntry(tree, parts, header, entry as unknown as Readable, digests);
+      if (header.type === 'directory') directories.push({ path: parts.join('/'), header });
       entry.resume();
-      if (header.type !== 'directory') applyMetadata(path, header);
     }
     await feeding;
+    // Children change a directory's mtime, so directories are finished last, deepest first.
+    for (const { path, header } of directories.reverse()) tree.finishDirectory(path, header);
   } catch (error) {
     extract.destroy();
     source.destroy();
     throw error;
+  } finally {
+    tree.close();
   }
-  // Children change a directory's mtime, so directories are finished last, deepest first.
-  for (const { path, header } of directories.reverse()) applyMetadata(path, header);
   return summary;
 }
 
@@ -105,25 +99,54 @@ function unsafe(name: string, reason: string): FerryError {
   return new FerryError('UNSAFE_ARCHIVE', `refused archive entry "${name}": ${reason}`, { phase: 'restore' });
 }
 
-function lstatOrUndefined(path: string): Stats | undefined {
-  return lstatSync(path, { throwIfNoEntry: false });
+/** Counts an entry against the limits before anything of it is written. */
+function count(summary: UnpackSummary, header: tar.Header, limits: UnpackLimits): void {
+  summary.entries += 1;
+  if (summary.entries > limits.maxEntries) throw unsafe(header.name, `the archive holds more than ${limits.maxEntries} entries`);
+  if (header.type !== 'file' && header.type !== 'contiguous-file') return;
+  summary.bytes += header.size ?? 0;
+  if (summary.bytes > limits.maxBytes) throw unsafe(header.name, `the archive holds more than ${limits.maxBytes} bytes of files`);
 }
 
-/** The absolute path for an entry name, checked to stay inside `root`. */
-export function resolveInside(root: string, name: string): string {
+/** The components of an entry name, refused when absolute, empty or going up. */
+function entryParts(name: string): string[] {
   if (name.startsWith('/')) throw unsafe(name, 'absolute path');
   const parts = nameParts(name);
   if (parts.includes('..')) throw unsafe(name, 'path contains ..');
   if (parts.length === 0) throw unsafe(name, 'empty path');
+  return parts;
+}
+
+/**
+ * The absolute path for an entry name, checked to stay inside `root` as the
+ * tree is now. A path can be redirected after the check: unpackInto and
+ * removeInside work by handle instead.
+ */
+export function resolveInside(root: string, name: string): string {
+  const parts = entryParts(name);
   let current = root;
   for (const part of parts.slice(0, -1)) {
     current = join(current, part);
-    const stats = lstatOrUndefined(current);
+    const stats: Stats | undefined = lstatSync(current, { throwIfNoEntry: false });
     if (!stats) continue;
     if (stats.isSymbolicLink()) throw unsafe(name, `goes through the symlink ${current.slice(root.length)}`);
     if (!stats.isDirectory()) throw unsafe(name, `parent ${current.slice(root.length)} is not a directory`);
   }
   return join(root, ...parts);
+}
+
+/** Removes an entry and everything under it, by handle; nothing when a link or nothing is on its path. */
+export function removeInside(root: string, name: string): void {
+  const parts = entryParts(name);
+  withDirectory(root, (directory) => {
+    const parent = openBeneath(directory, parts.slice(0, -1).join('/'), O_PATH | constants.O_DIRECTORY);
+    if (parent === undefined) return;
+    try {
+      fsat().removeTreeAt(parent, parts.at(-1)!);
+    } finally {
+      closeSync(parent);
+    }
+  });
 }
 
 function nameParts(name: string): string[] {
@@ -140,76 +163,236 @@ function requireLinkname(header: tar.Header): string {
   return header.linkname;
 }
 
-function makeDirectory(path: string): void {
-  const stats = lstatOrUndefined(path);
-  if (stats?.isDirectory()) return;
-  if (stats) rmSync(path, { force: true });
-  mkdirSync(path, { recursive: true });
+/** Where an entry goes: the open handle of its parent, its own name there, and its path from the root. */
+interface Place {
+  directory: number;
+  name: string;
+  path: string;
 }
 
-/** Removes whatever is at `path`, so the entry replaces it instead of writing through it. */
-function clear(path: string): void {
-  const stats = lstatOrUndefined(path);
-  if (stats) rmSync(path, { recursive: stats.isDirectory(), force: true });
+/** The directory unpacked into, held open, with the parent of the latest entry (entries mostly share one). */
+class TargetTree {
+  readonly root: number;
+  private parent: { path: string; fd: number } | undefined;
+
+  constructor(rootPath: string) {
+    mkdirSync(rootPath, { recursive: true });
+    this.root = openDirectory(rootPath);
+  }
+
+  close(): void {
+    this.forgetParentUnder('');
+    closeSync(this.root);
+  }
+
+  /** The place of an entry; its missing parents are made, and none is ever reached through a link. */
+  place(entryName: string, parts: string[]): Place {
+    const path = parts.join('/');
+    const name = parts.at(-1)!;
+    const parentPath = parts.slice(0, -1).join('/');
+    if (parentPath === '') return { directory: this.root, name, path };
+    if (this.parent?.path !== parentPath) {
+      this.forgetParentUnder('');
+      const fd = openBeneath(this.root, parentPath, O_PATH | constants.O_DIRECTORY) ?? this.makeParents(entryName, parts.slice(0, -1));
+      this.parent = { path: parentPath, fd };
+    }
+    return { directory: this.parent!.fd, name, path };
+  }
+
+  /** Walks down one component at a time, making what is missing and naming what is in the way. */
+  private makeParents(entryName: string, parents: string[]): number {
+    let current = this.root;
+    try {
+      for (const [index, part] of parents.entries()) {
+        const next = openOrMakeDirectory(current, part, () => inTheWay(entryName, `/${parents.slice(0, index + 1).join('/')}`, current, part));
+        if (current !== this.root) closeSync(current);
+        current = next;
+      }
+      return current;
+    } catch (error) {
+      if (current !== this.root) closeSync(current);
+      throw error;
+    }
+  }
+
+  /** Runs `make`; when something is already there, removes it by handle and runs `make` again. */
+  replacing<T>(place: Place, make: () => T): T {
+    try {
+      return make();
+    } catch (error) {
+      if (errorCode(error) !== 'EEXIST') throw error;
+      this.remove(place);
+      return make();
+    }
+  }
+
+  remove(place: Place): void {
+    this.forgetParentUnder(place.path);
+    fsat().removeTreeAt(place.directory, place.name);
+  }
+
+  /** Closes the cached parent when it lies at or under `path` ('' for any), so it is never used once removed. */
+  private forgetParentUnder(path: string): void {
+    if (!this.parent) return;
+    if (path !== '' && this.parent.path !== path && !this.parent.path.startsWith(`${path}/`)) return;
+    closeSync(this.parent.fd);
+    this.parent = undefined;
+  }
+
+  /** Owner, mode and times of a directory, set through a handle opened without following links. */
+  finishDirectory(path: string, header: tar.Header): void {
+    const fd = openBeneath(this.root, path, constants.O_RDONLY | constants.O_DIRECTORY);
+    if (fd === undefined) throw unsafe(header.name, 'the directory was replaced (by a link or another entry) before its owner and mode were set');
+    try {
+      setMetadataByHandle(fd, header);
+    } finally {
+      closeSync(fd);
+    }
+  }
 }
 
-async function replaceWithFile(
-  path: string,
+/** The open child directory `name`, made (0755, like mkdir -p) when missing. */
+function openOrMakeDirectory(directory: number, name: string, refuse: () => FerryError): number {
+  const flags = O_PATH | constants.O_DIRECTORY;
+  const existing = openBeneath(directory, name, flags);
+  if (existing !== undefined) return existing;
+  if (fsat().modeAt(directory, name) !== 0) throw refuse();
+  fsat().mkdirat(directory, name, 0o755);
+  const made = openBeneath(directory, name, flags);
+  if (made === undefined) throw refuse();
+  return made;
+}
+
+function inTheWay(entryName: string, path: string, directory: number, name: string): FerryError {
+  const isLink = (fsat().modeAt(directory, name) & constants.S_IFMT) === constants.S_IFLNK;
+  return unsafe(entryName, isLink ? `goes through the symlink ${path}` : `parent ${path} is not a directory`);
+}
+
+async function writeEntry(
+  tree: TargetTree,
+  parts: string[],
+  header: tar.Header,
+  entry: Readable,
+  digests: Map<string, string> | undefined,
+): Promise<void> {
+  switch (header.type) {
+    case 'directory':
+      return makeDirectory(tree, tree.place(header.name, parts));
+    case 'file':
+    case 'contiguous-file':
+      return writeFile(tree, tree.place(header.name, parts), entry, header, digests);
+    case 'symlink': {
+      const target = requireLinkname(header);
+      const place = tree.place(header.name, parts);
+      tree.replacing(place, () => fsat().symlinkat(target, place.directory, place.name));
+      return setMetadataAt(place, header);
+    }
+    case 'link':
+      return hardLink(tree, parts, header);
+    case 'character-device':
+    case 'block-device':
+    case 'fifo':
+      return makeNode(tree, parts, header);
+    default:
+      throw unsafe(header.name, `unsupported entry type ${header.type}`);
+  }
+}
+
+function makeDirectory(tree: TargetTree, place: Place): void {
+  // Private until finishDirectory gives it the archive's owner and mode.
+  const make = () => fsat().mkdirat(place.directory, place.name, 0o700);
+  try {
+    make();
+  } catch (error) {
+    if (errorCode(error) !== 'EEXIST') throw error;
+    if ((fsat().modeAt(place.directory, place.name) & constants.S_IFMT) === constants.S_IFDIR) return;
+    tree.remove(place);
+    make();
+  }
+}
+
+async function writeFile(
+  tree: TargetTree,
+  place: Place,
   entry: Readable,
   header: tar.Header,
   digests: Map<string, string> | undefined,
 ): Promise<void> {
-  clear(path);
-  mkdirSync(join(path, '..'), { recursive: true });
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
-  const mode = (header.mode ?? 0o644) & 0o777;
+  // Private until its owner and mode are set.
+  const create = () => fsat().openat2(place.directory, place.name, flags, 0o600, resolveBeneath);
   const hash = createHash('sha256');
   if ((header.size ?? 0) <= smallFileBytes) {
     // One write for a small file: a stream per file cost more than its bytes.
     const chunks: Buffer[] = [];
     for await (const chunk of entry as AsyncIterable<Buffer>) chunks.push(chunk);
     const content = Buffer.concat(chunks);
-    const fd = openSync(path, flags, mode);
+    const fd = tree.replacing(place, create);
     try {
       writeSync(fd, content);
+      setMetadataByHandle(fd, header);
     } finally {
       closeSync(fd);
     }
-    digests?.set(normalizeName(header.name), hash.update(content).digest('hex'));
+    digests?.set(place.path, hash.update(content).digest('hex'));
     return;
   }
-  const handle = await open(path, flags, mode);
-  await pipeline(entry, hashing(hash), handle.createWriteStream({ highWaterMark: bulkWriteBuffer }));
-  digests?.set(normalizeName(header.name), hash.digest('hex'));
+  const fd = tree.replacing(place, create);
+  try {
+    await pipeline(entry, hashing(hash), createWriteStream('', { fd, autoClose: false, highWaterMark: bulkWriteBuffer }));
+    setMetadataByHandle(fd, header);
+  } finally {
+    closeSync(fd);
+  }
+  digests?.set(place.path, hash.digest('hex'));
 }
 
-function hardLink(root: string, path: string, header: tar.Header): void {
-  const target = resolveInside(root, requireLinkname(header));
-  if (!lstatOrUndefined(target)?.isFile()) {
-    throw unsafe(header.name, 'hard link to something that is not a regular file in the archive');
+function hardLink(tree: TargetTree, parts: string[], header: tar.Header): void {
+  const targetPath = entryParts(requireLinkname(header)).join('/');
+  // The inode is checked and linked through one handle, so what is linked is what was checked.
+  const target = openBeneath(tree.root, targetPath, O_PATH | constants.O_NOFOLLOW);
+  try {
+    if (target === undefined || !fstatSync(target).isFile()) {
+      throw unsafe(header.name, 'hard link to something that is not a regular file in the archive');
+    }
+    const place = tree.place(header.name, parts);
+    tree.replacing(place, () => fsat().linkat(target, '', place.directory, place.name, AT_EMPTY_PATH));
+    setMetadataAt(place, header);
+  } finally {
+    if (target !== undefined) closeSync(target);
   }
-  clear(path);
-  linkSync(target, path);
 }
 
-async function makeNode(path: string, header: tar.Header): Promise<void> {
-  const mode = ((header.mode ?? 0o644) & 0o777).toString(8);
-  if (header.type === 'fifo') {
-    await execa('mkfifo', ['-m', mode, path]);
-    return;
+/** The character devices OCI runtimes give every container; nothing else may be created. */
+const defaultCharacterDevices = new Set(['1:3', '1:5', '1:7', '1:8', '1:9', '5:0', '5:1', '5:2']);
+
+function makeNode(tree: TargetTree, parts: string[], header: tar.Header): void {
+  const device = `${header.devmajor ?? 0}:${header.devminor ?? 0}`;
+  if (header.type === 'block-device') throw unsafe(header.name, `block device ${device}`);
+  if (header.type === 'character-device' && !defaultCharacterDevices.has(device)) {
+    throw unsafe(header.name, `character device ${device} is none of those a container gets by default`);
   }
-  const kind = header.type === 'character-device' ? 'c' : 'b';
-  await execa('mknod', ['-m', mode, path, kind, String(header.devmajor ?? 0), String(header.devminor ?? 0)]);
+  const kind = header.type === 'fifo' ? constants.S_IFIFO : constants.S_IFCHR;
+  const place = tree.place(header.name, parts);
+  const mode = kind | ((header.mode ?? 0o644) & 0o777);
+  tree.replacing(place, () => fsat().mknodat(place.directory, place.name, mode, header.devmajor ?? 0, header.devminor ?? 0));
+  setMetadataAt(place, header);
 }
 
-function applyMetadata(path: string, header: tar.Header): void {
-  lchownSync(path, header.uid ?? 0, header.gid ?? 0);
-  const mtime = header.mtime ?? new Date();
-  if (header.type === 'symlink') {
-    lutimesSync(path, mtime, mtime);
-    return;
-  }
+function setMetadataByHandle(fd: number, header: tar.Header): void {
+  fchownSync(fd, header.uid ?? 0, header.gid ?? 0);
   // After chown: chown clears set-id bits.
-  chmodSync(path, (header.mode ?? 0o644) & 0o7777);
-  utimesSync(path, mtime, mtime);
+  fchmodSync(fd, (header.mode ?? 0o644) & 0o7777);
+  const mtime = header.mtime ?? new Date();
+  futimesSync(fd, mtime, mtime);
+}
+
+/** For entries that cannot be opened safely (links, devices, fifos): by name in the open parent, never followed. */
+function setMetadataAt(place: Place, header: tar.Header): void {
+  const at = fsat();
+  at.fchownat(place.directory, place.name, header.uid ?? 0, header.gid ?? 0, AT_SYMLINK_NOFOLLOW);
+  if (header.type !== 'symlink') at.fchmodat(place.directory, place.name, (header.mode ?? 0o644) & 0o7777, AT_SYMLINK_NOFOLLOW);
+  const milliseconds = (header.mtime ?? new Date()).getTime();
+  const seconds = Math.floor(milliseconds / 1000);
+  at.utimensat(place.directory, place.name, seconds, (milliseconds - seconds * 1000) * 1e6, AT_SYMLINK_NOFOLLOW);
 }
