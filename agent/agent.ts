@@ -16,6 +16,7 @@ import type { PeerIdentity } from './migration/peer.ts';
 import { MigrationSource } from './migration/source.ts';
 import { checkpointToDirectory, restoreFromDirectory } from './runtime/checkpoint.ts';
 import { ContainerRuntime } from './runtime/runtime.ts';
+import { securePrivateState } from './runtime/store.ts';
 import { AgentEndpoint, type TlsFiles } from './server.ts';
 
 export interface AgentOptions {
@@ -46,6 +47,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   });
   const criu = lazyCriu(options.criuPath, join(options.stateDir, 'criu.kdat'));
   const journal = new MigrationJournal(options.stateDir);
+  await securePrivateState(options.stateDir, runtime.store, journal.root);
   const metrics = new AgentMetrics(options.name, async () => (await runtime.store.names()).length);
   const destinations = new DestinationSessions({
     runtime,
@@ -83,7 +85,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
     checkpoint: async (request) => {
       const result = await checkpointToDirectory(runtime, await criu(), request.name, request.directory, request.keepRunning);
-      return { directory: request.directory, frozenMs: result.frozenMs, dumpStats: result.dumpStats };
+      return { directory: request.directory, frozenMs: result.frozenMs, dumpStats: result.dumpStats, ...(result.warnings.length ? { warnings: result.warnings } : {}) };
     },
     restore: async (request) => {
       const { record } = await restoreFromDirectory(runtime, await criu(), request.directory, request.name);
