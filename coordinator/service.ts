@@ -1,6 +1,6 @@
 // Assembles the coordinator: store, agent pool with heartbeats, migrator,
 // evacuator, events, metrics and the HTTP API; reconciles on start.
-import { createServer, type Server } from 'node:http';
+import type { Server } from 'node:http';
 import type { Logger } from 'pino';
 import { FerryError } from '../src/errors.ts';
 import type { ContainerInfo } from '../src/protocol/container.ts';
@@ -8,7 +8,7 @@ import type { HostView, MigrationBody, MigrationView, RegisterHostBody } from '.
 import { Evacuator } from './evacuation.ts';
 import { EventBus } from './events.ts';
 import { HostPool } from './hosts.ts';
-import { handle } from './http.ts';
+import { createApiServer } from './http.ts';
 import { CoordinatorMetrics } from './metrics.ts';
 import { Migrator } from './migrator.ts';
 import { reconcile } from './reconcile.ts';
@@ -52,7 +52,7 @@ export class Service {
       migrationTimeoutMs: options.migrationTimeoutMs ?? 10 * 60_000,
     });
     this.evacuator = new Evacuator({ ...deps, migrator: this.migrator });
-    this.server = createServer((request, response) => void handle(this, request, response));
+    this.server = createApiServer(this, options.logger);
   }
 
   /** Listens, takes a first heartbeat of every host, then picks up what a previous run left unfinished. */

@@ -1,4 +1,4 @@
-import { constants, rmSync } from 'node:fs';
+import { constants } from 'node:fs';
 import { mkdir, open, symlink, writeFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import { join } from 'node:path';
@@ -9,7 +9,7 @@ import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/cri
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
-import { resolveInside, unpackInto } from '../../src/rootfs/unpack.ts';
+import { removeInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
 import { idleGuard } from '../../src/transport/idle.ts';
 import { parsePageStreamName } from '../../src/criu/follow.ts';
@@ -346,15 +346,26 @@ class DestinationSession {
     if (stream.deleted.length && expected !== 'rootfs-delta') {
       throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
     }
-    for (const path of stream.deleted) rmSync(resolveInside(into, path), { recursive: true, force: true });
+    for (const path of stream.deleted) removeInside(into, path);
     const digests = new Map<string, string>();
     const body = idleGuard(stream.body, STREAM_IDLE_MS, `the ${expected} stream`, 'stream');
-    const [, end] = await Promise.all([unpackInto(into, body, digests, { flatFilesOnly: options.images }), stream.end]);
+    const limits = this.streamLimits(options.images === true);
+    const [, end] = await Promise.all([unpackInto(into, body, digests, { flatFilesOnly: options.images, limits }), stream.end]);
     const problems = compareDigests(new Map(Object.entries(end.files ?? {})), digests);
     if (problems.length) {
       throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });
     }
     this.logger.info({ stream: expected, bytes: end.bytes }, 'stream received');
+  }
+
+  /**
+   * What one stream may hold, from the sizes the offer declared (with room
+   * for a tree that grew since): a stream may not become a disk bomb.
+   */
+  private streamLimits(images: boolean): { maxBytes: number; maxEntries?: number } {
+    const slack = 64 * 1024 * 1024;
+    if (images) return { maxBytes: this.offer.needs.memoryBytes + slack, maxEntries: 100_000 };
+    return { maxBytes: Math.ceil(this.offer.needs.rootfsBytes * 1.2) + slack };
   }
 
   /** Page images, each written as it arrives; the source lists them in transfer-complete. */

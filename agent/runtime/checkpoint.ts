@@ -5,7 +5,7 @@ import { pipeline } from 'node:stream/promises';
 import { z } from 'zod';
 import type { Cgroup } from '../../src/cgroup/cgroup.ts';
 import type { Criu } from '../../src/criu/criu.ts';
-import { validateImages } from '../../src/criu/images.ts';
+import { containerBoundingSet, validateImages } from '../../src/criu/images.ts';
 import { faultActive } from '../../src/transport/faults.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
@@ -56,6 +56,8 @@ export async function checkpointToDirectory(
     const digests = new Map<string, string>();
     await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar'), { flags: 'wx', highWaterMark: bulkWriteBuffer }))
       .catch((error: unknown) => Promise.reject(toFerryError(error, 'snapshot')));
+    // Test fault: a real CRIU dump failure (it cannot write inventory.img over a directory).
+    if (faultActive('fail-checkpoint-dump')) await mkdir(join(imagesDir, 'inventory.img'));
     dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
     const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };
     await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2), { flag: 'wx' });
@@ -151,7 +153,9 @@ export async function restoreContainer(
   try {
     // The images decide what runs with which root and namespaces: only a container's are restored.
     // (The fail-restore test fault corrupts them on purpose, to see CRIU itself fail.)
-    if (!faultActive('fail-restore')) await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork });
+    if (!faultActive('fail-restore')) {
+      await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork, boundingSet: containerBoundingSet, noNewPrivs: true });
+    }
     await cgroup.create();
     const restoreStats = await criu.restore(
       {

@@ -132,6 +132,13 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
   return { root, tasks, ownNamespaces, creds };
 }
 
+/**
+ * The OCI default capabilities that ferry-helper leaves a container (chown,
+ * dac_override, fowner, fsetid, kill, setgid, setuid, setpcap,
+ * net_bind_service, net_raw, sys_chroot, mknod, audit_write, setfcap).
+ */
+export const containerBoundingSet = 0xa80425fbn;
+
 export interface ContainerExpectations {
   privateNetwork: boolean;
   /** When set, no thread may hold a capability outside this bounding set. */

@@ -7,12 +7,9 @@ import {
   fchownSync,
   fstatSync,
   futimesSync,
-  lstatSync,
   mkdirSync,
   writeSync,
-  type Stats,
 } from 'node:fs';
-import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import tar from 'tar-stream';
@@ -115,24 +112,6 @@ function entryParts(name: string): string[] {
   if (parts.includes('..')) throw unsafe(name, 'path contains ..');
   if (parts.length === 0) throw unsafe(name, 'empty path');
   return parts;
-}
-
-/**
- * The absolute path for an entry name, checked to stay inside `root` as the
- * tree is now. A path can be redirected after the check: unpackInto and
- * removeInside work by handle instead.
- */
-export function resolveInside(root: string, name: string): string {
-  const parts = entryParts(name);
-  let current = root;
-  for (const part of parts.slice(0, -1)) {
-    current = join(current, part);
-    const stats: Stats | undefined = lstatSync(current, { throwIfNoEntry: false });
-    if (!stats) continue;
-    if (stats.isSymbolicLink()) throw unsafe(name, `goes through the symlink ${current.slice(root.length)}`);
-    if (!stats.isDirectory()) throw unsafe(name, `parent ${current.slice(root.length)} is not a directory`);
-  }
-  return join(root, ...parts);
 }
 
 /** Removes an entry and everything under it, by handle; nothing when a link or nothing is on its path. */

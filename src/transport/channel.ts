@@ -123,8 +123,9 @@ function corrupt(chunk: Buffer): Buffer {
   return copy;
 }
 
+/** No phase: the sender's caller knows which step was sending (rootfs pass 1 runs in precopy). */
 function peerGone(): FerryError {
-  return new FerryError('PEER_GONE', 'data channel closed while sending', { phase: 'stream' });
+  return new FerryError('PEER_GONE', 'data channel closed while sending');
 }
 
 export interface IncomingStream {

@@ -57,7 +57,7 @@ export async function sourceFacts(scratch: string): Promise<{ cpuinfo: string; c
   return { cpuinfo: (await readFile(join(directory, 'cpuinfo.img'))).toString('base64'), criuVersion: criu.version.text };
 }
 
-export function offerMessage(facts: { cpuinfo: string; criuVersion: string }, name: string, migrationId = randomUUID()): Json {
+export function offerMessage(facts: { cpuinfo: string; criuVersion: string }, name: string, migrationId: string = randomUUID()): Json {
   return {
     type: 'offer',
     migrationId,
