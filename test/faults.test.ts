@@ -9,7 +9,7 @@
 // settled, and the next, fault-free migration succeeds.
 //
 // The schedule comes from a seed, printed in the test's name; replay one with
-// FERRY_FAULT_SEED=<seed> (and FERRY_FAULT_BUDGET_MS to change the ~4 minutes).
+// FERRY_FAULT_SEED=<seed> (and FERRY_FAULT_BUDGET_MS to change the ~2 minutes).
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { MigrationReport } from '../src/protocol/migration.ts';
@@ -38,7 +38,7 @@ import {
 } from './helpers/migration.ts';
 
 const SEED = Number(process.env.FERRY_FAULT_SEED ?? 1111);
-const BUDGET_MS = Number(process.env.FERRY_FAULT_BUDGET_MS ?? 240_000);
+const BUDGET_MS = Number(process.env.FERRY_FAULT_BUDGET_MS ?? 120_000);
 /** A round (faulted migration, settling, fault-free migration, checks) takes up to about this long. */
 const ROUND_RESERVE_MS = 45_000;
 const CUT_MS = 8_000;
