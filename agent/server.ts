@@ -222,7 +222,9 @@ const reasons: Record<number, string> = { 400: 'Bad Request', 401: 'Unauthorized
 
 function refuse(socket: Duplex, status: number, code: string, message: string): void {
   const body = JSON.stringify({ code, message });
+  // Destroyed once written: a refused client that never closes must not keep its connection slot.
   socket.end(
     `HTTP/1.1 ${status} ${reasons[status] ?? 'Error'}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+    () => socket.destroy(),
   );
 }

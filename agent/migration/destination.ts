@@ -38,7 +38,8 @@ export const destinationTransitions = {
   receiving: ['restoring', 'aborting'],
   restoring: ['prepared', 'aborting'],
   prepared: ['committing', 'aborting'],
-  committing: ['done'],
+  // From committing, aborted only when the committed copy could not be resumed.
+  committing: ['done', 'aborted'],
   aborting: ['aborted'],
   done: [],
   aborted: [],
@@ -112,16 +113,23 @@ export class DestinationSessions implements PeerHandler {
 
   private async offer(offer: Offer, connection: ControlConnection): Promise<void> {
     // A migration id names one migration, ever: a second offer must not touch the first one's state.
-    if (this.sessions.has(offer.migrationId) || (await this.deps.journal.read(offer.migrationId).catch(() => undefined))) {
+    const refuseKnown = () =>
       connection.send({
         type: 'abort',
         migrationId: offer.migrationId,
         error: { code: 'BAD_MESSAGE', message: `migration ${offer.migrationId} is already known here`, phase: 'preflight' },
       });
-      return;
-    }
-    const session = new DestinationSession(this.deps, offer, connection, () => this.sessions.delete(offer.migrationId));
+    if (this.sessions.has(offer.migrationId)) return refuseKnown();
+    // Reserved before any await, so a second offer with this id cannot slip in meanwhile.
+    const forget = () => {
+      if (this.sessions.get(offer.migrationId) === session) this.sessions.delete(offer.migrationId);
+    };
+    const session: DestinationSession = new DestinationSession(this.deps, offer, connection, forget);
     this.sessions.set(offer.migrationId, session);
+    if (await this.deps.journal.read(offer.migrationId).catch(() => undefined)) {
+      forget();
+      return refuseKnown();
+    }
     await session.start();
   }
 
@@ -264,7 +272,9 @@ class DestinationSession {
     await writeFile(join(cpuinfoDir, 'cpuinfo.img'), Buffer.from(this.offer.cpuinfo, 'base64'));
     const cpuProblem = await this.criu.cpuinfoCheck(cpuinfoDir);
     if (cpuProblem) throw new FerryError('INCOMPATIBLE', `CPU of this host cannot run the source's images: ${cpuProblem}`);
-    const needed = Math.ceil((this.offer.needs.rootfsBytes + this.offer.needs.memoryBytes) * 1.2);
+    // Every entry costs at least a block on disk: a declared million empty files must fit too.
+    const entryBytes = (this.offer.needs.rootfsEntries ?? 0) * 4096;
+    const needed = Math.ceil((this.offer.needs.rootfsBytes + this.offer.needs.memoryBytes + entryBytes) * 1.2);
     const free = await freeBytes(this.deps.runtime.store.root);
     if (free < needed) throw new FerryError('NO_SPACE', `needs ${needed} bytes in the state directory, ${free} free`);
     await this.deps.runtime.cgroup(this.name).create();
@@ -326,6 +336,7 @@ class DestinationSession {
     }
     await this.unpackStream(stream, 'rootfs-delta', rootfs);
     await this.unpackStream(await this.nextStream(receiver), 'images', this.imagesDir, { images: true });
+    receiver.close();
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
   }
 
@@ -365,7 +376,8 @@ class DestinationSession {
   private streamLimits(images: boolean): { maxBytes: number; maxEntries?: number } {
     const slack = 64 * 1024 * 1024;
     if (images) return { maxBytes: this.offer.needs.memoryBytes + slack, maxEntries: 100_000 };
-    return { maxBytes: Math.ceil(this.offer.needs.rootfsBytes * 1.2) + slack };
+    const entries = this.offer.needs.rootfsEntries;
+    return { maxBytes: Math.ceil(this.offer.needs.rootfsBytes * 1.2) + slack, ...(entries !== undefined ? { maxEntries: Math.ceil(entries * 1.2) + 10_000 } : {}) };
   }
 
   /** Page images, each written as it arrives; the source lists them in transfer-complete. */
@@ -445,13 +457,24 @@ class DestinationSession {
     }
     this.transition('committing');
     this.forget();
-    await resumeContainer(this.deps.runtime, this.name);
-    await this.deps.journal.update(this.migrationId, 'done');
-    this.transition('done');
-    this.closeChannels();
-    this.releaseName?.();
-    this.deps.onOutcome?.('succeeded');
-    this.logger.info({ phase: 'confirm' }, 'container running here');
+    try {
+      await resumeContainer(this.deps.runtime, this.name);
+      await this.deps.journal.update(this.migrationId, 'done');
+      this.transition('done');
+      this.deps.onOutcome?.('succeeded');
+      this.logger.info({ phase: 'confirm' }, 'container running here');
+    } catch (error) {
+      // The source has committed: nothing can be rolled back, but nothing may stay claimed or half there either.
+      this.logger.error({ err: error }, 'the committed copy could not be resumed; it is lost');
+      await this.deps.runtime.destroy(this.name).catch(() => undefined);
+      await this.deps.journal.update(this.migrationId, 'aborted', `resume after the commit failed: ${toFerryError(error).message}`).catch(() => undefined);
+      this.transition('aborted');
+      this.deps.onOutcome?.('rolled-back');
+    } finally {
+      this.closeChannels();
+      this.releaseName?.();
+      this.releaseName = undefined;
+    }
   }
 
   /** The source's control connection closed. Once prepared, only its decision may drop the copy: it may have committed. */

@@ -219,7 +219,7 @@ export class MigrationSource {
     // The heartbeat ends a dead control link; the data channels, perhaps blocked
     // in a send that will never complete, must end with it.
     this.peer.socket.once('close', () => this.disconnect());
-    const rootfsBytes = await directorySize(this.deps.runtime.store.rootfs(this.request.name));
+    const { bytes: rootfsBytes, entries: rootfsEntries } = directorySize(this.deps.runtime.store.rootfs(this.request.name));
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);
     this.needs = { rootfsBytes, memoryBytes };
@@ -230,7 +230,7 @@ export class MigrationSource {
       history: this.record.history,
       source: { host: this.deps.runtime.hostName, criuVersion: this.criu.version.text, kernel: await readKernelRelease() },
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
-      needs: { rootfsBytes, memoryBytes },
+      needs: { rootfsBytes, memoryBytes, rootfsEntries },
     });
     this.offered = true;
     const accept = await this.peer.expect('accept', 60_000, 'preflight');
@@ -491,8 +491,9 @@ export class MigrationSource {
     // freeing a large memory takes a while and is not downtime.
     const killed = this.deps.runtime.cgroup(this.request.name).kill();
     try {
-      await this.peer!.expect('decided', 60_000, 'confirm');
+      const decided = await this.peer!.expect('decided', 60_000, 'confirm');
       this.runningAt = performance.now();
+      if (decided.decision !== 'commit') this.warnings.push('the destination could not resume the committed copy: the container was lost');
       return true;
     } catch (error) {
       // Committed but unconfirmed: recovery re-delivers the decision.

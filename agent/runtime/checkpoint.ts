@@ -50,12 +50,18 @@ export async function checkpointToDirectory(
   const createdDirectory = await prepareCheckpointDirectory(directory);
   const frozenAt = performance.now();
   let dumpStats: DumpStats | undefined;
+  /** What this checkpoint created: a failure removes these and nothing else. */
+  const written: string[] = [];
   try {
     await mkdir(imagesDir);
+    written.push('images');
     await freeze(cgroup);
     const digests = new Map<string, string>();
-    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), createWriteStream(join(directory, 'rootfs.tar'), { flags: 'wx', highWaterMark: bulkWriteBuffer }))
+    const tarFile = createWriteStream(join(directory, 'rootfs.tar'), { flags: 'wx', highWaterMark: bulkWriteBuffer });
+    tarFile.once('open', () => written.push('rootfs.tar'));
+    await pipeline(packDirectory(runtime.store.rootfs(name), { digests }), tarFile)
       .catch((error: unknown) => Promise.reject(toFerryError(error, 'snapshot')));
+    written.push('dump.log');
     // Test fault: a real CRIU dump failure (it cannot write inventory.img over a directory).
     if (faultActive('fail-checkpoint-dump')) await mkdir(join(imagesDir, 'inventory.img'));
     dumpStats = await dumpFrozen(criu, record, cgroup, imagesDir, join(directory, 'dump.log')).done;
@@ -63,7 +69,7 @@ export async function checkpointToDirectory(
     await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2), { flag: 'wx' });
   } catch (error) {
     await cgroup.thaw().catch(() => undefined);
-    await removeCheckpointEntries(directory, createdDirectory);
+    await removeCheckpointEntries(directory, written, createdDirectory);
     throw toFerryError(error, 'dump');
   }
   // From here the images are the workload: nothing may delete them, and trouble is only a warning.
@@ -94,8 +100,8 @@ async function prepareCheckpointDirectory(directory: string): Promise<boolean> {
   return false;
 }
 
-async function removeCheckpointEntries(directory: string, createdDirectory: boolean): Promise<void> {
-  for (const entry of checkpointEntries) await rm(join(directory, entry), { recursive: true, force: true }).catch(() => undefined);
+async function removeCheckpointEntries(directory: string, written: string[], createdDirectory: boolean): Promise<void> {
+  for (const entry of written) await rm(join(directory, entry), { recursive: true, force: true }).catch(() => undefined);
   if (createdDirectory) await rmdir(directory).catch(() => undefined);
 }
 

@@ -1,23 +1,21 @@
-import { lstat, readdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { walk } from '../../src/rootfs/pack.ts';
 
-/** Bytes of regular files under `root`, hard links counted once. */
-export async function directorySize(root: string): Promise<number> {
+/**
+ * Bytes of regular files under `root` (hard links counted once) and the
+ * number of entries. The walk goes by handle: a live container cannot steer
+ * it into host trees by swapping a directory for a symlink.
+ */
+export function directorySize(root: string): { bytes: number; entries: number } {
   const seen = new Set<string>();
-  let total = 0;
-  const visit = async (directory: string): Promise<void> => {
-    for (const entry of await readdir(directory, { withFileTypes: true })) {
-      const path = join(directory, entry.name);
-      if (entry.isDirectory()) await visit(path);
-      else if (entry.isFile()) {
-        const stats = await lstat(path);
-        const inode = `${stats.dev}:${stats.ino}`;
-        if (seen.has(inode)) continue;
-        seen.add(inode);
-        total += stats.size;
-      }
-    }
-  };
-  await visit(root);
-  return total;
+  let bytes = 0;
+  let entries = 0;
+  for (const [, stats] of walk(root, '')) {
+    entries += 1;
+    if (!stats.isFile()) continue;
+    const inode = `${stats.dev}:${stats.ino}`;
+    if (seen.has(inode)) continue;
+    seen.add(inode);
+    bytes += stats.size;
+  }
+  return { bytes, entries };
 }

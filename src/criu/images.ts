@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BinaryReader, WireType } from '@bufbuild/protobuf/wire';
 import { FerryError } from '../errors.ts';
@@ -87,47 +87,92 @@ export interface ImageSummary {
   tasks: ImageTask[];
   /** Namespaces of the root task that differ from those of the dumping CRIU (the host's). */
   ownNamespaces: Namespace[];
-  /** Per thread id: the capability bounding set and no_new_privs, from its core image. */
-  creds: Map<number, { boundingSet: bigint; noNewPrivs: boolean }>;
+  /** Per thread id, from its core image. */
+  creds: Map<number, ThreadCreds>;
 }
 
-async function records(imagesDir: string, name: string): Promise<Uint8Array[]> {
-  const image = await readFile(join(imagesDir, name)).catch(() => undefined);
-  if (!image) throw refuse(`the image set has no ${name}`);
+export interface ThreadCreds {
+  boundingSet: bigint;
+  /** Inheritable, permitted and effective together. */
+  heldSet: bigint;
+  noNewPrivs: boolean;
+}
+
+/** The images read here describe tasks, not memory: a few KiB each; anything larger is not one of ferry's. */
+const maxImageBytes = 16 * 1024 * 1024;
+const maxTasks = 65_536;
+
+async function records(imagesDir: string, name: string): Promise<Fields[]> {
+  const path = join(imagesDir, name);
+  const size = await stat(path).then((stats) => (stats.isFile() ? stats.size : -1), () => undefined);
+  if (size === undefined) throw refuse(`the image set has no ${name}`);
+  if (size < 0 || size > maxImageBytes) throw refuse(`${name} is not a plain file of at most ${maxImageBytes} bytes`);
   try {
-    return imageRecords(image);
+    return imageRecords(await readFile(path)).map(decodeFields);
   } catch (error) {
     throw refuse(`${name} is not a CRIU image: ${(error as Error).message}`);
   }
 }
 
+/** Decodes a nested message, turning malformed bytes into a refusal that names the image. */
+function nested(fields: Fields | undefined, field: number, image: string): Fields | undefined {
+  if (!fields) return undefined;
+  try {
+    return message(fields, field);
+  } catch (error) {
+    throw refuse(`${image} is not a CRIU image: ${(error as Error).message}`);
+  }
+}
+
+function capabilitySet(creds: Fields, field: number): bigint {
+  const [low = 0, high = 0] = numbers(creds, field);
+  return (BigInt(high) << 32n) | BigInt(low);
+}
+
 /** What the image set says about its process tree, namespaces and credentials. */
 export async function summarizeImages(imagesDir: string): Promise<ImageSummary> {
   const [inventory] = await records(imagesDir, 'inventory.img');
-  const hostIds = inventory && message(decodeFields(inventory), 3);
+  const hostIds = nested(inventory, 3, 'inventory.img');
   if (!hostIds) throw refuse('inventory.img has no root namespace ids');
-  const tasks = (await records(imagesDir, 'pstree.img')).map((record) => {
-    const fields = decodeFields(record);
+  const entries = await records(imagesDir, 'pstree.img');
+  if (entries.length > maxTasks) throw refuse(`pstree.img lists more than ${maxTasks} tasks`);
+  const tasks = entries.map((fields) => {
     const pid = number(fields, 1);
     if (pid === undefined) throw refuse('pstree.img has an entry without a pid');
     return { pid, threads: numbers(fields, 5) };
   });
   const root = tasks[0];
   if (!root) throw refuse('pstree.img lists no task');
-  const [ids] = await records(imagesDir, `ids-${root.pid}.img`);
-  const rootIds = ids && decodeFields(ids);
-  if (!rootIds) throw refuse(`ids-${root.pid}.img is empty`);
-  const ownNamespaces = (Object.keys(namespaceFields) as Namespace[]).filter((namespace) => {
-    const field = namespaceFields[namespace];
-    return number(rootIds, field) !== undefined && number(rootIds, field) !== number(hostIds, field);
+  const namespacesOf = async (pid: number) => {
+    const [ids] = await records(imagesDir, `ids-${pid}.img`);
+    if (!ids) throw refuse(`ids-${pid}.img is empty`);
+    return (Object.keys(namespaceFields) as Namespace[]).map((namespace) => number(ids, namespaceFields[namespace]));
+  };
+  const rootNamespaces = await namespacesOf(root.pid);
+  // Every task lives in the root task's namespaces: none may sit in the host's.
+  for (const task of tasks.slice(1)) {
+    if ((await namespacesOf(task.pid)).some((id, index) => id !== rootNamespaces[index])) {
+      throw refuse(`task ${task.pid} is not in the namespaces of the container's init`);
+    }
+  }
+  const ownNamespaces = (Object.keys(namespaceFields) as Namespace[]).filter((namespace, index) => {
+    const id = rootNamespaces[index];
+    return id !== undefined && id !== number(hostIds, namespaceFields[namespace]);
   });
-  const creds = new Map<number, { boundingSet: bigint; noNewPrivs: boolean }>();
-  for (const thread of tasks.flatMap((task) => (task.threads.length ? task.threads : [task.pid]))) {
-    const [core] = await records(imagesDir, `core-${thread}.img`);
-    const threadCreds = core && message(message(decodeFields(core), 5) ?? new Map(), 10);
-    if (!threadCreds) throw refuse(`core-${thread}.img has no credentials`);
-    const [low = 0, high = 0] = numbers(threadCreds, 12);
-    creds.set(thread, { boundingSet: (BigInt(high) << 32n) | BigInt(low), noNewPrivs: number(threadCreds, 18) === 1 });
+  const threads = tasks.flatMap((task) => (task.threads.length ? task.threads : [task.pid]));
+  if (threads.length > maxTasks) throw refuse(`pstree.img lists more than ${maxTasks} threads`);
+  const creds = new Map<number, ThreadCreds>();
+  for (const thread of threads) {
+    const image = `core-${thread}.img`;
+    const [core] = await records(imagesDir, image);
+    const threadCreds = nested(nested(core, 5, image), 10, image);
+    if (!threadCreds) throw refuse(`${image} has no credentials`);
+    creds.set(thread, {
+      boundingSet: capabilitySet(threadCreds, 12),
+      // Permitted is not limited by the bounding set: a restored task gets what its image says.
+      heldSet: capabilitySet(threadCreds, 9) | capabilitySet(threadCreds, 10) | capabilitySet(threadCreds, 11),
+      noNewPrivs: number(threadCreds, 18) === 1,
+    });
   }
   return { root, tasks, ownNamespaces, creds };
 }
@@ -160,8 +205,9 @@ export async function validateImages(imagesDir: string, expected: ContainerExpec
   const shared = required.filter((namespace) => !summary.ownNamespaces.includes(namespace));
   if (shared.length) throw refuse(`the tasks share the dumping host's ${shared.join(', ')} namespace${shared.length > 1 ? 's' : ''}`);
   for (const [thread, creds] of summary.creds) {
-    if (expected.boundingSet !== undefined && (creds.boundingSet & ~expected.boundingSet) !== 0n) {
-      throw refuse(`thread ${thread} holds capabilities outside a container's set (bounding set 0x${creds.boundingSet.toString(16)})`);
+    if (expected.boundingSet !== undefined && ((creds.boundingSet | creds.heldSet) & ~expected.boundingSet) !== 0n) {
+      const sets = `bounding 0x${creds.boundingSet.toString(16)}, held 0x${creds.heldSet.toString(16)}`;
+      throw refuse(`thread ${thread} holds capabilities outside a container's set (${sets})`);
     }
     if (expected.noNewPrivs && !creds.noNewPrivs) throw refuse(`thread ${thread} may gain privileges (no_new_privs is off)`);
   }

@@ -99,7 +99,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     source: z.object({ host: z.string(), criuVersion: z.string(), kernel: z.string() }),
     /** `criu cpuinfo dump` of the source, base64. */
     cpuinfo: z.string(),
-    needs: z.object({ rootfsBytes: byteCount, memoryBytes: byteCount }),
+    /** rootfsEntries bounds how many entries the destination unpacks (absent from older sources). */
+    needs: z.object({ rootfsBytes: byteCount, memoryBytes: byteCount, rootfsEntries: count.optional() }),
   }),
   z.object({
     type: z.literal('accept'),

@@ -10,6 +10,8 @@ import { faultNumber } from './faults.ts';
 const inFlightLimit = 4 * 1024 * 1024;
 /** Received bytes buffered for a slow consumer before the socket is paused. */
 const receiveHighWater = 2 * 1024 * 1024;
+/** Streams opened but not yet taken by the consumer. */
+const maxPendingStreams = 8;
 
 export interface StreamResult {
   bytes: number;
@@ -173,7 +175,16 @@ export class ChannelReceiver {
     else this.finish(frame);
   }
 
+  /** The consumer expects no more streams: anything the peer still sends ends the channel. */
+  close(): void {
+    this.fail(new FerryError('BAD_MESSAGE', 'no more streams expected on this channel', { phase: 'stream' }));
+  }
+
   private open(name: string, deleted: string[]): void {
+    if (this.closedError) return void this.socket.terminate();
+    if (this.current) return this.fail(new FerryError('BAD_MESSAGE', 'a stream opened before the previous one ended', { phase: 'stream' }));
+    // Streams queue only while the consumer finishes the one before; a peer may not pile them up.
+    if (this.pending.length >= maxPendingStreams) return this.fail(new FerryError('BAD_MESSAGE', 'too many streams opened ahead of the receiver', { phase: 'stream' }));
     const body = new PassThrough({ highWaterMark: receiveHighWater });
     // A failed stream is destroyed with its error even when no consumer reads it
     // any more (the receiver gave up on an earlier one): that must not crash the agent.
@@ -197,6 +208,7 @@ export class ChannelReceiver {
   }
 
   private onData(data: Buffer): void {
+    if (this.closedError) return void this.socket.terminate();
     const current = this.current;
     if (!current) return this.fail(new FerryError('BAD_MESSAGE', 'data frame outside a stream', { phase: 'stream' }));
     current.hash.update(data);
