@@ -14,7 +14,7 @@ import { ChannelReceiver, type IncomingStream } from '../../src/transport/channe
 import { idleGuard } from '../../src/transport/idle.ts';
 import { parsePageStreamName } from '../../src/criu/follow.ts';
 import { faultActive } from '../../src/transport/faults.ts';
-import { freeBytes } from '../../src/host/doctor.ts';
+import { freeBytes } from '../../src/host/capacity.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';

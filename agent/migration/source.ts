@@ -18,7 +18,7 @@ import { faultActive, faultNumber } from '../../src/transport/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
-import { freeBytes } from '../../src/host/doctor.ts';
+import { freeBytes } from '../../src/host/capacity.ts';
 import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
