@@ -13,7 +13,7 @@ import { removeInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
 import { idleGuard } from '../../src/transport/idle.ts';
 import { parsePageStreamName } from '../../src/criu/follow.ts';
-import { faultActive } from '../../src/transport/faults.ts';
+import { faultActive } from '../../src/faults.ts';
 import { freeBytes } from '../../src/host/capacity.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';

@@ -14,7 +14,7 @@ import { decide, type Prediction, type RoundMeasurement, type StopReason } from 
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
-import { faultActive, faultNumber } from '../../src/transport/faults.ts';
+import { faultActive, faultNumber } from '../../src/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
