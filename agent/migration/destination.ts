@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
-import { compareVersions, parseCriuVersion, type Criu } from '../../src/criu/criu.ts';
+import type { Criu } from '../../src/criu/criu.ts';
+import { compareVersions, parseCriuVersion } from '../../src/criu/version.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
@@ -20,7 +21,7 @@ import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
 import { resumeContainer } from './resume.ts';
-import { withTimeout } from './timing.ts';
+import { withTimeout } from '../../src/timeout.ts';
 
 type Offer = Extract<PeerMessage, { type: 'offer' }>;
 type Channel = 'files' | 'pages';

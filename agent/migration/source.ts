@@ -25,7 +25,8 @@ import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 import { deliverDecision } from './recovery.ts';
-import { PhaseTimer, withTimeout } from './timing.ts';
+import { withTimeout } from '../../src/timeout.ts';
+import { PhaseTimer } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
 export interface SourceDependencies {
