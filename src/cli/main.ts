@@ -286,11 +286,11 @@ program
 
 try {
   if (process.argv[2] === 'agent') {
-    process.argv = [process.argv[0]!, 'ferry-agent', ...process.argv.slice(3)];
-    await import('../../agent/main.ts');
+    const { main } = await import('../../agent/main.ts');
+    await main(process.argv.slice(3));
   } else if (process.argv[2] === 'coordinator') {
-    process.argv = [process.argv[0]!, 'ferry-coordinator', ...process.argv.slice(3)];
-    await import('../../coordinator/main.ts');
+    const { main } = await import('../../coordinator/main.ts');
+    await main(process.argv.slice(3));
   } else {
     await program.parseAsync();
   }
