@@ -1,8 +1,8 @@
 import cliProgress from 'cli-progress';
-import { formatBytes, table } from '../format.ts';
-import type { Capability } from '../protocol/host.ts';
-import type { ContainerInfo } from '../protocol/container.ts';
-import type { MigrationReport, ProgressEvent } from '../protocol/migration.ts';
+import { formatBytes, table } from '../src/format.ts';
+import type { Capability } from '../src/protocol/host.ts';
+import type { ContainerInfo } from '../src/protocol/container.ts';
+import type { MigrationReport, ProgressEvent } from '../src/protocol/migration.ts';
 
 export function containersTable(host: string, containers: ContainerInfo[]): string {
   return table(
