@@ -4,7 +4,7 @@ import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { CgroupTree } from '../src/cgroup/cgroup.ts';
 import { Criu, readKernelRelease } from '../src/criu/criu.ts';
-import { capacity, freeBytes } from '../src/host/doctor.ts';
+import { capacity, freeBytes } from '../src/host/capacity.ts';
 import type { Capability } from '../src/protocol/host.ts';
 import type { RequestHandlers } from './control.ts';
 import { ControlConnection } from './control.ts';

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { Cgroup } from '../src/cgroup/cgroup.ts';
 import { criuEnvironment } from '../src/criu/criu.ts';
-import type { Host } from '../test/harness/hosts.ts';
+import type { Host } from '../lab/hosts.ts';
 
 // The naive sequential baseline made of plain tools, run on the same hosts:
 // criu dump to a directory, tar it, copy it over a TCP socket, untar, restore.

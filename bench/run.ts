@@ -8,8 +8,8 @@ import { Cgroup, CgroupTree } from '../src/cgroup/cgroup.ts';
 import { agentNodeFlags, projectRoot } from '../src/paths.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
-import { readBuildEnv, startAgent, type AgentProcess } from '../test/harness/agents.ts';
-import { createHosts, type Cluster, type Host } from '../test/harness/hosts.ts';
+import { readBuildEnv, startAgent, type AgentProcess } from '../lab/agents.ts';
+import { createHosts, type Cluster, type Host } from '../lab/hosts.ts';
 import { runBaseline, type BaselineResult } from './baseline.ts';
 
 // `npm run bench`: ferry against a naive sequential baseline on the same two

@@ -12,7 +12,7 @@ import { containerSpecSchema } from '../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport } from '../src/protocol/migration.ts';
 import { removeQuietly, startNodes, waitForMemload, type Node } from '../test/helpers/migration.ts';
 import { busyboxRootfs } from '../test/helpers/workloads.ts';
-import { readBuildEnv } from '../test/harness/agents.ts';
+import { readBuildEnv } from '../lab/agents.ts';
 import { CgroupTree } from '../src/cgroup/cgroup.ts';
 import { runBaseline, type BaselineResult } from './baseline.ts';
 

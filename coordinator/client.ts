@@ -1,8 +1,7 @@
 // A small client of the coordinator's API, for the CLI (`ferry evacuate`, `ferry hosts`).
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorCodes, FerryError, type ErrorCode } from '../src/errors.ts';
-import { formatBytes } from '../src/host/doctor.ts';
-import { table } from '../src/cli/output.ts';
+import { formatBytes, table } from '../src/format.ts';
 import {
   apiErrorSchema,
   evacuationViewSchema,

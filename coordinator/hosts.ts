@@ -7,12 +7,21 @@ import { FerryError } from '../src/errors.ts';
 import type { ContainerInfo } from '../src/protocol/container.ts';
 import type { HostInfo } from '../src/protocol/host.ts';
 import type { HostView } from '../src/protocol/coordinator.ts';
+import { withTimeout } from '../src/timeout.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import type { CandidateHost } from './placement.ts';
 import type { HostRow, Store } from './store.ts';
 
 const MISSED_LIMIT = 3;
 const QUIET_MS = 5_000;
+/**
+ * How long agents get to finish or roll back a migration the coordinator is not
+ * (or no longer) following: one it finds already running, one whose request
+ * failed, one a dead coordinator left running. As long as the agents' own
+ * migration timeout (10 minutes by default), so a slow but healthy migration
+ * is not declared lost.
+ */
+export const SETTLE_TIMEOUT_MS = 10 * 60_000;
 
 interface Liveness {
   missed: number;
@@ -87,7 +96,7 @@ export class HostPool {
     const state = this.state(name);
     try {
       const client = await this.client(name);
-      const info = await withTimeout(client.request('info', {}), this.intervalMs * 2);
+      const info = await withTimeout(client.request('info', {}), this.intervalMs * 2, 'the info request');
       this.store.recordHeartbeat(name, info);
       state.missed = 0;
       state.lastOkMs = Date.now();
@@ -125,7 +134,7 @@ export class HostPool {
   /** Containers a host runs, asked now (not from the last heartbeat). */
   async list(name: string): Promise<ContainerInfo[]> {
     const client = await this.client(name);
-    return (await withTimeout(client.request('list', {}), 30_000)).containers;
+    return (await withTimeout(client.request('list', {}), 30_000, 'the list request')).containers;
   }
 
   /** Reserves room on a target while a migration towards it runs; returns the release. */
@@ -198,12 +207,4 @@ export async function whereNow(pool: HostPool, container: string, source: string
     if (Date.now() > deadline || (quietSince !== undefined && Date.now() - quietSince > QUIET_MS)) return 'neither';
     await sleep(500);
   }
-}
-
-export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new FerryError('TIMEOUT', `no answer in ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }

@@ -6,9 +6,10 @@ import type { Logger } from 'pino';
 import { FerryError, toFerryError } from '../src/errors.ts';
 import type { ContainerInfo } from '../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport } from '../src/protocol/migration.ts';
+import { withTimeout } from '../src/timeout.ts';
 import type { AgentClient } from '../src/transport/client.ts';
 import type { EventBus } from './events.ts';
-import { whereNow, withTimeout, type HostPool } from './hosts.ts';
+import { SETTLE_TIMEOUT_MS, whereNow, type HostPool } from './hosts.ts';
 import type { CoordinatorMetrics } from './metrics.ts';
 import { ANTI_AFFINITY_LABEL, place } from './placement.ts';
 import type { MigrationRow, Store } from './store.ts';
@@ -39,7 +40,6 @@ export interface MigratorOptions {
 }
 
 const SETTLE_POLL_MS = 500;
-const SETTLE_TIMEOUT_MS = 10 * 60_000;
 
 export class Migrator {
   private readonly store: Store;
@@ -228,6 +228,7 @@ export class Migrator {
           },
         ),
         this.options.migrationTimeoutMs + 30_000,
+        'the migrate request',
       );
     } finally {
       client.close();

@@ -1,6 +1,7 @@
 // Pure placement: which host should a container move to? No I/O, so it can be
 // tested on fabricated host infos and called repeatedly while planning.
 import type { ContainerInfo } from '../src/protocol/container.ts';
+import { compareVersions } from '../src/criu/version.ts';
 import type { HostInfo } from '../src/protocol/host.ts';
 
 export const ANTI_AFFINITY_LABEL = 'anti-affinity';
@@ -107,16 +108,4 @@ export function freeMemory(host: CandidateHost): number {
     free = Math.min(free, host.memoryLimitBytes - used);
   }
   return free - (host.promised?.memoryBytes ?? 0);
-}
-
-/** Compares dotted version strings numerically ("4.1" > "3.17.1"); text after the numbers is ignored. */
-export function compareVersions(left: string, right: string): number {
-  const parts = (version: string) => (/\d+(?:\.\d+)*/.exec(version)?.[0] ?? '0').split('.').map(Number);
-  const a = parts(left);
-  const b = parts(right);
-  for (let index = 0; index < Math.max(a.length, b.length); index++) {
-    const difference = (a[index] ?? 0) - (b[index] ?? 0);
-    if (difference !== 0) return Math.sign(difference);
-  }
-  return 0;
 }

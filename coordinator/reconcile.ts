@@ -2,12 +2,9 @@
 // against what the agents report, then continue unfinished evacuations.
 import type { Logger } from 'pino';
 import type { Evacuator } from './evacuation.ts';
-import { whereNow, type HostPool } from './hosts.ts';
+import { SETTLE_TIMEOUT_MS, whereNow, type HostPool } from './hosts.ts';
 import type { Migrator } from './migrator.ts';
 import type { MigrationRow, Store } from './store.ts';
-
-/** How long agents get to finish or roll back what a dead coordinator left running. */
-const SETTLE_TIMEOUT_MS = 5 * 60_000;
 
 export interface ReconcileDeps {
   store: Store;

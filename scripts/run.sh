@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's commands; each runs the idempotent set-up first:
 #   bash scripts/run.sh demo  [args]   set-up, then bin/ferry demo
-#   bash scripts/run.sh test  [args]   set-up, then the vitest suite (results
-#                                      also in .build/test-results.json)
+#   bash scripts/run.sh test  [args]   set-up, the layering check (npm run
+#                                      lint:layers), then the vitest suite
+#                                      (results also in .build/test-results.json)
 #   bash scripts/run.sh bench [args]   set-up, then npm run bench
 set -euo pipefail
 root="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
@@ -28,6 +29,10 @@ case "$cmd" in
     exec bin/ferry demo "$@" ;;
   test)
     rm -f .build/test-results.json
+    # The layering rule first (src/ a leaf, agent/ and coordinator/ apart; see
+    # .dependency-cruiser.cjs): a broken rule fails the run before any test.
+    npm run --silent lint:layers \
+      || { echo "run.sh: an import breaks the layering rule (npm run lint:layers)" >&2; exit 1; }
     status=0
     node_modules/.bin/vitest run --reporter=default --reporter=json \
       --outputFile=.build/test-results.json "$@" || status=$?

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { api, CoordinatorProcess, followEvents, maxConcurrent, sampleValue, scrape, startRefusingAgent } from '../coordinator/testing.ts';
+import { api, CoordinatorProcess, followEvents, maxConcurrent, sampleValue, scrape, startRefusingAgent } from './helpers/coordinator.ts';
 import type { EvacuationView, HostView, MigrationView } from '../src/protocol/coordinator.ts';
 import {
   cgroupChildren,

@@ -6,12 +6,12 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { startAgent } from './harness/agents.ts';
-import { cleanupStale } from './harness/cleanup.ts';
-import { createHosts, withCluster, type Cluster, type Host } from './harness/hosts.ts';
-import { findLeftovers } from './harness/leftovers.ts';
-import { runId } from './harness/run-id.ts';
-import { findCgroupRoots, ip, readMounts, run, waitFor } from './harness/system.ts';
+import { startAgent } from '../lab/agents.ts';
+import { cleanupStale } from '../lab/cleanup.ts';
+import { createHosts, withCluster, type Cluster, type Host } from '../lab/hosts.ts';
+import { findLeftovers } from '../lab/leftovers.ts';
+import { runId } from '../lab/run-id.ts';
+import { findCgroupRoots, ip, readMounts, run, waitFor } from '../lab/system.ts';
 
 const TIMEOUT = { timeout: 60_000 };
 const pingCommand = existsSync('/usr/bin/ping') || existsSync('/bin/ping') ? ['ping'] : ['busybox', 'ping'];
@@ -268,7 +268,7 @@ const owners: Array<{ kill(signal: NodeJS.Signals): boolean }> = [];
 
 /** A separate test process that creates a cluster and then meets its end in `ending`. */
 async function clusterOwner(ending: 'exit' | 'wait') {
-  const hostsUrl = new URL('./harness/hosts.ts', import.meta.url).href;
+  const hostsUrl = new URL('../lab/hosts.ts', import.meta.url).href;
   const source = `
     const { createHosts } = await import(${JSON.stringify(hostsUrl)});
     const cluster = await createHosts(2);

@@ -11,8 +11,8 @@ import WebSocket from 'ws';
 import { containerSpecSchema } from '../src/protocol/container.ts';
 import { protocolVersion } from '../src/protocol/messages.ts';
 import { AgentClient } from '../src/transport/client.ts';
-import { startAgent, type AgentProcess } from './harness/agents.ts';
-import { createHosts, type Cluster, type Host } from './harness/hosts.ts';
+import { startAgent, type AgentProcess } from '../lab/agents.ts';
+import { createHosts, type Cluster, type Host } from '../lab/hosts.ts';
 import { busyboxRootfs } from './helpers/workloads.ts';
 
 const port = 7070;

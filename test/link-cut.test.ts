@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { FerryError, type Phase } from '../src/errors.ts';
 import type { MigrationOptions, ProgressEvent } from '../src/protocol/migration.ts';
-import type { AgentOptions } from './harness/agents.ts';
+import type { AgentOptions } from '../lab/agents.ts';
 import {
   SETTLE_MS,
   cutLink,

@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { sampleValue, scrape } from '../coordinator/testing.ts';
+import { sampleValue, scrape } from './helpers/coordinator.ts';
 import type { FerryError } from '../src/errors.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import {

@@ -4,7 +4,7 @@
 // the destination keeps nothing, and the error says what and in which phase.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { phases, type FerryError } from '../src/errors.ts';
-import type { AgentOptions } from './harness/agents.ts';
+import type { AgentOptions } from '../lab/agents.ts';
 import {
   containerPid,
   counterSpec,

@@ -11,9 +11,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FerryError, type ErrorCode } from '../src/errors.ts';
 import type { ContainerInfo, ContainerSpec } from '../src/protocol/container.ts';
 import type { AgentClient } from '../src/transport/client.ts';
-import { startAgent, type AgentOptions } from './harness/agents.ts';
-import type { Host } from './harness/hosts.ts';
-import { findLeftovers } from './harness/leftovers.ts';
+import { startAgent, type AgentOptions } from '../lab/agents.ts';
+import type { Host } from '../lab/hosts.ts';
+import { findLeftovers } from '../lab/leftovers.ts';
 import {
   connectClient,
   containerPid,

@@ -5,8 +5,8 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FerryError } from '../src/errors.ts';
 import { AgentClient } from '../src/transport/client.ts';
-import { startAgent, type AgentProcess } from './harness/agents.ts';
-import { createHosts, type Cluster } from './harness/hosts.ts';
+import { startAgent, type AgentProcess } from '../lab/agents.ts';
+import { createHosts, type Cluster } from '../lab/hosts.ts';
 
 // wss with mutual TLS between real agents: memory images hold secrets, so
 // the encrypted path must work end to end, and strangers must be refused.

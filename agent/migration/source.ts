@@ -14,18 +14,19 @@ import { decide, type Prediction, type RoundMeasurement, type StopReason } from 
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
-import { faultActive, faultNumber } from '../../src/transport/faults.ts';
+import { faultActive, faultNumber } from '../../src/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
-import { freeBytes } from '../../src/host/doctor.ts';
+import { freeBytes } from '../../src/host/capacity.ts';
 import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 import { deliverDecision } from './recovery.ts';
-import { PhaseTimer, withTimeout } from './timing.ts';
+import { withTimeout } from '../../src/timeout.ts';
+import { PhaseTimer } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
 export interface SourceDependencies {

@@ -6,7 +6,7 @@ import { z } from 'zod';
 import type { Cgroup } from '../../src/cgroup/cgroup.ts';
 import type { Criu } from '../../src/criu/criu.ts';
 import { containerBoundingSet, validateImages } from '../../src/criu/images.ts';
-import { faultActive } from '../../src/transport/faults.ts';
+import { faultActive } from '../../src/faults.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';

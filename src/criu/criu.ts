@@ -14,33 +14,11 @@ import {
   type RestoreOptions,
 } from './options.ts';
 import { readStats, type DumpStats, type RestoreStats } from './stats.ts';
+import { parseCriuVersion, type CriuVersion } from './version.ts';
 
 export const minimumCriuVersion = [4, 0] as const;
 const tmpfsMagic = 0x01021994;
 const setupHint = 'run `bash scripts/setup.sh` (it provisions CRIU 4.x), or set FERRY_CRIU to a CRIU >= 4.0';
-
-export interface CriuVersion {
-  major: number;
-  minor: number;
-  patch: number;
-  text: string;
-}
-
-export function parseCriuVersion(output: string): CriuVersion | undefined {
-  const match = /Version:\s*(\d+)\.(\d+)(?:\.(\d+))?/.exec(output);
-  if (!match) return undefined;
-  const [, major, minor, patch] = match;
-  return {
-    major: Number(major),
-    minor: Number(minor),
-    patch: Number(patch ?? 0),
-    text: `${major}.${minor}${patch ? `.${patch}` : ''}`,
-  };
-}
-
-export function compareVersions(left: CriuVersion, right: CriuVersion): number {
-  return left.major - right.major || left.minor - right.minor || left.patch - right.patch;
-}
 
 /** Everything CRIU is asked to do goes through here. */
 export class Criu {

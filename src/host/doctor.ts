@@ -1,4 +1,4 @@
-import { access, mkdir, rmdir, statfs } from 'node:fs/promises';
+import { access, mkdir, rmdir } from 'node:fs/promises';
 import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -7,6 +7,8 @@ import { Criu, readKernelRelease } from '../criu/criu.ts';
 import { FerryError } from '../errors.ts';
 import { helperExists, helperPath } from '../paths.ts';
 import type { Capability } from '../protocol/host.ts';
+import { formatBytes } from '../format.ts';
+import { freeBytes } from './capacity.ts';
 
 export interface DoctorReport {
   kernel: string;
@@ -98,30 +100,6 @@ async function probeV2Freeze(mountPoint: string): Promise<boolean> {
   } finally {
     await rmdir(probe).catch(() => undefined);
   }
-}
-
-/** Free bytes where `path` (or its nearest existing parent) lives. */
-export async function freeBytes(path: string): Promise<number> {
-  for (let current = path; ; current = join(current, '..')) {
-    const stats = await statfs(current).catch(() => undefined);
-    if (stats) return stats.bavail * stats.bsize;
-    if (current === '/') return 0;
-  }
-}
-
-export function capacity(diskFreeBytes: number) {
-  return { memoryBytes: totalmem(), memoryAvailableBytes: freemem(), cpus: cpus().length, diskFreeBytes };
-}
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
 }
 
 function lastLine(text: string): string {

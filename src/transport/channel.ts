@@ -4,7 +4,7 @@ import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
 import { parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
-import { faultNumber } from './faults.ts';
+import { faultNumber } from '../faults.ts';
 
 /** Bytes handed to ws but not yet written to the socket before the sender waits. */
 const inFlightLimit = 4 * 1024 * 1024;

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorCodes, FerryError, phases } from '../../src/errors.ts';
 import type { MigrationReport } from '../../src/protocol/migration.ts';
-import { readBuildEnv } from '../harness/agents.ts';
+import { readBuildEnv } from '../../lab/agents.ts';
 import { cgroupChildren, reconnect, stagedImages, tracesOf, type Node } from './migration.ts';
 import { poll } from './workloads.ts';
 

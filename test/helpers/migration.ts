@@ -8,8 +8,8 @@ import { FerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpecInput } from '../../src/protocol/container.ts';
 import { migrationOptionsSchema, type MigrationReport, type ProgressEvent } from '../../src/protocol/migration.ts';
 import { AgentClient } from '../../src/transport/client.ts';
-import { startAgent, type AgentOptions, type AgentProcess } from '../harness/agents.ts';
-import { createHosts, type Cluster, type Host } from '../harness/hosts.ts';
+import { startAgent, type AgentOptions, type AgentProcess } from '../../lab/agents.ts';
+import { createHosts, type Cluster, type Host } from '../../lab/hosts.ts';
 import {
   busyboxRootfs,
   containerPid as clientContainerPid,

@@ -17,8 +17,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
 import { AgentClient } from '../../src/transport/client.ts';
-import { startAgent, type AgentOptions, type AgentProcess } from '../harness/agents.ts';
-import { createHosts, type Cluster } from '../harness/hosts.ts';
+import { startAgent, type AgentOptions, type AgentProcess } from '../../lab/agents.ts';
+import { createHosts, type Cluster } from '../../lab/hosts.ts';
 
 /** The busybox test rootfs that `scripts/setup.sh` builds (has /bin/counter and /bin/memload). */
 export const busyboxRootfs = fileURLToPath(new URL('../../.build/rootfs/busybox', import.meta.url));

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { afterAll, describe, expect, it } from 'vitest';
-import { compareVersions, parseCriuVersion, type CriuVersion } from '../../src/criu/criu.ts';
+import { compareVersions, parseCriuVersion, type CriuVersion } from '../../src/criu/version.ts';
 import { extractErrorLines, readErrorLines } from '../../src/criu/log.ts';
 import { parseStatsImage, readStats } from '../../src/criu/stats.ts';
 

@@ -139,7 +139,7 @@ function jobScript(options: VmOptions, repo: string): string {
     // Every Node process (CLI, agents) compiles the same modules: under
     // emulation the shared code cache saves ~30 % of a start.
     NODE_COMPILE_CACHE: '/var/tmp/node-compile-cache',
-    // the test harness's wait for an agent to listen (test/harness/agents.ts)
+    // the test harness's wait for an agent to listen (lab/agents.ts)
     FERRY_TEST_AGENT_READY_MS: '120000',
     ...options.env,
   };

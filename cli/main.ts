@@ -1,10 +1,10 @@
 import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
-import { examineHost } from '../host/doctor.ts';
-import { FerryError } from '../errors.ts';
-import { containerSpecSchema } from '../protocol/container.ts';
-import { migrationOptionsSchema } from '../protocol/migration.ts';
-import { AgentClient } from '../transport/client.ts';
+import { examineHost } from '../src/host/doctor.ts';
+import { FerryError } from '../src/errors.ts';
+import { containerSpecSchema } from '../src/protocol/container.ts';
+import { migrationOptionsSchema } from '../src/protocol/migration.ts';
+import { AgentClient } from '../src/transport/client.ts';
 import { loadConfig, readPem, resolveHost, type Endpoint } from './config.ts';
 import { containersTable, doctorTable, progressPrinter, reportText } from './output.ts';
 
@@ -233,7 +233,7 @@ interface CoordinatorOptions {
 }
 
 async function coordinatorClient(options: CoordinatorOptions) {
-  const { CoordinatorClient } = await import('../../coordinator/client.ts');
+  const { CoordinatorClient } = await import('../coordinator/client.ts');
   const configured = loadConfig(globals().config).coordinator;
   const url = options.coordinator ?? process.env.FERRY_COORDINATOR ?? configured?.url;
   // `--token` is the global option: with --coordinator it is the coordinator's token.
@@ -250,7 +250,7 @@ program
   .option('--parallel <k>', 'migrations at once', (value) => Number(value), 2)
   .option('--undo', 'move the containers of the last evacuation of <host> back')
   .action(async (host: string, options: CoordinatorOptions & { to?: string; parallel: number; undo?: boolean }) => {
-    const { evacuationTable } = await import('../../coordinator/client.ts');
+    const { evacuationTable } = await import('../coordinator/client.ts');
     const client = await coordinatorClient(options);
     const started = options.undo
       ? await client.undo(await client.lastEvacuation(host))
@@ -270,7 +270,7 @@ program
   .description('hosts the coordinator manages: heartbeat, draining, containers, free memory')
   .option('--coordinator <url>', 'coordinator URL, with --token (default: the config\'s "coordinator")')
   .action(async (options: CoordinatorOptions) => {
-    const { hostsTable } = await import('../../coordinator/client.ts');
+    const { hostsTable } = await import('../coordinator/client.ts');
     const hosts = await (await coordinatorClient(options)).hosts();
     print(hostsTable(hosts), { hosts });
   });
@@ -286,11 +286,11 @@ program
 
 try {
   if (process.argv[2] === 'agent') {
-    process.argv = [process.argv[0]!, 'ferry-agent', ...process.argv.slice(3)];
-    await import('../../agent/main.ts');
+    const { main } = await import('../agent/main.ts');
+    await main(process.argv.slice(3));
   } else if (process.argv[2] === 'coordinator') {
-    process.argv = [process.argv[0]!, 'ferry-coordinator', ...process.argv.slice(3)];
-    await import('../../coordinator/main.ts');
+    const { main } = await import('../coordinator/main.ts');
+    await main(process.argv.slice(3));
   } else {
     await program.parseAsync();
   }

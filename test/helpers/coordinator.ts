@@ -5,9 +5,9 @@ import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { WebSocketServer } from 'ws';
-import type { CoordinatorEvent } from '../src/protocol/coordinator.ts';
+import type { CoordinatorEvent } from '../../src/protocol/coordinator.ts';
 
-const MAIN = join(import.meta.dirname, 'main.ts');
+const MAIN = join(import.meta.dirname, '..', '..', 'coordinator', 'main.ts');
 const MiB = 1024 * 1024;
 
 /** One coordinator across restarts, on the same database file. */

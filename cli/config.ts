@@ -2,7 +2,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { FerryError } from '../errors.ts';
+import { FerryError } from '../src/errors.ts';
 
 const endpointSchema = z.object({
   url: z.string().url(),

@@ -8,11 +8,11 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { agentNodeFlags } from '../../src/paths.ts';
+import { agentNodeFlags } from '../src/paths.ts';
 import type { Host } from './hosts.ts';
 import { HarnessError, spawnInNetns } from './system.ts';
 
-const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const REPO_ROOT = fileURLToPath(new URL('../', import.meta.url));
 const DEFAULT_PORT = 7070;
 // An agent is ready in about a second here; under the VM lane's emulation it can
 // take 10-30 s, so test/vm/lane.ts raises this through the environment.

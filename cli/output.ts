@@ -1,15 +1,8 @@
 import cliProgress from 'cli-progress';
-import { formatBytes } from '../host/doctor.ts';
-import type { Capability } from '../protocol/host.ts';
-import type { ContainerInfo } from '../protocol/container.ts';
-import type { MigrationReport, ProgressEvent } from '../protocol/migration.ts';
-
-/** Left-aligned columns, the width of the widest cell. */
-export function table(header: string[], rows: string[][]): string {
-  const widths = header.map((cell, column) => Math.max(cell.length, ...rows.map((row) => (row[column] ?? '').length)));
-  const line = (cells: string[]) => cells.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join('  ').trimEnd();
-  return [line(header), ...rows.map(line)].join('\n');
-}
+import { formatBytes, table } from '../src/format.ts';
+import type { Capability } from '../src/protocol/host.ts';
+import type { ContainerInfo } from '../src/protocol/container.ts';
+import type { MigrationReport, ProgressEvent } from '../src/protocol/migration.ts';
 
 export function containersTable(host: string, containers: ContainerInfo[]): string {
   return table(

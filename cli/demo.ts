@@ -1,10 +1,10 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
-import { startAgent, type AgentProcess } from '../../test/harness/agents.ts';
-import { createHosts, type Cluster } from '../../test/harness/hosts.ts';
-import { projectRoot } from '../paths.ts';
-import type { ProgressEvent } from '../protocol/migration.ts';
-import { AgentClient } from '../transport/client.ts';
+import { startAgent, type AgentProcess } from '../lab/agents.ts';
+import { createHosts, type Cluster } from '../lab/hosts.ts';
+import { projectRoot } from '../src/paths.ts';
+import type { ProgressEvent } from '../src/protocol/migration.ts';
+import { AgentClient } from '../src/transport/client.ts';
 import { containersTable, progressPrinter, reportText } from './output.ts';
 
 // The README's demo: two hosts (network namespaces joined by a switch) on this

@@ -1,7 +1,7 @@
 // Removes everything a run (or one cluster of it) created, found by name, so
 // it also works for runs whose process is gone. Also a CLI, for the
 // synchronous exit path, the run watchdog, and humans:
-//   node test/harness/cleanup.ts <runid> | --stale | --watch <runid>
+//   node lab/cleanup.ts <runid> | --stale | --watch <runid>
 import { execFileSync, spawn } from 'node:child_process';
 import type { Socket } from 'node:net';
 import { mkdir, readdir, readFile, rm, rmdir, stat, writeFile } from 'node:fs/promises';
@@ -250,7 +250,7 @@ if (import.meta.main) {
   } else if (RUN_ID_PATTERN.test(argument)) {
     await cleanupRun(argument);
   } else {
-    console.error('usage: node test/harness/cleanup.ts <runid> | --stale | --watch <runid>');
+    console.error('usage: node lab/cleanup.ts <runid> | --stale | --watch <runid>');
     process.exitCode = 2;
   }
 }
