@@ -2,15 +2,11 @@
 // messages, an unknown container, a destination without CRIU, an archive
 // whose entries try to escape the staging directory. Each refusal names its
 // reason, changes nothing, and leaves the agent serving.
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type WebSocket from 'ws';
-import { Criu } from '../src/criu/criu.ts';
-import { containerSpecSchema } from '../src/protocol/container.ts';
-import { protocolVersion } from '../src/protocol/messages.ts';
 import { AgentClient, openSocket } from '../src/transport/client.ts';
 import {
   containerPid,
@@ -28,6 +24,7 @@ import {
   type Node,
   type TestCluster,
 } from './helpers/migration.ts';
+import { greet, offerMessage, sendStream, sourceFacts, type Json } from './helpers/raw-peer.ts';
 import { tarOf, type TarEntry } from './helpers/tar.ts';
 
 let test: TestCluster;
@@ -42,40 +39,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await test?.close();
 });
-
-type Json = Record<string, unknown> & { type?: string; id?: string; error?: { code: string; message: string } };
-
-interface RawSocket {
-  socket: WebSocket;
-  /** The first message received (or arriving within 15 s) that matches. */
-  next: (match: (message: Json) => boolean) => Promise<Json>;
-}
-
-/** A raw authenticated socket to an agent, with the JSON messages it receives. */
-async function rawSocket(node: Node, path = '/control'): Promise<RawSocket> {
-  const socket = await openSocket({ url: node.agent.url, token: node.agent.token }, path);
-  const received: Json[] = [];
-  socket.on('message', (data, isBinary) => {
-    if (!isBinary) received.push(JSON.parse(data.toString()) as Json);
-  });
-  const next = async (match: (message: Json) => boolean): Promise<Json> => {
-    const deadline = Date.now() + 15_000;
-    for (;;) {
-      const index = received.findIndex(match);
-      if (index >= 0) return received.splice(index, 1)[0]!;
-      if (Date.now() > deadline) throw new Error(`no matching message; got ${JSON.stringify(received).slice(0, 500)}`);
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-  };
-  return { socket, next };
-}
-
-async function greet(node: Node, name: string): Promise<RawSocket> {
-  const raw = await rawSocket(node);
-  raw.socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name }));
-  await raw.next((message) => message.type === 'hello');
-  return raw;
-}
 
 async function expectServing(node: Node): Promise<void> {
   const client = await AgentClient.connect({ url: node.agent.url, token: node.agent.token });
@@ -207,18 +170,12 @@ function watchFrozen(cgroupDir: string): { stop: () => void; result: Promise<{ s
 }
 
 describe('an archive that escapes the staging directory', () => {
-  let cpuinfo: string;
-  let criuVersion: string;
+  let facts: { cpuinfo: string; criuVersion: string };
   /** Outside B's state dir: in A's, which goes with the cluster. */
   let outside: string;
 
   beforeAll(async () => {
-    const criu = await Criu.locate();
-    const directory = join(a.host.stateDir, 'cpuinfo');
-    await mkdir(directory, { recursive: true });
-    await criu.cpuinfoDump(directory);
-    cpuinfo = (await readFile(join(directory, 'cpuinfo.img'))).toString('base64');
-    criuVersion = criu.version.text;
+    facts = await sourceFacts(a.host.stateDir);
     outside = join(a.host.stateDir, 'outside');
     await mkdir(outside);
   });
@@ -228,32 +185,16 @@ describe('an archive that escapes the staging directory', () => {
     const migrationId = randomUUID();
     const { socket, next } = await greet(b, 'intruder');
     try {
-      socket.send(JSON.stringify(offer(migrationId, name)));
+      socket.send(JSON.stringify(offerMessage(facts, name, migrationId)));
       await next((message) => message.type === 'accept' && message.migrationId === migrationId);
       const files = await openSocket({ url: b.agent.url, token: b.agent.token }, `/migrations/${migrationId}/files`);
-      const body = await tarOf(entries);
-      files.send(JSON.stringify({ type: 'stream-open', name: 'rootfs' }));
-      files.send(body, { binary: true });
-      const sha256 = createHash('sha256').update(body).digest('hex');
-      files.send(JSON.stringify({ type: 'stream-end', bytes: body.length, sha256, files: {} }));
+      sendStream(files, 'rootfs', await tarOf(entries));
       const abort = await next((message) => message.type === 'abort');
       files.terminate();
       return abort;
     } finally {
       socket.close();
     }
-  }
-
-  function offer(migrationId: string, name: string): object {
-    return {
-      type: 'offer',
-      migrationId,
-      spec: containerSpecSchema.parse({ name, rootfs: '/nowhere', command: ['/bin/sh'] }),
-      history: ['intruder'],
-      source: { host: 'intruder', criuVersion, kernel: 'any' },
-      cpuinfo,
-      needs: { rootfsBytes: 4096, memoryBytes: 0 },
-    };
   }
 
   const cases: Array<[string, (outsideDir: string) => TarEntry[], string]> = [

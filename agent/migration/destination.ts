@@ -220,6 +220,11 @@ class DestinationSession {
     return this.state !== 'aborting' && this.state !== 'aborted';
   }
 
+  /** From `prepared` on, the source may have committed: nothing here may drop the copy on its own. */
+  private get prepared(): boolean {
+    return this.state === 'prepared' || this.state === 'committing' || this.state === 'done';
+  }
+
   private transition(to: DestinationState): void {
     const allowed: readonly DestinationState[] = destinationTransitions[this.state];
     if (!allowed.includes(to)) throw new FerryError('BAD_MESSAGE', `migration ${this.migrationId} cannot go from ${this.state} to ${to}`);
@@ -490,13 +495,13 @@ class DestinationSession {
   /** A message that does not fit the state: before `prepared` it ends the migration; after, it is only logged. */
   async refuse(reason: string): Promise<void> {
     this.logger.warn({ state: this.state, reason }, 'out-of-order message refused');
-    if (this.state === 'prepared' || this.state === 'committing' || this.state === 'done') return;
+    if (this.prepared) return;
     await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.state === 'restoring' ? 'restore' : 'stream' }));
   }
 
   /** Our own failure: the source hears why, then everything here goes. */
   private async fail(error: unknown): Promise<void> {
-    if (!this.live || this.state === 'prepared' || this.state === 'committing' || this.state === 'done') return;
+    if (!this.live || this.prepared) return;
     const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : 'stream');
     this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
     this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
