@@ -27,6 +27,8 @@ export interface AgentOptions {
   stateDir: string;
   cgroupRoot: string;
   logger: Logger;
+  /** The host bridge for containers with their own address. */
+  bridge?: string;
   tls?: TlsFiles;
   criuPath?: string;
 }
@@ -44,6 +46,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     cgroups: await CgroupTree.open(options.cgroupRoot),
     hostName: options.name,
     logger,
+    ...(options.bridge ? { bridge: options.bridge } : {}),
   });
   const criu = lazyCriu(options.criuPath, join(options.stateDir, 'criu.kdat'));
   const journal = new MigrationJournal(options.stateDir);
@@ -159,8 +162,10 @@ async function capabilities(criu: () => Promise<Criu>): Promise<Capability[]> {
   if (!found) return [{ name: 'criu', ok: false, value: 'missing', required: true }];
   // Asked once per agent (every heartbeat's info lands here), not a CRIU run each time.
   const tracking = await found.memoryTracking();
+  const sockets = await found.socketCheckpoint();
   return [
     { name: 'criu', ok: true, value: found.version.text, required: true },
     { name: 'memory dirty tracking', ok: tracking, value: tracking ? 'present' : 'absent', required: false },
+    { name: 'socket checkpoint', ok: !sockets, value: sockets ? `fails: ${sockets}` : 'works', required: false },
   ];
 }

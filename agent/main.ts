@@ -19,6 +19,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--tls-ca <file>', 'require client certificates signed by this CA (mutual TLS)')
     .option('--insecure', 'allow plain ws:// without TLS (memory images travel unencrypted)')
     .option('--criu <path>', 'CRIU binary (or FERRY_CRIU)')
+    .option('--bridge <bridge>', 'existing Linux bridge that containers with their own address (run --ip) attach to')
     .parse(argv, { from: 'user' });
 
   const options = program.opts<{
@@ -33,6 +34,7 @@ export async function main(argv: string[]): Promise<void> {
     tlsCa?: string;
     insecure?: boolean;
     criu?: string;
+    bridge?: string;
   }>();
 
   const logger = createLogger(options.name);
@@ -57,6 +59,7 @@ export async function main(argv: string[]): Promise<void> {
       ? { tls: { cert: options.tlsCert, key: options.tlsKey, ...(options.tlsCa ? { ca: options.tlsCa } : {}) } }
       : {}),
     ...(options.criu ? { criuPath: options.criu } : {}),
+    ...(options.bridge ? { bridge: options.bridge } : {}),
   });
   logger.info({ url: agent.url }, 'agent listening');
 

@@ -3,6 +3,7 @@ import { Command, Option } from 'commander';
 import { examineHost } from '../src/host/doctor.ts';
 import { FerryError } from '../src/errors.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
+import { parseCidr } from '../src/net/address.ts';
 import { migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { loadConfig, readPem, resolveHost, type Endpoint } from './config.ts';
@@ -93,15 +94,27 @@ program
   .option('--cwd <dir>', 'working directory inside the container', '/')
   .option('--hostname <name>', 'hostname inside the container')
   .option('--private-network', 'own network namespace with loopback only')
+  .option('--ip <addr/prefix>', "its own IPv4 address on the agent's bridge (ferry agent --bridge); moves with it")
+  .option('--gateway <addr>', 'default route of a container with --ip')
   .option('-l, --label <KEY=VALUE>', 'label (repeatable)', collect, [])
-  .action(async (name: string, command: string[], options: { rootfs: string; env: string[]; cwd: string; hostname?: string; privateNetwork?: boolean; label: string[] }) => {
+  .action(async (name: string, command: string[], options: { rootfs: string; env: string[]; cwd: string; hostname?: string; privateNetwork?: boolean; ip?: string; gateway?: string; label: string[] }) => {
+    if (options.gateway && !options.ip) throw new FerryError('BAD_REQUEST', '--gateway needs --ip');
+    let network: { address: string; prefix: number; gateway?: string } | undefined;
+    if (options.ip) {
+      try {
+        network = { ...parseCidr(options.ip), ...(options.gateway ? { gateway: options.gateway } : {}) };
+      } catch (error) {
+        throw new FerryError('BAD_REQUEST', `--ip: ${(error as Error).message}`);
+      }
+    }
     const spec = containerSpecSchema.parse({
       name,
       command,
       rootfs: resolve(options.rootfs),
       env: pairs(options.env),
       cwd: options.cwd,
-      privateNetwork: !!options.privateNetwork,
+      privateNetwork: !!options.privateNetwork || !!network,
+      ...(network ? { network } : {}),
       labels: pairs(options.label),
       ...(options.hostname ? { hostname: options.hostname } : {}),
     });

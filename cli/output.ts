@@ -6,12 +6,13 @@ import type { MigrationReport, ProgressEvent } from '../src/protocol/migration.t
 
 export function containersTable(host: string, containers: ContainerInfo[]): string {
   return table(
-    ['HOST', 'NAME', 'STATUS', 'PID', 'MEMORY', 'COMMAND', 'HISTORY'],
+    ['HOST', 'NAME', 'STATUS', 'PID', 'ADDRESS', 'MEMORY', 'COMMAND', 'HISTORY'],
     containers.map((container) => [
       host,
       container.name,
       container.status,
       String(container.pid ?? ''),
+      container.address ?? '',
       container.memoryBytes ? formatBytes(container.memoryBytes) : '',
       container.command.join(' ').slice(0, 40),
       container.history.join(' → '),

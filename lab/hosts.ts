@@ -29,6 +29,8 @@ export interface Host {
   cgroupRoot: string;
   /** Its name, directly under the cgroup mount (what the agent's --cgroup-root takes). */
   cgroupName: string;
+  /** With the bridged option: the bridge (holding eth0 and the host's address) for containers with their own address. */
+  bridge: string | undefined;
   /** Runs a command to completion inside the host's netns. */
   exec(command: string, args: readonly string[], options?: RunOptions): Promise<CommandResult>;
   /** Cuts the host's link (eth0 down), e.g. in the middle of a transfer. */
@@ -53,6 +55,22 @@ export interface Cluster {
 export interface CreateHostsOptions {
   /** Connect the root netns (the test process) to the switch. Default true. */
   controller?: boolean;
+  /**
+   * Set each host up as an operator does for containers with their own
+   * address: eth0 enslaved to a bridge br0 that holds the host's address.
+   */
+  bridged?: boolean;
+}
+
+/** The bridge of a bridged host (what its agent's --bridge names). */
+export const HOST_BRIDGE = 'br0';
+/** Container addresses on a cluster's /24 start here (hosts are .1 up, the controller .254). */
+const CONTAINER_HOST_PART = 100;
+
+/** The n-th container address of a cluster (n from 0), e.g. 10.203.17.100, and its prefix length. */
+export function containerAddress(cluster: Cluster, n: number): { address: string; prefix: number } {
+  if (!Number.isInteger(n) || n < 0 || n > 100) throw new RangeError(`container address index ${n} is outside 0..100`);
+  return { address: `${cluster.subnet.split('.').slice(0, 3).join('.')}.${CONTAINER_HOST_PART + n}`, prefix: 24 };
 }
 
 const MAX_HOSTS = 200;
@@ -100,7 +118,7 @@ export async function createHosts(count: number, options: CreateHostsOptions = {
     await serialized(async () => {
       runClaim ??= await claimRun(runId);
     });
-    await buildCluster(cluster, names, count, options.controller ?? true);
+    await buildCluster(cluster, names, count, options.controller ?? true, options.bridged ?? false);
     return cluster;
   } catch (error) {
     await cluster.destroy().catch(() => undefined);
@@ -143,7 +161,7 @@ async function destroyCluster(cluster: Cluster, names: ClusterNames): Promise<vo
   }
 }
 
-async function buildCluster(cluster: Cluster, names: ClusterNames, count: number, controller: boolean): Promise<void> {
+async function buildCluster(cluster: Cluster, names: ClusterNames, count: number, controller: boolean, bridged: boolean): Promise<void> {
   const subnet = await pickSubnet(cluster);
   cluster.subnet = `${subnet}.0/24`;
   await ip(['netns', 'add', names.switchNetns]);
@@ -152,7 +170,7 @@ async function buildCluster(cluster: Cluster, names: ClusterNames, count: number
   await ipIn(names.switchNetns, ['link', 'set', names.bridge, 'up']);
   const cgroupParent = await hostCgroupParent();
   for (let index = 0; index < count; index++) {
-    cluster.hosts.push(await buildHost(names, index, `${subnet}.${index + 1}`, cgroupParent));
+    cluster.hosts.push(await buildHost(names, index, `${subnet}.${index + 1}`, cgroupParent, bridged));
   }
   if (controller) {
     cluster.controllerAddress = `${subnet}.${CONTROLLER_HOST_PART}`;
@@ -164,13 +182,20 @@ async function buildCluster(cluster: Cluster, names: ClusterNames, count: number
   for (const host of cluster.hosts) await waitForEth0Up(host.netns);
 }
 
-async function buildHost(names: ClusterNames, index: number, address: string, cgroupParent: string): Promise<Host> {
+async function buildHost(names: ClusterNames, index: number, address: string, cgroupParent: string, bridged: boolean): Promise<Host> {
   const { name, netns, cgroupName, stateDir, switchPort } = names.host(index);
   await ip(['netns', 'add', netns]);
   // Both ends are created directly in their netns: nothing appears in the root netns.
   await ipIn(names.switchNetns, ['link', 'add', switchPort, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', netns]);
   await ipIn(names.switchNetns, ['link', 'set', switchPort, 'master', names.bridge, 'up']);
-  await ipIn(netns, ['addr', 'add', `${address}/24`, 'dev', 'eth0']);
+  if (bridged) {
+    await ipIn(netns, ['link', 'add', HOST_BRIDGE, 'type', 'bridge']);
+    await ipIn(netns, ['link', 'set', 'eth0', 'master', HOST_BRIDGE]);
+    await ipIn(netns, ['addr', 'add', `${address}/24`, 'dev', HOST_BRIDGE]);
+    await ipIn(netns, ['link', 'set', HOST_BRIDGE, 'up']);
+  } else {
+    await ipIn(netns, ['addr', 'add', `${address}/24`, 'dev', 'eth0']);
+  }
   await ipIn(netns, ['link', 'set', 'lo', 'up']);
   await ipIn(netns, ['link', 'set', 'eth0', 'up']);
   await mkdir(stateDir, { recursive: true });
@@ -183,6 +208,7 @@ async function buildHost(names: ClusterNames, index: number, address: string, cg
     stateDir,
     cgroupRoot,
     cgroupName,
+    bridge: bridged ? HOST_BRIDGE : undefined,
     exec: (command, args, options) => execInNetns(netns, command, args, options),
     async setLinkDown() {
       await ipIn(netns, ['link', 'set', 'eth0', 'down']);

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ferry set-up: idempotent, run as root on a fresh Debian 12 or 13 machine.
 #   bash scripts/setup.sh            (from any directory)
-# Steps: Node >= 22.18, npm dependencies, apt packages, CRIU >= 4.0 (on
-# Debian 12: Debian 13's CRIU in a private prefix, see
+# Steps: Node >= 22.18, npm dependencies, apt packages, CRIU 4.2.1 (Debian
+# unstable's, in a private prefix over Debian 13's libraries, see
 # shared/reference/platform.md), .build/env, native helpers and test rootfs,
 # the VM test lane (QEMU and a Debian kernel, scripts/build-vm.sh).
 # When there is nothing to do it finishes in a few seconds.
@@ -90,7 +90,7 @@ fi
 
 # --- 3. apt packages --------------------------------------------------------
 step "apt packages"
-need=(busybox-static iproute2 util-linux gcc libc6-dev tar iperf3 socat procps psmisc)
+need=(busybox-static iproute2 util-linux gcc libc6-dev tar iperf3 socat procps psmisc nftables)
 missing=()
 for p in "${need[@]}"; do pkg_installed "$p" || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -100,11 +100,23 @@ else
 fi
 
 # --- 4. CRIU ----------------------------------------------------------------
-step "CRIU (>= 4.0)"
+# CRIU is pinned to 4.2.1: 4.1.x cannot dump any TCP or UDP socket on kernels
+# >= 6.16 (SO_PASSCRED/SO_PASSSEC, fixed by upstream PR #2711 in 4.2), and
+# every newer change of CRIU is a change of what migrates. Debian unstable has
+# it; it runs over Debian 13's glibc. If unstable has moved on, its CRIU is
+# taken only when it is 4.2.x (said loudly).
+criu_pin=4.2.1-1
+criu_min_minor=2
+step "CRIU (>= 4.2; $criu_pin provisioned)"
 criu_version() { # prints e.g. 4.1.1
   "$@" --version 2>/dev/null | sed -n 's/^Version: *\([0-9][0-9.]*\).*/\1/p' | head -n1
 }
-criu_new_enough() { local v; v="$(criu_version "$@")"; [[ -n "$v" && "${v%%.*}" -ge 4 ]]; }
+criu_new_enough() { # 4.2 or later: sockets dump on current kernels
+  local v major rest minor
+  v="$(criu_version "$@")"; [[ -n "$v" ]] || return 1
+  major="${v%%.*}"; rest="${v#*.}"; minor="${rest%%.*}"
+  (( major > 4 || (major == 4 && minor >= criu_min_minor) ))
+}
 criu_check() { # prints the verdict; succeeds when criu check does
   local out rc=0
   out="$("$@" check 2>&1)" || rc=$?
@@ -123,9 +135,11 @@ debian_major() { # sets os_major: Debian's major version, 99 for testing/unstabl
   if [[ "$ver" =~ ^[0-9]+$ ]]; then os_major="$ver"; else os_major=99; fi
 }
 
-# Packages from platform.md, verified to be everything criu 4.1.1 needs.
-criu_pkgs=(criu libcompel1 libc6
-  libgnutls30t64 libnftables1 libprotobuf-c1 libnet1 libnl-3-200 libbsd0 libuuid1
+# From unstable: CRIU and what 4.2.1 links that Debian 13 lacks or has too old.
+criu_sid_pkgs=(libnet9 libnl-3-200 libnl-route-3-200)
+# From Debian 13 (platform.md): the loader, glibc and the other libraries.
+criu_pkgs=(libc6
+  libgnutls30t64 libnftables1 libprotobuf-c1 libnet1 libbsd0 libuuid1
   libnettle8t64 libhogweed6t64 libunistring5 libp11-kit0 libtasn1-6 libidn2-0 libgmp10
   libmnl0 libnftnl11 libjansson4 libxtables12 libmd0 libffi8 libedit2 libtinfo6 libzstd1)
 
@@ -159,6 +173,32 @@ Pin-Priority: 100
 EOF
 }
 
+add_sid_source() {
+  write_if_changed /etc/apt/sources.list.d/ferry-sid.sources <<'EOF2' || true
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF2
+  # priority 50: only what is named with -t sid or pkg=version comes from it
+  write_if_changed /etc/apt/preferences.d/ferry-sid <<'EOF2' || true
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+EOF2
+}
+
+# sid_criu_version: the pinned version if unstable still has it, else its 4.2.x, else nothing
+sid_criu_version() {
+  local versions v
+  versions="$(apt-cache madison criu 2>/dev/null | awk -F'|' '$3 ~ /sid/ {gsub(/ /, "", $2); print $2}')"
+  if grep -qx "$criu_pin" <<<"$versions"; then echo "$criu_pin"; return; fi
+  for v in $versions; do
+    [[ "$v" =~ ^4\.${criu_min_minor}\. ]] && { echo "$v"; return; }
+  done
+}
+
 # missing_libs PREFIX: sonames criu needs that the prefix does not provide
 # (unresolved, or resolved to the system's copy, which may be too old)
 missing_libs() {
@@ -184,8 +224,9 @@ soname_packages() {
 
 provision_private_criu() {
   local p="$criu_prefix" work stage
-  info "provisioning Debian 13's CRIU into $p (the system glibc is not touched)"
+  info "provisioning CRIU $criu_pin (Debian unstable) into $p (the system glibc is not touched)"
   add_trixie_source
+  add_sid_source
   apt_updated=no
   apt_update
   work="$(mktemp -d /tmp/ferry-criu.XXXXXX)"
@@ -196,6 +237,13 @@ provision_private_criu() {
   # apt-get downloads as the _apt user when it can reach the directory
   chmod 0755 "$work"
   chown _apt "$work/debs" 2>/dev/null || true
+  local version
+  version="$(sid_criu_version)"
+  [[ -n "$version" ]] || die "Debian unstable has neither criu $criu_pin nor another 4.$criu_min_minor.x; install CRIU >= 4.2 yourself and set FERRY_CRIU"
+  [[ "$version" == "$criu_pin" ]] || info "WARNING: unstable no longer has criu $criu_pin; using its $version"
+  info "apt-get download criu=$version libcompel1=$version ${criu_sid_pkgs[*]} (unstable)"
+  (cd "$work/debs" && apt-get download -qq "criu=$version" "libcompel1=$version" "${criu_sid_pkgs[@]/%//sid}") \
+    || die "apt-get download from unstable failed; check /etc/apt/sources.list.d/ferry-sid.sources and the network"
   info "apt-get download -t trixie ${criu_pkgs[*]}"
   (cd "$work/debs" && apt-get download -qq -t trixie "${criu_pkgs[@]}") \
     || die "apt-get download from trixie failed; check /etc/apt/sources.list.d/ferry-trixie.sources and the network"
@@ -231,7 +279,7 @@ provision_private_criu() {
   mkdir -p "$stage/bin"
   cat >"$stage/bin/criu" <<EOF
 #!/bin/sh
-# Debian 13's CRIU run through its own loader and libraries (scripts/setup.sh).
+# CRIU from Debian unstable run through its own loader and libraries (scripts/setup.sh).
 P='$p'
 exec "\$P/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$P/usr/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
 EOF
@@ -249,7 +297,7 @@ criu_bin=""
 wrapper="$criu_prefix/bin/criu"
 if [[ -n "${FERRY_CRIU:-}" ]]; then
   # an explicit choice: use it as it is, or fail
-  criu_new_enough "$FERRY_CRIU" || die "FERRY_CRIU=$FERRY_CRIU is not a working CRIU >= 4.0; unset FERRY_CRIU to let setup choose"
+  criu_new_enough "$FERRY_CRIU" || die "FERRY_CRIU=$FERRY_CRIU is not a working CRIU >= 4.2; unset FERRY_CRIU to let setup choose"
   criu_check "$FERRY_CRIU" || die "'$FERRY_CRIU check' failed (see above)"
   criu_bin="$FERRY_CRIU"
 elif sys_criu="$(command -v criu 2>/dev/null)" && criu_new_enough "$sys_criu" && criu_check "$sys_criu"; then
@@ -258,18 +306,12 @@ elif [[ -x "$wrapper" ]] && criu_new_enough "$wrapper"; then
   criu_bin="$wrapper"
 else
   if [[ -n "${sys_criu:-}" ]]; then
-    info "$sys_criu (version $(criu_version "$sys_criu" || true)) is unusable here (CRIU >= 4.0 with a passing 'criu check' is needed)"
+    info "$sys_criu (version $(criu_version "$sys_criu" || true)) is not used (CRIU >= 4.2 with a passing 'criu check' is needed)"
   fi
   debian_major
-  if (( os_major >= 13 )); then
-    apt_install criu
-    sys_criu="$(command -v criu 2>/dev/null)" || die "apt-get install criu gave no criu on PATH"
-    criu_new_enough "$sys_criu" || die "$sys_criu is older than 4.0"
-    criu_bin="$sys_criu"
-  else
-    provision_private_criu
-    criu_bin="$wrapper"
-  fi
+  (( os_major >= 12 )) || die "Debian $os_major is too old; Debian 12 or later is needed"
+  provision_private_criu
+  criu_bin="$wrapper"
   criu_new_enough "$criu_bin" \
     || die "'$criu_bin --version' failed: $("$criu_bin" --version 2>&1 | tail -n 3)"
   info "criu --version: $(criu_version "$criu_bin")"

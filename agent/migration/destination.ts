@@ -21,6 +21,7 @@ import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
 import { resumeContainer } from './resume.ts';
+import { probeAddress, requireBridge } from '../runtime/network.ts';
 import { withTimeout } from '../../src/timeout.ts';
 
 type Offer = Extract<PeerMessage, { type: 'offer' }>;
@@ -267,6 +268,19 @@ class DestinationSession {
         `CRIU ${this.criu.version.text} here is older than the source's ${this.offer.source.criuVersion}`,
         { phase: 'preflight' },
       );
+    }
+    const sockets = this.offer.sockets;
+    if (sockets && sockets.tcpListening + sockets.tcpConnected + sockets.udp > 0) {
+      const problem = await this.criu.socketCheckpoint();
+      if (problem) {
+        throw new FerryError('INCOMPATIBLE', `the container holds TCP/UDP sockets, and CRIU ${this.criu.version.text} here cannot checkpoint them on this kernel (${problem}); CRIU >= 4.2 is needed`, { phase: 'preflight' });
+      }
+    }
+    const network = this.offer.spec.network;
+    if (network) {
+      const bridge = await requireBridge(this.deps.runtime.bridge, 'preflight');
+      // The container itself still answers from the source: only another MAC is a conflict.
+      await probeAddress(bridge, network.address, 'preflight', network.mac);
     }
     this.releaseName = await this.deps.runtime.claim(this.name);
     // The journal first: from here a restarted agent knows what to remove.

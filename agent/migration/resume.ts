@@ -1,12 +1,20 @@
 import { FerryError } from '../../src/errors.ts';
+import { unlockNetwork } from '../../src/net/lock.ts';
+import { announceAddress } from '../runtime/network.ts';
 import { processState } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 
-/** Lets a container restored with --leave-stopped run: SIGCONT to each of its processes. */
+/**
+ * Lets a container restored with --leave-stopped run: its network lock comes
+ * off (it came locked from the source), SIGCONT to each of its processes, and
+ * the segment hears where its address is now.
+ */
 export async function resumeContainer(runtime: ContainerRuntime, name: string): Promise<void> {
   const record = await runtime.get(name);
   const pids = await runtime.cgroup(name).pids();
   if (!pids.length) throw new FerryError('CONTAINER_NOT_RUNNING', `restored container ${name} has no tasks`, { phase: 'confirm' });
+  // Unlocked first: a running process behind the lock would see its sends fail.
+  if (record.spec.network) await unlockNetwork(record.pid, 'confirm');
   for (const pid of pids) process.kill(pid, 'SIGCONT');
   const { migrationId: _, ...running } = record;
   await runtime.store.write(running);
@@ -14,4 +22,6 @@ export async function resumeContainer(runtime: ContainerRuntime, name: string): 
   if (state === undefined || state === 'Z') {
     throw new FerryError('CONTAINER_NOT_RUNNING', `container ${name} died on resume`, { phase: 'confirm' });
   }
+  // Best effort: without it peers still find the address once their ARP entries expire.
+  if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch(() => undefined);
 }

@@ -26,6 +26,9 @@ import { MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 import { deliverDecision } from './recovery.ts';
 import { withTimeout } from '../../src/timeout.ts';
+import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
+import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
+import { announceAddress } from '../runtime/network.ts';
 import { PhaseTimer } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
@@ -99,6 +102,8 @@ export class MigrationSource {
   private readonly warnings: string[] = [];
   /** Whether the destination may hold state of this migration (an offer went out). */
   private offered = false;
+  /** Whether the container's network namespace was locked here (from the freeze). */
+  private networkLocked = false;
 
   constructor(deps: SourceDependencies, request: MigrateRequest) {
     this.deps = deps;
@@ -215,6 +220,7 @@ export class MigrationSource {
     const cpuinfoDir = join(this.directory, 'cpuinfo');
     await mkdir(cpuinfoDir, { recursive: true });
     await this.criu.cpuinfoDump(cpuinfoDir);
+    const sockets = await this.checkSockets();
     this.peer = await PeerLink.connect(this.request.destination, this.deps.identity);
     if (this.stopReason) throw this.stopReason;
     // The heartbeat ends a dead control link; the data channels, perhaps blocked
@@ -232,6 +238,7 @@ export class MigrationSource {
       source: { host: this.deps.runtime.hostName, criuVersion: this.criu.version.text, kernel: await readKernelRelease() },
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
       needs: { rootfsBytes, memoryBytes, rootfsEntries },
+      sockets,
     });
     this.offered = true;
     const accept = await this.peer.expect('accept', 60_000, 'preflight');
@@ -254,6 +261,27 @@ export class MigrationSource {
     this.channels = { files, pages };
     this.filesSender = new ChannelSender(files, 'files');
     this.pagesSender = new ChannelSender(pages, 'pages');
+  }
+
+  /** What cannot move is refused here, before anything is frozen, each socket named. */
+  private async checkSockets(): Promise<SocketSummary> {
+    const pids = await this.deps.runtime.cgroup(this.request.name).pids();
+    const inventory = await inventorySockets(pids, this.record.pid);
+    const problems = unmovable(inventory, this.record.spec.privateNetwork ? 'private' : 'host');
+    if (problems.length) {
+      throw new FerryError('UNMOVABLE', `container ${this.request.name} holds what cannot move: ${problems[0]}${problems.length > 1 ? ` (and ${problems.length - 1} more)` : ''}`, {
+        phase: 'preflight',
+        details: problems.slice(0, 20),
+      });
+    }
+    const summary = summarize(inventory);
+    if (summary.tcpListening + summary.tcpConnected + summary.udp > 0) {
+      const problem = await this.criu.socketCheckpoint();
+      if (problem) {
+        throw new FerryError('INCOMPATIBLE', `CRIU ${this.criu.version.text} here cannot checkpoint TCP/UDP sockets on this kernel (${problem}); CRIU >= 4.2 is needed`, { phase: 'preflight' });
+      }
+    }
+    return summary;
   }
 
   /** Everything that can move before the freeze: the rootfs, then memory in pre-dump rounds. */
@@ -401,6 +429,12 @@ export class MigrationSource {
   private async freeze(): Promise<void> {
     this.frozenAt = performance.now();
     await this.deps.runtime.cgroup(this.request.name).freeze();
+    // Frozen first (a locked but running process would see its sends fail), then locked:
+    // from here no byte reaches the copy here, which may never go on.
+    if (this.record.spec.network) {
+      this.networkLocked = true;
+      await lockNetwork(this.record.pid, 'freeze');
+    }
   }
 
   /**
@@ -541,7 +575,15 @@ export class MigrationSource {
     });
     this.disconnect();
     const cgroup = this.deps.runtime.cgroup(this.request.name);
+    const network = this.record.spec.network;
+    if (network && this.networkLocked) {
+      // Unlocked before the thaw, so the connections go on here; then the segment hears the address is still here.
+      await unlockNetwork(this.record.pid, 'rollback').catch((unlockError: unknown) => this.logger.error({ err: unlockError }, 'network unlock failed'));
+    }
     await cgroup.thaw().catch((thawError: unknown) => this.logger.error({ err: thawError }, 'thaw failed'));
+    if (network && this.networkLocked) {
+      await announceAddress(this.record.pid, network).catch((announceError: unknown) => this.logger.warn({ err: announceError }, 'address announcement failed'));
+    }
     const { migrationId: _, ...record } = this.record;
     await this.deps.runtime.store.write(record);
     await this.deps.journal.update(this.migrationId, 'aborted', `${error.code}: ${error.message}`).catch(() => undefined);

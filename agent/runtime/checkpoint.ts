@@ -7,12 +7,14 @@ import type { Cgroup } from '../../src/cgroup/cgroup.ts';
 import type { Criu } from '../../src/criu/criu.ts';
 import { containerBoundingSet, validateImages } from '../../src/criu/images.ts';
 import { faultActive } from '../../src/faults.ts';
+import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
+import { goLive, requireBridge, vethExternal } from './network.ts';
 import { processStartTime } from './process.ts';
 import type { ContainerRuntime } from './runtime.ts';
 import type { ContainerRecord } from './store.ts';
@@ -56,6 +58,8 @@ export async function checkpointToDirectory(
     await mkdir(imagesDir);
     written.push('images');
     await freeze(cgroup);
+    // Nothing the frozen copy acknowledges may be lost: the images start locked, and restore unlocks them.
+    if (record.spec.network) await lockNetwork(record.pid, 'freeze');
     const digests = new Map<string, string>();
     const tarFile = createWriteStream(join(directory, 'rootfs.tar'), { flags: 'wx', highWaterMark: bulkWriteBuffer });
     tarFile.once('open', () => written.push('rootfs.tar'));
@@ -68,6 +72,7 @@ export async function checkpointToDirectory(
     const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };
     await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2), { flag: 'wx' });
   } catch (error) {
+    if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch(() => undefined);
     await cgroup.thaw().catch(() => undefined);
     await removeCheckpointEntries(directory, written, createdDirectory);
     throw toFerryError(error, 'dump');
@@ -76,8 +81,10 @@ export async function checkpointToDirectory(
   const frozenMs = performance.now() - frozenAt;
   const warnings: string[] = [];
   try {
-    if (keepRunning) await cgroup.thaw();
-    else await runtime.destroy(name);
+    if (keepRunning) {
+      if (record.spec.network) await unlockNetwork(record.pid, 'cleanup');
+      await cgroup.thaw();
+    } else await runtime.destroy(name);
   } catch (error) {
     warnings.push(`checkpoint written, but could not ${keepRunning ? 'thaw' : 'remove'} the container: ${toFerryError(error).message}`);
     if (!keepRunning) await runtime.forget(name).catch(() => undefined);
@@ -162,6 +169,10 @@ export async function restoreContainer(
     if (!faultActive('fail-restore')) {
       await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork, boundingSet: containerBoundingSet, noNewPrivs: true });
     }
+    // The veth's host end is made on this host's bridge.
+    const external = request.spec.network
+      ? [vethExternal(name, await requireBridge(runtime.bridge, 'restore'))]
+      : [];
     await cgroup.create();
     const restoreStats = await criu.restore(
       {
@@ -171,10 +182,13 @@ export async function restoreContainer(
         pidFile,
         leaveStopped: request.leaveStopped,
         privateNetwork: request.spec.privateNetwork,
+        external,
       },
       cgroup.procsFile,
     );
     const pid = Number((await readFile(pidFile, 'utf8')).trim());
+    // A migration's copy stays locked until its commit; a restored checkpoint goes on now.
+    if (request.spec.network && !request.leaveStopped) await goLive(pid, request.spec.network, 'restore');
     const record: ContainerRecord = {
       spec: request.spec,
       pid,

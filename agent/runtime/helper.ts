@@ -20,10 +20,10 @@ const helperCodes: Record<string, ErrorCode> = {
 
 /**
  * Starts the container through the native helper, which makes the namespaces,
- * pivots into the rootfs and joins the cgroup before exec. Returns the host pid
- * of the container's init.
+ * pivots into the rootfs and joins the cgroup before exec (joining the network
+ * namespace at `netnsPath` when given). Returns the host pid of the container's init.
  */
-export async function startContainer(spec: ContainerSpec, rootfs: string, cgroupProcsFile: string): Promise<number> {
+export async function startContainer(spec: ContainerSpec, rootfs: string, cgroupProcsFile: string, netnsPath?: string): Promise<number> {
   if (!helperExists()) {
     throw new FerryError('HELPER_MISSING', `${helperPath()} is missing; run \`bash scripts/setup.sh\``, {
       phase: 'runtime',
@@ -31,7 +31,8 @@ export async function startContainer(spec: ContainerSpec, rootfs: string, cgroup
   }
   const args = ['run', '--rootfs', rootfs, '--cgroup-procs', cgroupProcsFile, '--cwd', spec.cwd, '--log', consoleLogPath];
   if (spec.hostname) args.push('--hostname', spec.hostname);
-  if (spec.privateNetwork) args.push('--netns');
+  if (netnsPath) args.push('--netns-path', netnsPath);
+  else if (spec.privateNetwork) args.push('--netns');
   for (const [key, value] of Object.entries(spec.env)) args.push('--env', `${key}=${value}`);
   const result = await execa(helperPath(), [...args, '--', ...spec.command], { reject: false, timeout: 30_000 });
   const line = `${result.stdout}`.trim().split('\n').at(-1) ?? '';

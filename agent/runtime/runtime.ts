@@ -11,6 +11,7 @@ import type { ContainerInfo, ContainerSpec, ContainerStatus } from '../../src/pr
 import { readTailBeneath } from '../../src/rootfs/safe-fs.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
 import { consoleLogPath, startContainer } from './helper.ts';
+import { announceAddress, prepareNamespace, probeAddress, requireBridge, type PreparedNamespace } from './network.ts';
 import { isSameProcess, processStartTime, residentBytes } from './process.ts';
 import { ContainerStore, type ContainerRecord } from './store.ts';
 
@@ -20,6 +21,8 @@ export interface RuntimeOptions {
   /** This host's name, recorded in each container's history. */
   hostName: string;
   logger: Logger;
+  /** The host bridge that containers with their own address attach to. */
+  bridge?: string;
 }
 
 /** Runs containers that CRIU can dump, and remembers them across agent restarts. */
@@ -27,6 +30,7 @@ export class ContainerRuntime {
   readonly store: ContainerStore;
   readonly cgroups: CgroupTree;
   readonly hostName: string;
+  readonly bridge: string | undefined;
   private readonly logger: Logger;
   /** Names being created or moved right now, so two requests cannot race for one name. */
   private readonly claimed = new Set<string>();
@@ -35,6 +39,7 @@ export class ContainerRuntime {
     this.store = new ContainerStore(options.stateDir);
     this.cgroups = options.cgroups;
     this.hostName = options.hostName;
+    this.bridge = options.bridge;
     this.logger = options.logger;
   }
 
@@ -56,15 +61,28 @@ export class ContainerRuntime {
     return release;
   }
 
-  async run(spec: ContainerSpec): Promise<ContainerInfo> {
+  async run(requested: ContainerSpec): Promise<ContainerInfo> {
+    // An own address means an own network namespace.
+    const spec: ContainerSpec = requested.network ? { ...requested, privateNetwork: true } : requested;
     const release = await this.claim(spec.name);
     const cgroup = this.cgroup(spec.name);
+    let netns: PreparedNamespace | undefined;
     try {
+      if (spec.network) {
+        const bridge = await requireBridge(this.bridge, 'runtime');
+        await probeAddress(bridge, spec.network.address, 'runtime');
+        netns = await prepareNamespace(spec.name, spec.network, bridge);
+      }
       const rootfs = this.store.rootfs(spec.name);
       await this.store.create(spec.name);
       await copyRootfs(spec.rootfs, rootfs);
       await cgroup.create();
-      const pid = await startContainer(spec, rootfs, cgroup.procsFile);
+      const pid = await startContainer(spec, rootfs, cgroup.procsFile, netns?.path);
+      await netns?.release();
+      netns = undefined;
+      if (spec.network) {
+        await announceAddress(pid, spec.network).catch((error: unknown) => this.logger.warn({ container: spec.name, err: error }, 'address announcement failed'));
+      }
       const record: ContainerRecord = {
         spec,
         pid,
@@ -79,6 +97,7 @@ export class ContainerRuntime {
       await cgroup.kill().catch(() => undefined);
       await cgroup.remove().catch(() => undefined);
       await this.store.remove(spec.name);
+      await netns?.discard();
       throw error;
     } finally {
       release();
@@ -113,6 +132,7 @@ export class ContainerRuntime {
       createdAt: record.createdAt,
       history: record.history,
       memoryBytes: await residentBytes(pids),
+      ...(record.spec.network ? { address: `${record.spec.network.address}/${record.spec.network.prefix}` } : {}),
       labels: record.spec.labels,
     };
   }

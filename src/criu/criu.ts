@@ -1,4 +1,5 @@
-import { access, constants, readFile, statfs } from 'node:fs/promises';
+import { access, constants, mkdtemp, readFile, rm, statfs } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execa } from 'execa';
@@ -26,6 +27,7 @@ export class Criu {
   readonly version: CriuVersion;
   private kernelProbeCache: string | undefined;
   private memoryTrackingProbe: Promise<boolean> | undefined;
+  private socketProbe: Promise<string | undefined> | undefined;
 
   constructor(path: string, version: CriuVersion) {
     this.path = path;
@@ -74,6 +76,16 @@ export class Criu {
   memoryTracking(): Promise<boolean> {
     this.memoryTrackingProbe ??= this.check('mem_dirty_track').then((problem) => problem === undefined);
     return this.memoryTrackingProbe;
+  }
+
+  /**
+   * Whether CRIU can checkpoint TCP and UDP sockets here (CRIU 4.1 cannot on
+   * Linux >= 6.16): a throw-away process holding a TCP listener, a UDP socket
+   * and a unix pair is dumped for real. Undefined when it can, else why not. Asked once.
+   */
+  socketCheckpoint(): Promise<string | undefined> {
+    this.socketProbe ??= probeSocketDump(this);
+    return this.socketProbe;
   }
 
   /** One pre-copy round while the container runs. */
@@ -169,6 +181,31 @@ export class Criu {
 export function criuEnvironment(): NodeJS.ProcessEnv {
   if (process.env.FERRY_CRIU_BREAKPOINTS === '1') return process.env;
   return { ...process.env, CRIU_FAULT: process.env.CRIU_FAULT ?? '130' };
+}
+
+async function probeSocketDump(criu: Criu): Promise<string | undefined> {
+  const started = await execa(helperPath(), ['socket-probe'], { reject: false, timeout: 10_000 });
+  const pid = Number((/"pid":(\d+)/.exec(`${started.stdout}`) ?? [])[1]);
+  if (!pid) return `the socket probe did not start: ${started.stderr || started.stdout || started.exitCode}`;
+  const directory = await mkdtemp(join(tmpdir(), 'ferry-socket-probe-'));
+  try {
+    const log = join(directory, 'dump.log');
+    const result = await execa(criu.path, ['dump', '-t', String(pid), '-D', directory, '-o', log, '-v4', '--leave-running'], {
+      reject: false,
+      timeout: 60_000,
+      env: criuEnvironment(),
+    });
+    if (result.exitCode === 0) return undefined;
+    const lines = await readErrorLines(log);
+    return lines.at(-1) ?? `criu dump exit code ${result.exitCode}`;
+  } finally {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+    await rm(directory, { recursive: true, force: true });
+  }
 }
 
 /** A running CRIU call: its completion, and its process while it runs. */

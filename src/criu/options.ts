@@ -12,7 +12,7 @@ export interface DumpOptions extends CommonOptions {
   freezeCgroup: string;
   /** Keep the tasks alive after the dump: they stay frozen until thawed or killed. */
   leaveRunning: boolean;
-  /** The container has its own network namespace, which CRIU locks while it works. */
+  /** The container has its own network namespace, which CRIU locks while it works; its connections move with it. */
   privateNetwork?: boolean;
   /** The last pre-dump round, relative to imagesDir: only pages changed since then are written. */
   prevImagesDir?: string;
@@ -32,6 +32,8 @@ export interface RestoreOptions extends CommonOptions {
   /** Leave the restored tasks stopped (SIGSTOP) so the caller decides when they run. */
   leaveStopped: boolean;
   privateNetwork?: boolean;
+  /** --external resources to reconnect, e.g. the veth's host end on a bridge. */
+  external?: string[];
 }
 
 // CRIU locks a dumped network namespace with iptables by default; current
@@ -46,7 +48,8 @@ export function dumpArguments(options: DumpOptions): string[] {
   const args = ['dump', ...common(options), '-t', String(options.pid)];
   args.push('--freeze-cgroup', options.freezeCgroup, '--manage-cgroups=ignore');
   if (options.leaveRunning) args.push('--leave-running');
-  if (options.privateNetwork) args.push(...networkLock);
+  // The whole namespace moves, so its established connections can move too.
+  if (options.privateNetwork) args.push(...networkLock, '--tcp-established');
   if (options.prevImagesDir) args.push('--track-mem', '--prev-images-dir', options.prevImagesDir);
   args.push('--file-locks');
   return args;
@@ -63,6 +66,7 @@ export function restoreArguments(options: RestoreOptions): string[] {
   const args = ['restore', ...common(options), '--root', options.root, '--restore-detached'];
   args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
   if (options.leaveStopped) args.push('--leave-stopped');
-  if (options.privateNetwork) args.push(...networkLock);
+  if (options.privateNetwork) args.push(...networkLock, '--tcp-established');
+  for (const resource of options.external ?? []) args.push('--external', resource);
   return args;
 }

@@ -49,6 +49,22 @@ export async function examineHost(stateDir: string, criuPath?: string): Promise<
       value: dirty ? 'absent (no soft-dirty): stop-and-copy only' : 'present: incremental pre-copy possible',
       required: false,
     });
+    const sockets = await criu.socketCheckpoint();
+    add({
+      name: 'socket checkpoint',
+      ok: !sockets,
+      value: sockets ? `fails: ${sockets}` : 'TCP, UDP and unix sockets dump (a probe process was checkpointed)',
+      required: false,
+      ...(sockets ? { hint: 'containers holding TCP or UDP sockets cannot migrate; CRIU >= 4.2 is needed on Linux >= 6.16 (bash scripts/setup.sh provisions it)' } : {}),
+    });
+    const nft = await execa('nft', ['--version'], { reject: false });
+    add({
+      name: 'nftables (network lock)',
+      ok: nft.exitCode === 0,
+      value: nft.exitCode === 0 ? nft.stdout.trim() : 'nft not found',
+      required: false,
+      ...(nft.exitCode === 0 ? {} : { hint: 'containers with their own address (--ip) need nft: apt-get install nftables' }),
+    });
     const lazy = await criu.check('uffd-noncoop');
     add({ name: 'userfaultfd (lazy pages)', ok: !lazy, value: lazy ? 'absent' : 'present', required: false });
   }

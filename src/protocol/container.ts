@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { networkSpecSchema } from '../net/address.ts';
 import { byteCount } from './numbers.ts';
 
 export const containerNameSchema = z
@@ -16,6 +17,8 @@ export const containerSpecSchema = z.object({
   hostname: z.string().max(64).optional(),
   /** A private network namespace with only loopback; otherwise the host's. */
   privateNetwork: z.boolean().default(false),
+  /** Its own address on the host's bridge (implies a private network namespace); moves with it. */
+  network: networkSpecSchema.optional(),
   labels: z.record(z.string(), z.string()).default({}),
 });
 export type ContainerSpec = z.infer<typeof containerSpecSchema>;
@@ -35,6 +38,8 @@ export const containerInfoSchema = z.object({
   history: z.array(z.string()),
   memoryBytes: byteCount.optional(),
   rootfsBytes: byteCount.optional(),
+  /** Its own address (ADDR/PREFIX), when it has one. */
+  address: z.string().optional(),
   labels: z.record(z.string(), z.string()),
 });
 export type ContainerInfo = z.infer<typeof containerInfoSchema>;

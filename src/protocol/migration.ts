@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { socketSummarySchema } from '../net/sockets.ts';
 import { phases } from '../errors.ts';
 import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
@@ -101,6 +102,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     cpuinfo: z.string(),
     /** rootfsEntries bounds how many entries the destination unpacks (absent from older sources). */
     needs: z.object({ rootfsBytes: byteCount, memoryBytes: byteCount, rootfsEntries: count.optional() }),
+    /** The sockets the container holds: the destination refuses what its CRIU cannot restore. */
+    sockets: socketSummarySchema.optional(),
   }),
   z.object({
     type: z.literal('accept'),

@@ -30,13 +30,26 @@ export interface Node {
 export interface TestCluster {
   cluster: Cluster;
   nodes: Node[];
+  /** Hosts without an agent (the clients of a service), after the nodes' hosts. */
+  clients: Host[];
   /** Replaces a node's agent (e.g. to give it other faults), reconnecting its client. */
   restartAgent(index: number, options?: AgentOptions): Promise<Node>;
   close(): Promise<void>;
 }
 
-export async function startNodes(count: number, options: (index: number) => AgentOptions = () => ({})): Promise<TestCluster> {
-  const cluster = await createHosts(count);
+export interface NodesOptions {
+  /** Hosts set up with a bridge br0, whose agents get --bridge br0. */
+  bridged?: boolean;
+  /** Extra hosts without an agent. */
+  clients?: number;
+}
+
+export async function startNodes(
+  count: number,
+  options: (index: number) => AgentOptions = () => ({}),
+  layout: NodesOptions = {},
+): Promise<TestCluster> {
+  const cluster = await createHosts(count + (layout.clients ?? 0), { bridged: layout.bridged ?? false });
   const nodes: Node[] = [];
   const replaced: AgentProcess[] = [];
   const connect = async (host: Host, agentOptions: AgentOptions): Promise<Node> => {
@@ -53,7 +66,11 @@ export async function startNodes(count: number, options: (index: number) => Agen
     await cluster.destroy();
   };
   try {
-    for (const [index, host] of cluster.hosts.entries()) nodes.push(await connect(host, options(index)));
+    for (const [index, host] of cluster.hosts.slice(0, count).entries()) {
+      const agentOptions = options(index);
+      const bridgeArgs = host.bridge ? ['--bridge', host.bridge] : [];
+      nodes.push(await connect(host, { ...agentOptions, extraArgs: [...bridgeArgs, ...(agentOptions.extraArgs ?? [])] }));
+    }
   } catch (error) {
     await close();
     throw error;
@@ -61,13 +78,15 @@ export async function startNodes(count: number, options: (index: number) => Agen
   return {
     cluster,
     nodes,
+    clients: cluster.hosts.slice(count),
     close,
     async restartAgent(index, agentOptions = {}) {
       const old = nodes[index]!;
       old.client.close();
       await old.agent.stop();
       replaced.push(old.agent);
-      nodes[index] = await connect(old.host, agentOptions);
+      const bridgeArgs = old.host.bridge ? ['--bridge', old.host.bridge] : [];
+      nodes[index] = await connect(old.host, { ...agentOptions, extraArgs: [...bridgeArgs, ...(agentOptions.extraArgs ?? [])] });
       return nodes[index];
     },
   };
