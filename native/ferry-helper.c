@@ -2,11 +2,17 @@
  * ferry-helper: starts a container process tree that CRIU can dump and restore.
  *
  *   ferry-helper run --rootfs DIR --cgroup-procs FILE [--hostname NAME] [--cwd DIR]
- *                    [--env K=V]... [--log PATH] [--netns] -- CMD [ARGS...]
+ *                    [--env K=V]... [--log PATH] [--netns | --netns-path PATH]
+ *                    -- CMD [ARGS...]
+ *   ferry-helper arp-announce --netns PATH --dev IFNAME --ip A.B.C.D [--count N]
+ *   ferry-helper arp-probe [--netns PATH] --dev IFNAME --ip A.B.C.D [--timeout-ms T]
+ *   ferry-helper socket-probe
+ *   ferry-helper criu-exec [--kdat CACHE] [--cgroup-procs FILE] -- CRIU ARGS...
  *   ferry-helper version
  *
  * The parent unshares the mount, PID, UTS and IPC (and optionally network)
- * namespaces and forks; the child is PID 1 of the new PID namespace. The child
+ * namespaces, or joins an existing network namespace with --netns-path, and
+ * forks; the child is PID 1 of the new PID namespace. The child
  * joins the cgroup, makes its mounts private, bind-mounts the rootfs onto
  * itself, mounts /proc and a tmpfs /dev inside, pivots into the rootfs, reopens
  * stdio inside the new root, closes every other fd, becomes a session leader,
@@ -20,13 +26,22 @@
  *   {"error":"CODE","message":"..."}       exit 1
  * Usage errors: message on stderr, exit 2.
  *
+ * arp-announce, arp-probe and socket-probe are described where they are
+ * implemented; they reply in the same way (one JSON line, exit 0 or 1).
+ *
  * Only libc; build with: gcc -O2 -static -o ferry-helper ferry-helper.c
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <net/if.h>
+#include <net/if_arp.h>
+#include <netinet/if_ether.h>
+#include <netinet/in.h>
+#include <netpacket/packet.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -44,6 +59,7 @@
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HELPER_VERSION "1"
@@ -58,6 +74,7 @@ struct options {
 	const char *cwd;
 	const char *log;
 	int netns;
+	const char *netns_path; /* join this network namespace instead of --netns */
 	char *env[MAX_ENV + 2];
 	int nenv;
 	char **argv; /* command and arguments, NULL-terminated */
@@ -106,7 +123,12 @@ static void usage_exit(const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fputs("\nusage: ferry-helper run --rootfs DIR --cgroup-procs FILE [--hostname NAME] [--cwd DIR]\n"
-	      "                        [--env K=V]... [--log PATH] [--netns] -- CMD [ARGS...]\n"
+	      "                        [--env K=V]... [--log PATH] [--netns | --netns-path PATH]\n"
+	      "                        -- CMD [ARGS...]\n"
+	      "       ferry-helper arp-announce --netns PATH --dev IFNAME --ip A.B.C.D [--count N]\n"
+	      "       ferry-helper arp-probe [--netns PATH] --dev IFNAME --ip A.B.C.D [--timeout-ms T]\n"
+	      "       ferry-helper socket-probe\n"
+	      "       ferry-helper criu-exec [--kdat CACHE] [--cgroup-procs FILE] -- CRIU ARGS...\n"
 	      "       ferry-helper version\n",
 	      stderr);
 	exit(2);
@@ -511,8 +533,8 @@ static void child_main(const struct options *o)
 	/* First of all, so that everything the container does is accounted there. */
 	join_cgroup(o->cgroup_procs);
 	reset_signals();
-	if (o->netns)
-		loopback_up();
+	if (o->netns || o->netns_path)
+		loopback_up(); /* a no-op when the joined namespace has lo up already */
 	enter_root(o->rootfs);
 	if (o->hostname && sethostname(o->hostname, strlen(o->hostname)) < 0)
 		child_fail("SETUP_FAILED", errno, "sethostname %s", o->hostname);
@@ -563,6 +585,40 @@ static int cgroup_frozen(const char *procs)
 	return 0;
 }
 
+/* Joins the network namespace at path; the fd is CLOEXEC so nothing we exec keeps it. */
+static int join_netns(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	int r = setns(fd, CLONE_NEWNET);
+	int err = errno;
+	close(fd);
+	errno = err;
+	return r;
+}
+
+/* Reads what the child wrote on the sync pipe until EOF; returns its length
+ * without trailing newlines (0: the child reached its goal). */
+static size_t read_report(int fd, char *msg, size_t size)
+{
+	size_t len = 0;
+	for (;;) {
+		ssize_t n = read(fd, msg + len, size - 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		len += (size_t)n;
+		if (len == size - 1)
+			break;
+	}
+	msg[len] = '\0';
+	while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r'))
+		msg[--len] = '\0';
+	return len;
+}
+
 static int run(struct options *o)
 {
 	struct stat st;
@@ -597,6 +653,12 @@ static int run(struct options *o)
 		return reply_error("SETUP_FAILED", msg);
 	}
 
+	/* Before the unshare, so the forked init is born in the joined namespace. */
+	if (o->netns_path && join_netns(o->netns_path) < 0) {
+		snprintf(msg, sizeof(msg), "netns %s: %s", o->netns_path, strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+
 	int flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
 	if (o->netns)
 		flags |= CLONE_NEWNET;
@@ -619,17 +681,7 @@ static int run(struct options *o)
 	}
 
 	close(fds[1]);
-	size_t len = 0;
-	for (;;) {
-		ssize_t n = read(fds[0], msg + len, sizeof(msg) - 1 - len);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			break;
-		len += (size_t)n;
-		if (len == sizeof(msg) - 1)
-			break;
-	}
+	size_t len = read_report(fds[0], msg, sizeof(msg));
 	close(fds[0]);
 
 	if (len == 0) {
@@ -638,9 +690,6 @@ static int run(struct options *o)
 		return 0;
 	}
 
-	msg[len] = '\0';
-	while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r'))
-		msg[--len] = '\0';
 	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
 		;
 
@@ -768,6 +817,390 @@ static int criu_exec(int argc, char **argv)
 	return 126;
 }
 
+/* ---- ARP: RFC 5227 announcements and probes ---- */
+
+#define MAX_MACS 8
+
+struct arp_dev {
+	int fd; /* AF_PACKET/SOCK_DGRAM bound to the device: the kernel adds the Ethernet header */
+	int ifindex;
+	unsigned char mac[ETH_ALEN];
+};
+
+struct arp_args {
+	const char *netns, *dev;
+	struct in_addr ip;
+	long count, timeout_ms;
+};
+
+static void format_mac(const unsigned char *mac, char *out)
+{
+	snprintf(out, 18, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+}
+
+static long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+}
+
+static void sleep_ms(long ms)
+{
+	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+/* Opens an ARP socket on dev; on failure fills msg and returns -1. */
+static int open_arp_dev(const char *dev, struct arp_dev *a, char *msg, size_t size)
+{
+	struct ifreq ifr;
+	struct sockaddr_ll sll;
+
+	/* Protocol 0 receives nothing until bind, so no frame from another
+	 * device can be queued in between. */
+	a->fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (a->fd < 0) {
+		snprintf(msg, size, "packet socket: %s", strerror(errno));
+		return -1;
+	}
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, dev, IFNAMSIZ - 1);
+	if (ioctl(a->fd, SIOCGIFINDEX, &ifr) < 0) {
+		snprintf(msg, size, "dev %s: %s", dev, strerror(errno));
+		goto fail;
+	}
+	a->ifindex = ifr.ifr_ifindex;
+	if (ioctl(a->fd, SIOCGIFHWADDR, &ifr) < 0) {
+		snprintf(msg, size, "dev %s: SIOCGIFHWADDR: %s", dev, strerror(errno));
+		goto fail;
+	}
+	if (ifr.ifr_hwaddr.sa_family != ARPHRD_ETHER) {
+		snprintf(msg, size, "dev %s is not an Ethernet device (hardware type %d)", dev, ifr.ifr_hwaddr.sa_family);
+		goto fail;
+	}
+	memcpy(a->mac, ifr.ifr_hwaddr.sa_data, ETH_ALEN);
+	if (ioctl(a->fd, SIOCGIFFLAGS, &ifr) < 0) {
+		snprintf(msg, size, "dev %s: SIOCGIFFLAGS: %s", dev, strerror(errno));
+		goto fail;
+	}
+	if (!(ifr.ifr_flags & IFF_UP)) {
+		snprintf(msg, size, "dev %s is down", dev);
+		goto fail;
+	}
+	memset(&sll, 0, sizeof(sll));
+	sll.sll_family = AF_PACKET;
+	sll.sll_protocol = htons(ETH_P_ARP);
+	sll.sll_ifindex = a->ifindex;
+	if (bind(a->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+		snprintf(msg, size, "bind packet socket to %s: %s", dev, strerror(errno));
+		goto fail;
+	}
+	return 0;
+fail:
+	close(a->fd);
+	a->fd = -1;
+	return -1;
+}
+
+/* Broadcasts an ARP request "who has tip? tell sip", with an all-zero target MAC. */
+static int send_arp_request(const struct arp_dev *a, struct in_addr sip, struct in_addr tip)
+{
+	struct ether_arp p;
+	struct sockaddr_ll to;
+
+	memset(&p, 0, sizeof(p));
+	p.arp_hrd = htons(ARPHRD_ETHER);
+	p.arp_pro = htons(ETHERTYPE_IP);
+	p.arp_hln = ETH_ALEN;
+	p.arp_pln = 4;
+	p.arp_op = htons(ARPOP_REQUEST);
+	memcpy(p.arp_sha, a->mac, ETH_ALEN);
+	memcpy(p.arp_spa, &sip, 4);
+	memcpy(p.arp_tpa, &tip, 4);
+
+	memset(&to, 0, sizeof(to));
+	to.sll_family = AF_PACKET;
+	to.sll_protocol = htons(ETH_P_ARP);
+	to.sll_ifindex = a->ifindex;
+	to.sll_halen = ETH_ALEN;
+	memset(to.sll_addr, 0xff, ETH_ALEN);
+	return sendto(a->fd, &p, sizeof(p), 0, (struct sockaddr *)&to, sizeof(to)) == (ssize_t)sizeof(p) ? 0 : -1;
+}
+
+static long parse_long(const char *opt, const char *s, long min, long max)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < min || v > max)
+		usage_exit("%s needs a number from %ld to %ld, got %s", opt, min, max, s);
+	return v;
+}
+
+static void parse_arp_args(int argc, char **argv, struct arp_args *a, int probe)
+{
+	const char *ip = NULL;
+	for (int i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "--netns") == 0) {
+			a->netns = need_value(argc, argv, &i);
+		} else if (strcmp(argv[i], "--dev") == 0) {
+			a->dev = need_value(argc, argv, &i);
+		} else if (strcmp(argv[i], "--ip") == 0) {
+			ip = need_value(argc, argv, &i);
+		} else if (!probe && strcmp(argv[i], "--count") == 0) {
+			a->count = parse_long("--count", need_value(argc, argv, &i), 1, 100);
+		} else if (probe && strcmp(argv[i], "--timeout-ms") == 0) {
+			a->timeout_ms = parse_long("--timeout-ms", need_value(argc, argv, &i), 1, 60000);
+		} else {
+			usage_exit("%s: unknown option %s", argv[1], argv[i]);
+		}
+	}
+	if (!probe && !a->netns)
+		usage_exit("%s: --netns is required", argv[1]);
+	if (!a->dev)
+		usage_exit("%s: --dev is required", argv[1]);
+	if (strlen(a->dev) >= IFNAMSIZ)
+		usage_exit("%s: --dev %s is longer than %d characters", argv[1], a->dev, IFNAMSIZ - 1);
+	if (!ip)
+		usage_exit("%s: --ip is required", argv[1]);
+	if (inet_pton(AF_INET, ip, &a->ip) != 1)
+		usage_exit("%s: --ip needs an IPv4 address, got %s", argv[1], ip);
+}
+
+/*
+ * arp-announce --netns PATH --dev IFNAME --ip A.B.C.D [--count N]
+ * After a restore on another host: N (default 3) gratuitous ARP requests,
+ * 100 ms apart, with sender IP = target IP = A.B.C.D and IFNAME's MAC
+ * (RFC 5227 announcements), so switches and peers move the address to the
+ * new port at once instead of when their caches expire.
+ *   {"sent":N,"mac":"aa:bb:cc:dd:ee:ff"}   exit 0
+ */
+static int arp_announce(int argc, char **argv)
+{
+	struct arp_args a = { .count = 3 };
+	struct arp_dev d;
+	char msg[512], mac[18];
+
+	parse_arp_args(argc, argv, &a, 0);
+	if (join_netns(a.netns) < 0) {
+		snprintf(msg, sizeof(msg), "netns %s: %s", a.netns, strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+	if (open_arp_dev(a.dev, &d, msg, sizeof(msg)) < 0)
+		return reply_error("SETUP_FAILED", msg);
+	for (long n = 0; n < a.count; n++) {
+		if (n > 0)
+			sleep_ms(100);
+		if (send_arp_request(&d, a.ip, a.ip) < 0) {
+			snprintf(msg, sizeof(msg), "send ARP announcement %ld on %s: %s", n + 1, a.dev, strerror(errno));
+			close(d.fd);
+			return reply_error("SETUP_FAILED", msg);
+		}
+	}
+	close(d.fd);
+	format_mac(d.mac, mac);
+	printf("{\"sent\":%ld,\"mac\":\"%s\"}\n", a.count, mac);
+	fflush(stdout);
+	return 0;
+}
+
+/* Whether a received ARP frame says that someone other than us holds ip. */
+static int arp_claims(const struct arp_dev *d, const unsigned char *buf, ssize_t len, struct in_addr ip)
+{
+	const struct ether_arp *p = (const struct ether_arp *)buf;
+	if (len < (ssize_t)sizeof(*p))
+		return 0;
+	if (p->arp_hrd != htons(ARPHRD_ETHER) || p->arp_pro != htons(ETHERTYPE_IP) ||
+	    p->arp_hln != ETH_ALEN || p->arp_pln != 4)
+		return 0;
+	if (p->arp_op != htons(ARPOP_REQUEST) && p->arp_op != htons(ARPOP_REPLY))
+		return 0;
+	if (memcmp(p->arp_spa, &ip, 4) != 0)
+		return 0;
+	return memcmp(p->arp_sha, d->mac, ETH_ALEN) != 0;
+}
+
+/*
+ * arp-probe [--netns PATH] --dev IFNAME --ip A.B.C.D [--timeout-ms T]
+ * Before an address is taken on a segment: two RFC 5227 probes ("who has
+ * A.B.C.D? tell 0.0.0.0", IFNAME's MAC), 200 ms apart (only one when T is
+ * shorter), then listens until T ms (default 1000) after the first for ARP
+ * requests or replies whose sender IP is A.B.C.D. The sender IP 0.0.0.0
+ * needs no address on IFNAME, so it works on a bare bridge; owners answer
+ * with a unicast reply to IFNAME's MAC, which a bridge delivers locally.
+ *   {"inUse":false}                       exit 0
+ *   {"inUse":true,"macs":["aa:..",...]}   exit 0 (distinct senders, at most 8)
+ */
+static int arp_probe(int argc, char **argv)
+{
+	struct arp_args a = { .timeout_ms = 1000 };
+	struct arp_dev d;
+	unsigned char macs[MAX_MACS][ETH_ALEN];
+	unsigned char buf[1500];
+	struct in_addr any = { 0 };
+	char msg[512], mac[18];
+	int nmacs = 0, sent = 0;
+
+	parse_arp_args(argc, argv, &a, 1);
+	if (a.netns && join_netns(a.netns) < 0) {
+		snprintf(msg, sizeof(msg), "netns %s: %s", a.netns, strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+	if (open_arp_dev(a.dev, &d, msg, sizeof(msg)) < 0)
+		return reply_error("SETUP_FAILED", msg);
+
+	long start = now_ms(), deadline = start + a.timeout_ms;
+	for (;;) {
+		long now = now_ms();
+		if (sent < 2 && now >= start + 200L * sent && now < deadline) {
+			if (send_arp_request(&d, any, a.ip) < 0) {
+				snprintf(msg, sizeof(msg), "send ARP probe on %s: %s", a.dev, strerror(errno));
+				close(d.fd);
+				return reply_error("SETUP_FAILED", msg);
+			}
+			sent++;
+			continue;
+		}
+		if (now >= deadline)
+			break;
+		long wait = deadline - now;
+		if (sent < 2 && start + 200L * sent - now < wait)
+			wait = start + 200L * sent - now;
+		struct pollfd pfd = { d.fd, POLLIN, 0 };
+		if (poll(&pfd, 1, (int)wait) < 0) {
+			if (errno == EINTR)
+				continue;
+			snprintf(msg, sizeof(msg), "poll: %s", strerror(errno));
+			close(d.fd);
+			return reply_error("SETUP_FAILED", msg);
+		}
+		for (;;) {
+			struct sockaddr_ll from;
+			socklen_t fromlen = sizeof(from);
+			ssize_t n = recvfrom(d.fd, buf, sizeof(buf), MSG_DONTWAIT, (struct sockaddr *)&from, &fromlen);
+			if (n < 0)
+				break; /* EAGAIN: drained */
+			if (from.sll_pkttype == PACKET_OUTGOING || !arp_claims(&d, buf, n, a.ip))
+				continue;
+			const unsigned char *sha = ((const struct ether_arp *)buf)->arp_sha;
+			int seen = 0;
+			for (int i = 0; i < nmacs && !seen; i++)
+				seen = memcmp(macs[i], sha, ETH_ALEN) == 0;
+			if (!seen && nmacs < MAX_MACS)
+				memcpy(macs[nmacs++], sha, ETH_ALEN);
+		}
+	}
+	close(d.fd);
+
+	if (nmacs == 0) {
+		puts("{\"inUse\":false}");
+	} else {
+		fputs("{\"inUse\":true,\"macs\":[", stdout);
+		for (int i = 0; i < nmacs; i++) {
+			format_mac(macs[i], mac);
+			printf("%s\"%s\"", i ? "," : "", mac);
+		}
+		puts("]}");
+	}
+	fflush(stdout);
+	return 0;
+}
+
+/* ---- socket-probe ---- */
+
+/* The probe child: a session leader on /dev/null whose only other fds are
+ * the three kinds of socket a container typically has. */
+static void socket_probe_child(void)
+{
+	struct sockaddr_in lo = { .sin_family = AF_INET, .sin_port = 0, .sin_addr = { htonl(INADDR_LOOPBACK) } };
+	int pair[2];
+
+	/* Its own session, so CRIU dumps it without --shell-job. */
+	if (setsid() < 0)
+		child_fail("SETUP_FAILED", errno, "setsid");
+	int null = open("/dev/null", O_RDWR);
+	if (null < 0)
+		child_fail("SETUP_FAILED", errno, "open /dev/null");
+	for (int fd = 0; fd <= 2; fd++)
+		if (null != fd && dup2(null, fd) < 0)
+			child_fail("SETUP_FAILED", errno, "dup2 /dev/null to %d", fd);
+	if (null > 2)
+		close(null);
+	close_other_fds();
+	/* Keeps no mount of the caller's cwd busy while it lives on. */
+	if (chdir("/") < 0)
+		child_fail("SETUP_FAILED", errno, "chdir /");
+
+	int tcp = socket(AF_INET, SOCK_STREAM, 0);
+	if (tcp < 0 || bind(tcp, (struct sockaddr *)&lo, sizeof(lo)) < 0 || listen(tcp, 8) < 0)
+		child_fail("SETUP_FAILED", errno, "TCP listener on 127.0.0.1");
+	int udp = socket(AF_INET, SOCK_DGRAM, 0);
+	if (udp < 0 || bind(udp, (struct sockaddr *)&lo, sizeof(lo)) < 0)
+		child_fail("SETUP_FAILED", errno, "UDP socket on 127.0.0.1");
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0)
+		child_fail("SETUP_FAILED", errno, "unix socketpair");
+
+	close(sync_fd); /* EOF: all three exist */
+	sync_fd = -1;
+	for (;;)
+		pause();
+}
+
+/*
+ * socket-probe: starts a process holding a TCP listener and a UDP socket on
+ * 127.0.0.1 and a unix stream socketpair, and exits once they exist; the
+ * process lives on (reparented) until the caller kills it. The caller dumps
+ * it with criu dump -t PID --leave-running to learn whether this kernel and
+ * CRIU can checkpoint sockets.
+ *   {"pid":PID}   exit 0
+ */
+static int socket_probe(void)
+{
+	char msg[1024];
+	int fds[2];
+
+	if (pipe2(fds, O_CLOEXEC) < 0) {
+		snprintf(msg, sizeof(msg), "pipe: %s", strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid < 0) {
+		snprintf(msg, sizeof(msg), "fork: %s", strerror(errno));
+		return reply_error("SETUP_FAILED", msg);
+	}
+	if (pid == 0) {
+		close(fds[0]);
+		sync_fd = fds[1];
+		socket_probe_child();
+		_exit(127); /* not reached */
+	}
+	close(fds[1]);
+	size_t len = read_report(fds[0], msg, sizeof(msg));
+	close(fds[0]);
+	if (len > 0) {
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		/* Drop the "SETUP_FAILED " prefix child_fail puts on. */
+		const char *space = strchr(msg, ' ');
+		return reply_error("SETUP_FAILED", space ? space + 1 : msg);
+	}
+	printf("{\"pid\":%d}\n", (int)pid);
+	fflush(stdout);
+	return 0;
+}
+
+/* If we were started with 0-2 closed, a pipe could land there and be
+ * clobbered by the stdio setup: fill the gaps with /dev/null. */
+static void fill_stdio(void)
+{
+	for (int fd = 0; fd <= 2; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
+			break;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o;
@@ -785,6 +1218,16 @@ int main(int argc, char **argv)
 	}
 	if (strcmp(argv[1], "criu-exec") == 0)
 		return criu_exec(argc, argv);
+	if (strcmp(argv[1], "arp-announce") == 0)
+		return arp_announce(argc, argv);
+	if (strcmp(argv[1], "arp-probe") == 0)
+		return arp_probe(argc, argv);
+	if (strcmp(argv[1], "socket-probe") == 0) {
+		if (argc > 2)
+			usage_exit("socket-probe takes no arguments");
+		fill_stdio();
+		return socket_probe();
+	}
 	if (strcmp(argv[1], "run") != 0)
 		usage_exit("unknown command %s", argv[1]);
 
@@ -815,6 +1258,8 @@ int main(int argc, char **argv)
 			o.env[o.nenv++] = (char *)kv;
 		} else if (strcmp(a, "--netns") == 0) {
 			o.netns = 1;
+		} else if (strcmp(a, "--netns-path") == 0) {
+			o.netns_path = need_value(argc, argv, &i);
 		} else {
 			usage_exit("unknown option %s", a);
 		}
@@ -825,6 +1270,8 @@ int main(int argc, char **argv)
 		usage_exit("--rootfs must be an absolute path");
 	if (!o.cgroup_procs)
 		usage_exit("--cgroup-procs is required");
+	if (o.netns && o.netns_path)
+		usage_exit("--netns and --netns-path are mutually exclusive");
 	if (o.hostname && strlen(o.hostname) > 64)
 		usage_exit("--hostname is longer than 64 characters");
 	if (o.log[0] == '\0')
@@ -836,11 +1283,7 @@ int main(int argc, char **argv)
 	o.env[o.nenv] = NULL;
 	o.argv = argv + i;
 
-	/* If we were started with 0-2 closed, the sync pipe could land there and
-	 * be clobbered by the stdio setup: fill the gaps with /dev/null. */
-	for (int fd = 0; fd <= 2; fd++)
-		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
-			break;
+	fill_stdio();
 
 	signal(SIGPIPE, SIG_IGN);
 	return run(&o);
