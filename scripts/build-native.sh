@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the native pieces into .build/bin/: ferry-helper (the container
 # launcher the agent calls), fsat.node (the N-API addon through which the
-# agent resolves paths inside a rootfs) and memload (a static test workload
-# that runs inside the busybox rootfs). Idempotent: a binary newer than its source is
-# left alone. Usage: bash scripts/build-native.sh   (from any directory)
+# agent resolves paths inside a rootfs), memload and netload (static test
+# workloads, memory and network, that run inside the busybox rootfs).
+# Idempotent: a binary newer than its source is left alone.
+# Usage: bash scripts/build-native.sh   (from any directory)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,3 +62,4 @@ trap 'rm -f "$out"/.*.tmp.$$' EXIT
 build ferry-helper native/ferry-helper.c no
 build_addon fsat.node native/fsat.c
 build memload test/workloads/memload.c yes
+build netload test/workloads/netload.c yes

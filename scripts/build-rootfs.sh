@@ -2,8 +2,8 @@
 # Builds the busybox test rootfs at .build/rootfs/busybox/ (idempotent: files
 # that are already right are not touched). Contents: /bin/busybox (a copy of
 # the host's static busybox) with applet symlinks, /bin/sh, /bin/memload,
-# /bin/counter, minimal /etc/passwd and /etc/group, /tmp, /proc, /dev (empty
-# mount points), /www/index.html.
+# /bin/netload, /bin/counter, minimal /etc/passwd and /etc/group, /tmp,
+# /proc, /dev (empty mount points), /www/index.html.
 # Usage: bash scripts/build-rootfs.sh   (from any directory)
 set -euo pipefail
 
@@ -60,13 +60,14 @@ chmod 1777 "$rootfs/tmp"
 
 install_file "$busybox" "$rootfs/bin/busybox" 0755
 install_file "$root/.build/bin/memload" "$rootfs/bin/memload" 0755
+install_file "$root/.build/bin/netload" "$rootfs/bin/netload" 0755
 
 # Applet links, as `busybox --install -s` would make them, but on the host
 # side: every applet at its usual place, pointing at /bin/busybox.
 while read -r applet; do
   [[ -z "$applet" || "$applet" == bin/busybox || "$applet" == linuxrc ]] && continue
   target="$rootfs/$applet"
-  # never replace a real file (memload, counter, ...) with an applet link
+  # never replace a real file (memload, netload, counter, ...) with an applet link
   if [[ -e "$target" && ! -L "$target" ]]; then continue; fi
   link /bin/busybox "$target"
 done < <("$busybox" --list-full)
