@@ -9,7 +9,9 @@ import { agentNodeFlags, projectRoot } from '../src/paths.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { readBuildEnv, startAgent, type AgentProcess } from '../lab/agents.ts';
-import { createHosts, type Cluster, type Host } from '../lab/hosts.ts';
+import { containerAddress, createHosts, type Cluster, type Host } from '../lab/hosts.ts';
+import { startPoller } from '../lab/poller.ts';
+import { randomMac } from '../src/net/address.ts';
 import { runBaseline, type BaselineResult } from './baseline.ts';
 
 // `npm run bench`: ferry against a naive sequential baseline on the same two
@@ -18,7 +20,7 @@ import { runBaseline, type BaselineResult } from './baseline.ts';
 // bench/results/latest.json and bench/results/latest.md.
 
 const sizes = (process.env.FERRY_BENCH_SIZES ?? '64,512,1024').split(',').map(Number);
-const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,stream,rootfs').split(','));
+const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,stream,rootfs,service').split(','));
 const rootfsMiB = Number(process.env.FERRY_BENCH_ROOTFS_MIB ?? 300);
 const rootfs = join(projectRoot, '.build', 'rootfs', 'busybox');
 const env = await readBuildEnv();
@@ -165,13 +167,54 @@ async function throughput(hostA: Host, hostB: Host, bytes: number) {
   return { ...result, ratio: Math.round((result.wsMbps / result.tcpMbps) * 100) / 100 };
 }
 
-const cluster: Cluster = await createHosts(2);
+interface ServiceRun {
+  downtimeMs: number;
+  /** The largest gap between two answers the client saw. */
+  stallMs: number;
+  answers: number;
+  errors: number;
+  connections: number;
+}
+
+/**
+ * A small web server with its own address, a client on the third host asking
+ * for a page every 10 ms over one keep-alive connection: the stall the client
+ * sees next to ferry's downtime, moving A → B and back, `reps` times.
+ */
+async function serviceRuns(clientA: AgentClient, clientB: AgentClient, agentA: AgentProcess, agentB: AgentProcess, hostC: Host): Promise<ServiceRun[]> {
+  const { address, prefix } = containerAddress(cluster, 0);
+  await clientA.request('run', {
+    spec: { name: 'bench-web', rootfs, command: ['/bin/netload', 'http', '8080'], env: {}, cwd: '/', privateNetwork: true, network: { address, prefix, mac: randomMac() }, labels: {} },
+  });
+  const runs: ServiceRun[] = [];
+  let here = clientA;
+  let there = { client: clientB, agent: agentB };
+  let back = { client: clientA, agent: agentA };
+  const poller = startPoller(hostC, 'http', address, 8080, 10);
+  try {
+    for (let rep = 0; rep < 2 * reps; rep += 1) {
+      const before = await poller.waitForAnswers((poller.current()?.answers ?? 0) + 100);
+      const report = await here.request('migrate', { name: 'bench-web', destination: { url: there.agent.url, token: there.agent.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 } });
+      const after = await poller.waitForAnswers(before.answers + 100);
+      // The gap of this move: the poller's largest so far only grows, so each move is measured on its own poller.
+      runs.push({ downtimeMs: report.downtimeMs, stallMs: after.maxGapMs, answers: after.answers, errors: after.errors.length, connections: after.connections });
+      here = there.client;
+      [there, back] = [back, there];
+    }
+  } finally {
+    await poller.stop().catch(() => undefined);
+    await here.request('remove', { name: 'bench-web', force: true }).catch(() => undefined);
+  }
+  return runs;
+}
+
+const cluster: Cluster = await createHosts(3, { bridged: true });
 const agents: AgentProcess[] = [];
 const clients: AgentClient[] = [];
 try {
-  const [hostA, hostB] = cluster.hosts as [Host, Host];
+  const [hostA, hostB, hostC] = cluster.hosts as [Host, Host, Host];
   for (const host of [hostA, hostB]) {
-    const agent = await startAgent(host);
+    const agent = await startAgent(host, { extraArgs: ['--bridge', host.bridge!] });
     agents.push(agent);
     clients.push(await AgentClient.connect({ url: agent.url, token: agent.token }));
   }
@@ -221,7 +264,12 @@ try {
     process.stderr.write(`bench: rootfs of ${rootfsMiB} MiB, two passes against one…\n`);
     rootfsPasses = await rootfsRun(clientA, agents[1]!, clientB, rootfsMiB);
   }
-  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss, rootfsPasses };
+  let service: ServiceRun[] | undefined;
+  if (parts.has('service')) {
+    process.stderr.write('bench: web server with a keep-alive client, moved back and forth…\n');
+    service = await serviceRuns(clientA, clientB, agents[0]!, agents[1]!, hostC);
+  }
+  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss, rootfsPasses, service };
   await mkdir(join(projectRoot, 'bench', 'results'), { recursive: true });
   await writeFile(join(projectRoot, 'bench', 'results', 'latest.json'), `${JSON.stringify(summary, null, 2)}\n`);
   const markdown = render(summary);
@@ -238,6 +286,7 @@ function render(summary: {
   stream: { tcpMbps: number; wsMbps: number; ratio: number } | undefined;
   peakRss: { sourceBytes: number; destinationBytes: number };
   rootfsPasses: RootfsResult | undefined;
+  service: ServiceRun[] | undefined;
 }): string {
   const mib = (bytes: number) => `${Math.round(bytes / 1048576)} MiB`;
   const lines: string[] = [];
@@ -283,6 +332,19 @@ function render(summary: {
       `| one pass, frozen | ${passes.singlePass.downtimeMs} ms | ${passes.singlePass.frozenRootfsMs} ms | ${mib(passes.singlePass.rootfsBytes)} | ${passes.singlePass.totalMs} ms |`,
       '',
       `Downtime ratio, two passes / one: ${passes.downtimeRatio}.`,
+      '',
+    );
+  }
+  if (summary.service?.length) {
+    const runs = summary.service;
+    lines.push(
+      'Web server with its own address, one keep-alive client on a third host asking every 10 ms (each move measured on its own):',
+      '',
+      '| move | ferry downtime | client-visible stall (largest gap between answers) | client errors | connections |',
+      '| --- | --- | --- | --- | --- |',
+      ...runs.map((run, index) => `| ${index + 1} (${index % 2 === 0 ? 'A → B' : 'B → A'}) | ${Math.round(run.downtimeMs)} ms | ${run.stallMs} ms | ${run.errors} | ${run.connections} |`),
+      '',
+      `Medians: downtime ${Math.round(median(runs.map((run) => run.downtimeMs)))} ms, stall ${Math.round(median(runs.map((run) => run.stallMs)))} ms.`,
       '',
     );
   }

@@ -189,7 +189,11 @@ async function buildHost(names: ClusterNames, index: number, address: string, cg
   await ipIn(names.switchNetns, ['link', 'add', switchPort, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', netns]);
   await ipIn(names.switchNetns, ['link', 'set', switchPort, 'master', names.bridge, 'up']);
   if (bridged) {
-    await ipIn(netns, ['link', 'add', HOST_BRIDGE, 'type', 'bridge']);
+    // The bridge keeps eth0's MAC: left to itself it takes the lowest MAC of its ports, and a
+    // container's veth joining or leaving would change the host's own MAC under its peers' ARP caches.
+    const { stdout } = await ipIn(netns, ['-j', 'link', 'show', 'eth0']);
+    const [eth0] = JSON.parse(stdout) as Array<{ address: string }>;
+    await ipIn(netns, ['link', 'add', HOST_BRIDGE, 'address', eth0!.address, 'type', 'bridge']);
     await ipIn(netns, ['link', 'set', 'eth0', 'master', HOST_BRIDGE]);
     await ipIn(netns, ['addr', 'add', `${address}/24`, 'dev', HOST_BRIDGE]);
     await ipIn(netns, ['link', 'set', HOST_BRIDGE, 'up']);

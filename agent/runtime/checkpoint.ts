@@ -14,7 +14,7 @@ import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/cont
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
-import { goLive, requireBridge, vethExternal } from './network.ts';
+import { goLive, removeHostEnd, requireBridge, vethExternal } from './network.ts';
 import { processStartTime } from './process.ts';
 import type { ContainerRuntime } from './runtime.ts';
 import type { ContainerRecord } from './store.ts';
@@ -173,6 +173,7 @@ export async function restoreContainer(
     const external = request.spec.network
       ? [vethExternal(name, await requireBridge(runtime.bridge, 'restore'))]
       : [];
+    if (request.spec.network) await removeHostEnd(name);
     await cgroup.create();
     const restoreStats = await criu.restore(
       {

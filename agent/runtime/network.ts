@@ -90,8 +90,7 @@ export async function prepareNamespace(container: string, network: NetworkSpec, 
     await execa('ip', ['netns', 'del', name], { reject: false });
   };
   try {
-    // A leftover of a container of this name that died moments ago.
-    await execa('ip', ['link', 'del', hostEnd], { reject: false });
+    await removeHostEnd(container);
     await ip(['link', 'add', hostEnd, 'type', 'veth', 'peer', 'name', containerInterface, 'netns', name], phase);
     await ip(['-n', name, 'link', 'set', containerInterface, 'address', network.mac], phase);
     await ip(['-n', name, 'addr', 'add', `${network.address}/${network.prefix}`, 'dev', containerInterface], phase);
@@ -108,6 +107,15 @@ export async function prepareNamespace(container: string, network: NetworkSpec, 
     release: async () => void (await execa('ip', ['netns', 'del', name], { reject: false })),
     discard,
   };
+}
+
+/**
+ * Removes the host end of a container's veth, if one is left. The kernel
+ * frees the namespace of killed tasks (and so the veth) asynchronously: a
+ * copy killed moments ago can still hold the name a restore needs.
+ */
+export async function removeHostEnd(container: string): Promise<void> {
+  await execa('ip', ['link', 'del', hostInterfaceName(container)], { reject: false, timeout: 10_000 });
 }
 
 /** CRIU's --external for the restore: the veth's host end, on this host's bridge. */

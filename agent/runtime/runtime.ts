@@ -11,7 +11,7 @@ import type { ContainerInfo, ContainerSpec, ContainerStatus } from '../../src/pr
 import { readTailBeneath } from '../../src/rootfs/safe-fs.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
 import { consoleLogPath, startContainer } from './helper.ts';
-import { announceAddress, prepareNamespace, probeAddress, requireBridge, type PreparedNamespace } from './network.ts';
+import { announceAddress, prepareNamespace, probeAddress, removeHostEnd, requireBridge, type PreparedNamespace } from './network.ts';
 import { isSameProcess, processStartTime, residentBytes } from './process.ts';
 import { ContainerStore, type ContainerRecord } from './store.ts';
 
@@ -175,6 +175,8 @@ export class ContainerRuntime {
   async destroy(name: string): Promise<void> {
     const cgroup = this.cgroup(name);
     await cgroup.kill();
+    // Its own address's veth goes now, not when the kernel gets round to freeing the namespace.
+    await removeHostEnd(name);
     await cgroup.remove();
     await this.store.remove(name);
   }

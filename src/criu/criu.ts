@@ -4,6 +4,7 @@ import { delimiter, join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execa } from 'execa';
 import { CriuError, FerryError, type Phase } from '../errors.ts';
+import { faultActive } from '../faults.ts';
 import { helperPath } from '../paths.ts';
 import { readErrorLines } from './log.ts';
 import {
@@ -84,6 +85,8 @@ export class Criu {
    * and a unix pair is dumped for real. Undefined when it can, else why not. Asked once.
    */
   socketCheckpoint(): Promise<string | undefined> {
+    // Test fault: this host's CRIU behaves like 4.1 on Linux >= 6.16 (the probe's verdict only; the probe does not run).
+    if (faultActive('no-socket-checkpoint')) return Promise.resolve("Can't get 1:16 opt (test fault no-socket-checkpoint)");
     this.socketProbe ??= probeSocketDump(this);
     return this.socketProbe;
   }
@@ -246,13 +249,17 @@ async function failure(
   const details = logFile ? await readErrorLines(logFile) : [];
   if (!details.length && output.trim()) details.push(...output.trim().split('\n').slice(-12));
   const reason = signal ? `killed by ${signal}` : `exit code ${exitCode}`;
-  const last = details.at(-1);
+  // The last error line explains the failure, unless it is only an echo of an earlier one.
+  const last = details.findLast((line) => !consequential.test(line)) ?? details.at(-1);
   return new CriuError(`criu ${command} failed (${reason})${last ? `: ${last}` : ''}`, {
     phase,
     details,
     ...(logFile ? { logFile } : {}),
   });
 }
+
+/** Error lines CRIU logs because an earlier step failed (its helpers see their peers go). */
+const consequential = /cgroupd: recv req error|Restoring FAILED/;
 
 /** Keeps the last few KiB of a child's output for error messages. */
 class BoundedOutput {

@@ -6,6 +6,7 @@
  *   netload tcp-echo PORT
  *   netload unix-pair INTERVAL_MS [--tcp PORT]
  *   netload mix PORT
+ *   netload unix-connect NAME
  *
  * After CRIU checkpoints netload on one host and restores it on another, its
  * sockets must keep working and its counters must have carried over: every
@@ -88,6 +89,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -1172,6 +1174,47 @@ static void run_mix(int port)
 	}
 }
 
+/* ---- unix-connect ---- */
+
+static void usage(void);
+
+/*
+ * Connects to the abstract unix socket "@NAME" (abstract names belong to the
+ * network namespace, so a container in the host's namespace reaches a socket
+ * of the host this way) and writes "hello <n>\n" every second: a socket
+ * whose peer is outside the container, which a migration must refuse.
+ */
+static void run_unix_connect(const char *name)
+{
+	struct sockaddr_un addr;
+	size_t len = strlen(name);
+	if (len == 0 || len >= sizeof(addr.sun_path) - 1)
+		usage();
+	memset(&addr, 0, sizeof(addr));
+	addr.sun_family = AF_UNIX;
+	memcpy(addr.sun_path + 1, name, len);
+	socklen_t addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + len);
+	for (;;) {
+		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && connect(fd, (struct sockaddr *)&addr, addrlen) == 0) {
+			printf("netload unix-connect ready name @%s\n", name);
+			for (unsigned long n = 1;; n++) {
+				char line[64];
+				int k = snprintf(line, sizeof(line), "hello %lu\n", n);
+				if (write(fd, line, (size_t)k) < 0 && errno != EINTR)
+					break;
+				struct timespec t = { 1, 0 };
+				nanosleep(&t, NULL);
+			}
+		}
+		printf("netload unix-connect @%s: %s; retrying in 1 s\n", name, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		struct timespec t = { 1, 0 };
+		nanosleep(&t, NULL);
+	}
+}
+
 /* ---- main ---- */
 
 static void usage(void)
@@ -1180,7 +1223,8 @@ static void usage(void)
 			"       netload udp PORT\n"
 			"       netload tcp-echo PORT\n"
 			"       netload unix-pair INTERVAL_MS [--tcp PORT]\n"
-			"       netload mix PORT          (http PORT, udp PORT+1, unix-pair 20 --tcp PORT+2)\n");
+			"       netload mix PORT          (http PORT, udp PORT+1, unix-pair 20 --tcp PORT+2)\n"
+			"       netload unix-connect NAME (holds a connection to the abstract unix socket @NAME)\n");
 	exit(2);
 }
 
@@ -1221,6 +1265,8 @@ int main(int argc, char **argv)
 		run_unix_pair(interval, tcp);
 	} else if (strcmp(mode, "mix") == 0 && argc == 3) {
 		run_mix((int)parse_num(argv[2], 1, 65533));
+	} else if (strcmp(mode, "unix-connect") == 0 && argc == 3) {
+		run_unix_connect(argv[2]);
 	}
 	usage();
 }
