@@ -135,6 +135,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
   });
   await endpoint.listen();
+  // The socket probe (a real CRIU dump, ~1 s) runs now rather than in the first migration's preflight.
+  void criu().then((found) => found.socketCheckpoint()).catch(() => undefined);
   void recoverMigrations({ runtime, journal, logger, identity });
   return { url: endpoint.url, close: () => endpoint.close() };
 }

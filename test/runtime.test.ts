@@ -356,7 +356,7 @@ describe('bad input', () => {
 });
 
 describe('ferry doctor --json', () => {
-  it('reports CRIU >= 4, no memory dirty tracking, a freezer, and exits 0', async () => {
+  it('reports CRIU >= 4.2, sockets that checkpoint (a real probe dump), nftables, no memory dirty tracking, a freezer, and exits 0', async () => {
     const result = await execa(join(repoRoot, 'bin/ferry'), ['doctor', '--json'], { reject: false, cwd: repoRoot });
     expect(result.exitCode).toBe(0);
     const report = JSON.parse(result.stdout) as {
@@ -366,8 +366,11 @@ describe('ferry doctor --json', () => {
     };
     const capability = (name: string) => report.capabilities.find((entry) => entry.name === name);
     expect(report.ok).toBe(true);
-    expect(Number(report.criu?.version.split('.')[0])).toBeGreaterThanOrEqual(4);
+    const [major = 0, minor = 0] = (report.criu?.version ?? '').split('.').map(Number);
+    expect(major * 100 + minor).toBeGreaterThanOrEqual(402);
     expect(capability('criu')?.ok).toBe(true);
+    expect(capability('socket checkpoint')).toMatchObject({ ok: true, value: expect.stringMatching(/^TCP, UDP and unix sockets dump/) });
+    expect(capability('nftables (network lock)')?.ok).toBe(true);
     expect(capability('memory dirty tracking')).toMatchObject({ ok: false, value: expect.stringMatching(/^absent/) });
     expect(capability('a freezer')?.ok).toBe(true);
   });

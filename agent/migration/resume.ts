@@ -22,6 +22,7 @@ export async function resumeContainer(runtime: ContainerRuntime, name: string): 
   if (state === undefined || state === 'Z') {
     throw new FerryError('CONTAINER_NOT_RUNNING', `container ${name} died on resume`, { phase: 'confirm' });
   }
-  // Best effort: without it peers still find the address once their ARP entries expire.
-  if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch(() => undefined);
+  // Not awaited (its repeats take 200 ms, which would count as downtime) and best effort:
+  // without it peers still find the address once their ARP entries expire.
+  if (record.spec.network) void announceAddress(record.pid, record.spec.network).catch(() => undefined);
 }
