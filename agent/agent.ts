@@ -15,6 +15,7 @@ import { recoverMigrations } from './migration/recovery.ts';
 import type { PeerIdentity } from './migration/peer.ts';
 import { MigrationSource } from './migration/source.ts';
 import { checkpointToDirectory, restoreFromDirectory } from './runtime/checkpoint.ts';
+import { removeStaleNamespaces } from './runtime/network.ts';
 import { ContainerRuntime } from './runtime/runtime.ts';
 import { securePrivateState } from './runtime/store.ts';
 import { AgentEndpoint, type TlsFiles } from './server.ts';
@@ -51,6 +52,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const criu = lazyCriu(options.criuPath, join(options.stateDir, 'criu.kdat'));
   const journal = new MigrationJournal(options.stateDir);
   await securePrivateState(options.stateDir, runtime.store, journal.root);
+  await removeStaleNamespaces(runtime.namespacePrefix);
   const metrics = new AgentMetrics(options.name, async () => (await runtime.store.names()).length);
   const destinations = new DestinationSessions({
     runtime,

@@ -3,6 +3,7 @@
 // removes what this finds; tests assert it finds nothing after destroy().
 import { readdir, readFile, readlink, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { namespacePrefix } from '../src/net/address.ts';
 import { ip, netnsPath, readMounts, cgroupMountPoints } from './system.ts';
 import {
   RESOURCE_PREFIX,
@@ -104,7 +105,9 @@ export async function findLeftovers(id: string = currentRunId): Promise<string[]
 
 export async function findNetns(scope: Scope): Promise<string[]> {
   const names = await readdir('/run/netns').catch(() => []);
-  return names.filter((name) => name.startsWith(scope.namePrefix)).sort();
+  // An agent's own namespaces, prepared for a container that never got it (a crash in between).
+  const agentPrefixes = (await findStateDirs(scope)).map(namespacePrefix);
+  return names.filter((name) => name.startsWith(scope.namePrefix) || agentPrefixes.some((prefix) => name.startsWith(prefix))).sort();
 }
 
 export async function findCgroups(scope: Scope): Promise<string[]> {

@@ -2,6 +2,7 @@
 // before it starts, the duplicate-address probe, and the announcement that
 // tells the segment where the address lives now.
 import { randomBytes } from 'node:crypto';
+import { readdir } from 'node:fs/promises';
 import { execa } from 'execa';
 import { z } from 'zod';
 import { FerryError, type Phase } from '../../src/errors.ts';
@@ -80,8 +81,8 @@ export interface PreparedNamespace {
  * A network namespace with the container's eth0 (its MAC and address, a
  * default route via the gateway) and the host end of the veth on the bridge.
  */
-export async function prepareNamespace(container: string, network: NetworkSpec, bridge: string): Promise<PreparedNamespace> {
-  const name = `ferry-${randomBytes(6).toString('hex')}`;
+export async function prepareNamespace(container: string, network: NetworkSpec, bridge: string, prefix: string): Promise<PreparedNamespace> {
+  const name = `${prefix}${randomBytes(4).toString('hex')}`;
   const hostEnd = hostInterfaceName(container);
   const phase: Phase = 'runtime';
   await ip(['netns', 'add', name], phase);
@@ -116,6 +117,14 @@ export async function prepareNamespace(container: string, network: NetworkSpec, 
  */
 export async function removeHostEnd(container: string): Promise<void> {
   await execa('ip', ['link', 'del', hostInterfaceName(container)], { reject: false, timeout: 10_000 });
+}
+
+/** Namespaces a crashed agent prepared and never handed to a container. */
+export async function removeStaleNamespaces(prefix: string): Promise<void> {
+  const names = await readdir('/run/netns').catch(() => [] as string[]);
+  for (const name of names.filter((entry) => entry.startsWith(prefix))) {
+    await execa('ip', ['netns', 'del', name], { reject: false, timeout: 10_000 });
+  }
 }
 
 /** CRIU's --external for the restore: the veth's host end, on this host's bridge. */

@@ -7,6 +7,7 @@ import { execa } from 'execa';
 import type { Logger } from 'pino';
 import { Cgroup, CgroupTree } from '../../src/cgroup/cgroup.ts';
 import { FerryError } from '../../src/errors.ts';
+import { namespacePrefix } from '../../src/net/address.ts';
 import type { ContainerInfo, ContainerSpec, ContainerStatus } from '../../src/protocol/container.ts';
 import { readTailBeneath } from '../../src/rootfs/safe-fs.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
@@ -31,6 +32,8 @@ export class ContainerRuntime {
   readonly cgroups: CgroupTree;
   readonly hostName: string;
   readonly bridge: string | undefined;
+  /** Of the network namespaces this agent prepares (see namespacePrefix). */
+  readonly namespacePrefix: string;
   private readonly logger: Logger;
   /** Names being created or moved right now, so two requests cannot race for one name. */
   private readonly claimed = new Set<string>();
@@ -40,6 +43,7 @@ export class ContainerRuntime {
     this.cgroups = options.cgroups;
     this.hostName = options.hostName;
     this.bridge = options.bridge;
+    this.namespacePrefix = namespacePrefix(options.stateDir);
     this.logger = options.logger;
   }
 
@@ -71,7 +75,7 @@ export class ContainerRuntime {
       if (spec.network) {
         const bridge = await requireBridge(this.bridge, 'runtime');
         await probeAddress(bridge, spec.network.address, 'runtime');
-        netns = await prepareNamespace(spec.name, spec.network, bridge);
+        netns = await prepareNamespace(spec.name, spec.network, bridge, this.namespacePrefix);
       }
       const rootfs = this.store.rootfs(spec.name);
       await this.store.create(spec.name);

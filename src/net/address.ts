@@ -73,5 +73,14 @@ export function hostInterfaceName(container: string): string {
   return `fy${createHash('sha256').update(container).digest('hex').slice(0, 10)}`;
 }
 
+/**
+ * The names of the namespaces an agent prepares under /run/netns (each for a
+ * moment, until its container holds it): tied to the agent's state dir, so a
+ * restarted agent, or the lab's cleanup, finds what a crash left.
+ */
+export function namespacePrefix(stateDir: string): string {
+  return `ferry-${createHash('sha256').update(stateDir).digest('hex').slice(0, 8)}-`;
+}
+
 /** The interface inside the container. */
 export const containerInterface = 'eth0';
