@@ -31,6 +31,8 @@ export interface Host {
   cgroupName: string;
   /** With the bridged option: the bridge (holding eth0 and the host's address) for containers with their own address. */
   bridge: string | undefined;
+  /** Its port on the switch's bridge (in the cluster's switch netns). */
+  switchPort: string;
   /** Runs a command to completion inside the host's netns. */
   exec(command: string, args: readonly string[], options?: RunOptions): Promise<CommandResult>;
   /** Cuts the host's link (eth0 down), e.g. in the middle of a transfer. */
@@ -46,6 +48,9 @@ export interface Cluster {
   hosts: Host[];
   /** e.g. 10.203.17.0/24 */
   subnet: string;
+  /** The netns of the switch that joins the hosts, and its bridge. */
+  switchNetns: string;
+  switchBridge: string;
   /** The root netns's address on the switch, or undefined without a controller link. */
   controllerAddress: string | undefined;
   /** Removes everything of this cluster; safe to call more than once. */
@@ -102,6 +107,8 @@ export async function createHosts(count: number, options: CreateHostsOptions = {
     id: names.id,
     hosts: [],
     subnet: '',
+    switchNetns: names.switchNetns,
+    switchBridge: names.bridge,
     controllerAddress: undefined,
     destroy() {
       destroying ??= destroyCluster(cluster, names).catch((error: unknown) => {
@@ -213,6 +220,7 @@ async function buildHost(names: ClusterNames, index: number, address: string, cg
     cgroupRoot,
     cgroupName,
     bridge: bridged ? HOST_BRIDGE : undefined,
+    switchPort,
     exec: (command, args, options) => execInNetns(netns, command, args, options),
     async setLinkDown() {
       await ipIn(netns, ['link', 'set', 'eth0', 'down']);

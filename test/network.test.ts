@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostInterfaceName } from '../src/net/address.ts';
 import { containerAddress, type Host } from '../lab/hosts.ts';
 import { startPoller, type PollerSummary } from '../lab/poller.ts';
+import { execInNetns } from '../lab/system.ts';
 import type { ContainerSpecInput } from '../src/protocol/container.ts';
 import {
   containerPid,
@@ -67,6 +68,20 @@ async function expectOnlyOn(node: Node, other: Node, name: string): Promise<void
   expect(there.map((container) => container.name)).not.toContain(name);
 }
 
+/** The MAC of the container's eth0, read inside its namespace. */
+async function containerMac(node: Node, name: string): Promise<string> {
+  const pid = await containerPid(node, name);
+  const result = await node.host.exec('nsenter', [`--net=/proc/${pid}/ns/net`, 'ip', '-j', 'link', 'show', 'eth0']);
+  return (JSON.parse(result.stdout) as Array<{ address: string }>)[0]!.address;
+}
+
+/** The switch port the switch's bridge forwards `mac` to, if it has learnt one. */
+async function switchPortOf(mac: string): Promise<string | undefined> {
+  const result = await execInNetns(test.cluster.switchNetns, 'bridge', ['-j', 'fdb', 'show', 'br', test.cluster.switchBridge]);
+  const entries = JSON.parse(result.stdout || '[]') as Array<{ mac: string; ifname: string }>;
+  return entries.find((entry) => entry.mac === mac)?.ifname;
+}
+
 /** Whether `host` has the container's veth end on its bridge. */
 async function hasVeth(host: Host, name: string): Promise<boolean> {
   const result = await host.exec('ip', ['-j', 'link', 'show', 'master', host.bridge!]);
@@ -100,6 +115,49 @@ describe('a web server with its own address', () => {
       expect(info?.address).toBe(`${network.address}/${network.prefix}`);
     } finally {
       await removeQuietly(b, name);
+      await removeQuietly(a, name);
+    }
+  });
+});
+
+describe('the segment learns the new place at once', () => {
+  it("the destination's announcement moves the container's MAC to host b's switch port, with no traffic of its own", async () => {
+    const name = 'quiet';
+    const network = nextAddress();
+    // A UDP server that nobody talks to: after the move it sends nothing by itself.
+    await runContainer(a, netloadSpec(name, ['udp', '5355'], network));
+    try {
+      const mac = await containerMac(a, name);
+      // Quiet for real: without IPv6 on eth0 the kernel sends no router solicitations or MLD reports of its own.
+      const pid = await containerPid(a, name);
+      await a.host.exec('nsenter', [`--net=/proc/${pid}/ns/net`, 'sysctl', '-qw', 'net.ipv6.conf.eth0.disable_ipv6=1']);
+      await expect.poll(() => switchPortOf(mac), { timeout: 5_000 }).toBe(a.host.switchPort);
+      expect((await migrate(a, b, name)).outcome).toBe('succeeded');
+      // Without the gratuitous ARP the switch would keep forwarding to host a until its entry aged out (300 s).
+      await expect.poll(() => switchPortOf(mac), { timeout: 3_000 }).toBe(b.host.switchPort);
+      expect(await ask('UDP4', network.address, 5355, 'found')).toBe('1 found');
+    } finally {
+      await removeQuietly(b, name);
+      await removeQuietly(a, name);
+    }
+  });
+
+  it('a migration to a segment where another MAC answers for the address is refused in preflight', async () => {
+    const name = 'contested';
+    const network = nextAddress();
+    await runContainer(a, netloadSpec(name, ['udp', '5356'], network));
+    // The client host takes the same address as well: a conflict the destination must see.
+    await client.exec('ip', ['addr', 'add', `${network.address}/24`, 'dev', 'eth0', 'nodad']);
+    try {
+      const pid = await containerPid(a, name);
+      const error = await failureOf(migrate(a, b, name));
+      expect(error.code).toBe('ADDRESS_IN_USE');
+      expect(error.phase).toBe('preflight');
+      expect(await containerPid(a, name)).toBe(pid);
+      const info = (await a.client.request('list', {})).containers.find((container) => container.name === name);
+      expect(info?.status).toBe('running');
+    } finally {
+      await client.exec('ip', ['addr', 'del', `${network.address}/24`, 'dev', 'eth0']);
       await removeQuietly(a, name);
     }
   });

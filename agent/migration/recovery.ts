@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { unlockNetwork } from '../../src/net/lock.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { JournalEntry, MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
@@ -34,6 +35,8 @@ async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, lo
   if (decision === 'abort') {
     const record = await deps.runtime.store.read(entry.container);
     if (record) {
+      // Locked at the freeze (a container with its own address): unlocked before the thaw, as in a rollback.
+      if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch((error: unknown) => logger.error({ err: error }, 'network unlock failed'));
       await deps.runtime.cgroup(entry.container).thaw().catch(() => undefined);
       const { migrationId: _, ...rest } = record;
       await deps.runtime.store.write(rest);
