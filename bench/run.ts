@@ -190,19 +190,24 @@ async function serviceRuns(clientA: AgentClient, clientB: AgentClient, agentA: A
   let here = clientA;
   let there = { client: clientB, agent: agentB };
   let back = { client: clientA, agent: agentA };
-  const poller = startPoller(hostC, 'http', address, 8080, 10);
   try {
     for (let rep = 0; rep < 2 * reps; rep += 1) {
-      const before = await poller.waitForAnswers((poller.current()?.answers ?? 0) + 100);
-      const report = await here.request('migrate', { name: 'bench-web', destination: { url: there.agent.url, token: there.agent.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 } });
-      const after = await poller.waitForAnswers(before.answers + 100);
-      // The gap of this move: the poller's largest so far only grows, so each move is measured on its own poller.
-      runs.push({ downtimeMs: report.downtimeMs, stallMs: after.maxGapMs, answers: after.answers, errors: after.errors.length, connections: after.connections });
+      // A poller (one connection) per move, so each move's stall is its own.
+      const poller = startPoller(hostC, 'http', address, 8080, 10);
+      try {
+        const before = await poller.waitForAnswers(100);
+        const report = await here.request('migrate', { name: 'bench-web', destination: { url: there.agent.url, token: there.agent.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 } });
+        await poller.waitForAnswers(before.answers + 100);
+        const after = await poller.stop();
+        runs.push({ downtimeMs: report.downtimeMs, stallMs: after.maxGapMs, answers: after.answers, errors: after.errors.length, connections: after.connections });
+      } catch (error) {
+        await poller.stop().catch(() => undefined);
+        throw error;
+      }
       here = there.client;
       [there, back] = [back, there];
     }
   } finally {
-    await poller.stop().catch(() => undefined);
     await here.request('remove', { name: 'bench-web', force: true }).catch(() => undefined);
   }
   return runs;

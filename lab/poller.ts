@@ -122,7 +122,7 @@ async function pollerMain(mode: string, host: string, port: number, intervalMs: 
 export interface Poller {
   /** The latest progress line. */
   current(): PollerSummary | undefined;
-  /** Waits until at least `count` answers came. */
+  /** Waits until a report made after this call counts at least `count` answers. */
   waitForAnswers(count: number, timeoutMs?: number): Promise<PollerSummary>;
   /** SIGTERM, then the final summary. */
   stop(): Promise<PollerSummary>;
@@ -133,10 +133,12 @@ export function startPoller(client: Host, mode: 'http' | 'echo', host: string, p
   const script = fileURLToPath(import.meta.url);
   const child = spawnInNetns(client.netns, process.execPath, [...agentNodeFlags, script, mode, host, String(port), String(intervalMs)]);
   let latest: PollerSummary | undefined;
+  let reports = 0;
   const waiters = new Set<() => void>();
   createInterface({ input: child.stdout! }).on('line', (line) => {
     try {
       latest = JSON.parse(line) as PollerSummary;
+      reports += 1;
     } catch {
       return;
     }
@@ -147,7 +149,9 @@ export function startPoller(client: Host, mode: 'http' | 'echo', host: string, p
     current: () => latest,
     async waitForAnswers(count, timeoutMs = 20_000) {
       const deadline = Date.now() + timeoutMs;
-      while (!latest || latest.answers < count) {
+      // A report from before the call may predate what the caller waits to see (a freeze, say).
+      const after = reports;
+      while (!latest || reports === after || latest.answers < count) {
         if (Date.now() > deadline) throw new Error(`poller: ${latest?.answers ?? 0} answers after ${timeoutMs} ms, wanted ${count} (${JSON.stringify(latest)})`);
         await new Promise<void>((resolve) => {
           const wake = () => {
