@@ -5,10 +5,10 @@
 // after the move; what cannot move is refused before anything is frozen.
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { hostInterfaceName } from '../src/net/address.ts';
 import { containerAddress, type Host } from '../lab/hosts.ts';
-import { startPoller, type PollerSummary } from '../lab/poller.ts';
+import { startPoller, type Poller, type PollerSummary } from '../lab/poller.ts';
 import { execInNetns } from '../lab/system.ts';
 import type { ContainerSpecInput } from '../src/protocol/container.ts';
 import {
@@ -28,11 +28,18 @@ let a: Node;
 let b: Node;
 let client: Host;
 let addresses = 0;
+/** A test's running client, stopped after each test whatever happened. */
+let poller: Poller | undefined;
 
 beforeAll(async () => {
   test = await startNodes(2, () => ({}), { bridged: true, clients: 1 });
   [a, b] = test.nodes as [Node, Node];
   client = test.clients[0]!;
+});
+
+afterEach(async () => {
+  await poller?.stop().catch(() => undefined);
+  poller = undefined;
 });
 
 afterAll(async () => {
@@ -94,13 +101,14 @@ describe('a web server with its own address', () => {
     const network = nextAddress();
     await runContainer(a, netloadSpec(name, ['http', '8080'], network));
     try {
-      const poller = startPoller(client, 'http', network.address, 8080, 10);
+      poller = startPoller(client, 'http', network.address, 8080, 10);
       const before = await poller.waitForAnswers(50);
       expect(before.errors).toEqual([]);
       const report = await migrate(a, b, name);
       expect(report.outcome).toBe('succeeded');
       const afterMove = (await poller.waitForAnswers(before.answers + 100)).answers;
       const summary = await poller.stop();
+      poller = undefined;
       expectUnbroken(summary);
       expect(summary.answers).toBeGreaterThanOrEqual(afterMove);
       // The state moved too: the server's count of requests went on, it did not restart.
@@ -109,8 +117,6 @@ describe('a web server with its own address', () => {
       await expectOnlyOn(b, a, name);
       expect(await hasVeth(b.host, name)).toBe(true);
       expect(await hasVeth(a.host, name)).toBe(false);
-      // The segment learnt the new place at once: the client's neighbour entry is the container's MAC,
-      // and the switch side of host b (its bridge) forwards that MAC to the container's veth.
       const info = (await b.client.request('list', {})).containers.find((container) => container.name === name);
       expect(info?.address).toBe(`${network.address}/${network.prefix}`);
     } finally {
@@ -193,10 +199,8 @@ describe('every common kind of socket migrates with traffic before and after', (
       };
       const before = await progress();
       expect((await migrate(a, b, name)).outcome).toBe('succeeded');
-      await new Promise((resolve) => setTimeout(resolve, 500));
-      const after = await progress();
-      expect(after.confirmed).toBeGreaterThan(before.confirmed);
-      expect(after.mismatches).toBe(0);
+      await expect.poll(async () => (await progress()).confirmed, { timeout: 10_000 }).toBeGreaterThan(before.confirmed + 5);
+      expect((await progress()).mismatches).toBe(0);
     } finally {
       await removeQuietly(b, name);
       await removeQuietly(a, name);
@@ -208,7 +212,7 @@ describe('every common kind of socket migrates with traffic before and after', (
     const network = nextAddress();
     await runContainer(a, netloadSpec(name, ['mix', '7000'], network));
     try {
-      const poller = startPoller(client, 'http', network.address, 7000, 10);
+      poller = startPoller(client, 'http', network.address, 7000, 10);
       await poller.waitForAnswers(30);
       expect(await ask('UDP4', network.address, 7001, 'x')).toMatch(/^\d+ x$/);
       expect((await migrate(a, b, name)).outcome).toBe('succeeded');
@@ -219,6 +223,7 @@ describe('every common kind of socket migrates with traffic before and after', (
       const answers = poller.current()!.answers;
       await poller.waitForAnswers(answers + 30);
       expectUnbroken(await poller.stop());
+      poller = undefined;
       await expectOnlyOn(a, b, name);
     } finally {
       await removeQuietly(a, name);
@@ -276,18 +281,49 @@ describe('rollback after the dump', () => {
     await runContainer(a, netloadSpec(name, ['http', '8080'], network));
     const failing = await test.restartAgent(1, { env: { FERRY_FAULTS: 'fail-restore' } });
     try {
-      const poller = startPoller(client, 'http', network.address, 8080, 10);
+      poller = startPoller(client, 'http', network.address, 8080, 10);
       const before = await poller.waitForAnswers(30);
       const error = await failureOf(migrate(a, failing, name));
       expect(error.code).toBe('CRIU_FAILED');
       expect(error.phase).toBe('restore');
       await poller.waitForAnswers(before.answers + 50);
       expectUnbroken(await poller.stop());
+      poller = undefined;
       await expectOnlyOn(a, failing, name);
+      // The failed restore left nothing on the destination's bridge.
+      expect(await hasVeth(failing.host, name)).toBe(false);
     } finally {
       await removeQuietly(a, name);
       await removeQuietly(failing, name);
       b = await test.restartAgent(1);
+    }
+  });
+});
+
+describe('a source agent that dies with the container frozen and locked', () => {
+  it('unlocks and thaws it when it restarts; the connection goes on there', async () => {
+    const name = 'web-recovery';
+    const network = nextAddress();
+    const dying = await test.restartAgent(0, { env: { FERRY_FAULTS: 'die-after-freeze' } });
+    await runContainer(dying, netloadSpec(name, ['http', '8080'], network));
+    try {
+      poller = startPoller(client, 'http', network.address, 8080, 10);
+      const before = await poller.waitForAnswers(30);
+      const error = await failureOf(migrate(dying, b, name));
+      expect(error.code).toBe('PEER_GONE');
+      a = await test.restartAgent(0);
+      // The recovery took the lock off (ferry_lock tables in the container's namespace), then thawed.
+      const pid = await containerPid(a, name);
+      const tables = async () => (await a.host.exec('nsenter', [`--net=/proc/${pid}/ns/net`, 'nft', 'list', 'tables'])).stdout.trim();
+      await expect.poll(tables, { timeout: 5_000 }).toBe('');
+      await poller.waitForAnswers(before.answers + 50, 30_000);
+      expectUnbroken(await poller.stop());
+      poller = undefined;
+      await expect.poll(async () => (await a.client.request('list', {})).containers.find((container) => container.name === name)?.status, { timeout: 10_000 }).toBe('running');
+      expect((await b.client.request('list', {})).containers.map((container) => container.name)).not.toContain(name);
+    } finally {
+      await removeQuietly(a, name);
+      await removeQuietly(b, name);
     }
   });
 });
@@ -360,8 +396,8 @@ describe('what cannot move is refused before anything is frozen, naming it', () 
     const name = 'unix-out';
     const socketName = `ferry-test-${test.cluster.runId}-${test.cluster.id}`;
     // Host a's own abstract unix socket (abstract names belong to the network namespace).
+    // (The container's netload retries its connect every second until this listens.)
     const listener = a.host.exec('socat', ['-T', '30', `ABSTRACT-LISTEN:${socketName}`, 'EXEC:cat']);
-    await new Promise((resolve) => setTimeout(resolve, 300));
     await runContainer(a, { name, rootfs: busyboxRootfs, command: ['/bin/netload', 'unix-connect', socketName] });
     try {
       await expect.poll(async () => (await a.client.request('logs', { name })).text, { timeout: 10_000 }).toMatch(/unix-connect ready/);
@@ -383,15 +419,17 @@ describe('what cannot move is refused before anything is frozen, naming it', () 
     const name = 'hostnet';
     // A listener of host a itself, and a container in the host's network namespace connected to it.
     const listener = a.host.exec('socat', ['-T', '30', `TCP4-LISTEN:6100,bind=${a.host.address},reuseaddr`, 'EXEC:cat']);
-    await new Promise((resolve) => setTimeout(resolve, 300));
     await runContainer(a, {
       name,
       rootfs: busyboxRootfs,
-      command: ['/bin/sh', '-c', `(while :; do echo hi; sleep 1; done) | nc ${a.host.address} 6100`],
+      // nc gives up at once when nothing listens yet: the loop tries again.
+      command: ['/bin/sh', '-c', `while :; do (while :; do echo hi; sleep 1; done) | nc ${a.host.address} 6100; sleep 0.2; done`],
     });
     try {
+      const established = async () =>
+        (await a.host.exec('ss', ['-Htn', 'state', 'established', 'dst', `${a.host.address}:6100`])).stdout.trim();
+      await expect.poll(established, { timeout: 10_000 }).not.toBe('');
       const pid = await containerPid(a, name);
-      await new Promise((resolve) => setTimeout(resolve, 500));
       const error = await failureOf(migrate(a, b, name));
       expect(error.code).toBe('UNMOVABLE');
       expect(error.phase).toBe('preflight');
@@ -401,6 +439,7 @@ describe('what cannot move is refused before anything is frozen, naming it', () 
       expect(info?.status).toBe('running');
     } finally {
       await removeQuietly(a, name);
+      await removeQuietly(b, name);
       await listener.catch(() => undefined);
     }
   });

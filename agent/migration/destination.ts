@@ -160,7 +160,7 @@ export async function decideFromJournal(
   const entry = await deps.journal.read(migrationId);
   if (!entry || entry.role !== 'destination' || entry.state === 'done' || entry.state === 'aborted') return;
   if (decision === 'commit' && entry.state === 'prepared') {
-    await resumeContainer(deps.runtime, entry.container);
+    await resumeContainer(deps.runtime, entry.container, (message) => deps.logger.error({ migrationId }, message));
     await deps.journal.update(migrationId, 'done');
     return;
   }
@@ -277,6 +277,9 @@ class DestinationSession {
       }
     }
     const network = this.offer.spec.network;
+    if (network && !this.offer.spec.privateNetwork) {
+      throw new FerryError('BAD_MESSAGE', 'a container with its own address must have its own network namespace (privateNetwork)', { phase: 'preflight' });
+    }
     if (network) {
       const bridge = await requireBridge(this.deps.runtime.bridge, 'preflight');
       // The container itself still answers from the source: only another MAC is a conflict.
@@ -478,7 +481,7 @@ class DestinationSession {
     this.transition('committing');
     this.forget();
     try {
-      await resumeContainer(this.deps.runtime, this.name);
+      await resumeContainer(this.deps.runtime, this.name, (message) => this.logger.error(message));
       await this.deps.journal.update(this.migrationId, 'done');
       this.transition('done');
       this.deps.onOutcome?.('succeeded');

@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { unlockNetwork } from '../../src/net/lock.ts';
+import { announceAddress } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { JournalEntry, MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
@@ -38,6 +39,8 @@ async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, lo
       // Locked at the freeze (a container with its own address): unlocked before the thaw, as in a rollback.
       if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch((error: unknown) => logger.error({ err: error }, 'network unlock failed'));
       await deps.runtime.cgroup(entry.container).thaw().catch(() => undefined);
+      // The destination may have announced the address before the source went down.
+      if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch((error: unknown) => logger.warn({ err: error }, 'address announcement failed'));
       const { migrationId: _, ...rest } = record;
       await deps.runtime.store.write(rest);
     }

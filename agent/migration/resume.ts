@@ -9,12 +9,17 @@ import type { ContainerRuntime } from '../runtime/runtime.ts';
  * off (it came locked from the source), SIGCONT to each of its processes, and
  * the segment hears where its address is now.
  */
-export async function resumeContainer(runtime: ContainerRuntime, name: string): Promise<void> {
+export async function resumeContainer(runtime: ContainerRuntime, name: string, warn: (message: string) => void = () => undefined): Promise<void> {
   const record = await runtime.get(name);
   const pids = await runtime.cgroup(name).pids();
   if (!pids.length) throw new FerryError('CONTAINER_NOT_RUNNING', `restored container ${name} has no tasks`, { phase: 'confirm' });
   // Unlocked first: a running process behind the lock would see its sends fail.
-  if (record.spec.network) await unlockNetwork(record.pid, 'confirm');
+  // A lock that will not come off is the operator's to fix; the committed copy still runs, it is never dropped for it.
+  if (record.spec.network) {
+    await unlockNetwork(record.pid, 'confirm').catch((error: unknown) =>
+      warn(`container ${name} runs, but its network lock could not be removed (nft delete table inet ferry_lock in its namespace): ${error instanceof Error ? error.message : String(error)}`),
+    );
+  }
   for (const pid of pids) process.kill(pid, 'SIGCONT');
   const { migrationId: _, ...running } = record;
   await runtime.store.write(running);

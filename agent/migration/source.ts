@@ -28,7 +28,7 @@ import { deliverDecision } from './recovery.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
-import { announceAddress } from '../runtime/network.ts';
+import { announceAddress, removeHostEnd } from '../runtime/network.ts';
 import { PhaseTimer } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
@@ -435,6 +435,8 @@ export class MigrationSource {
       this.networkLocked = true;
       await lockNetwork(this.record.pid, 'freeze');
     }
+    // Test fault: the agent dies with the container frozen (and locked); its restart must undo both.
+    if (faultActive('die-after-freeze')) process.kill(process.pid, 'SIGKILL');
   }
 
   /**
@@ -524,7 +526,10 @@ export class MigrationSource {
     this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' });
     // The frozen copy cannot run, so it dies while the destination resumes;
     // freeing a large memory takes a while and is not downtime.
-    const killed = this.deps.runtime.cgroup(this.request.name).kill();
+    // Off the bridge first: nothing the dying copy sends (a FIN, an RST) can reach the segment.
+    const killed = (this.record.spec.network ? removeHostEnd(this.request.name) : Promise.resolve()).then(() =>
+      this.deps.runtime.cgroup(this.request.name).kill(),
+    );
     try {
       const decided = await this.peer!.expect('decided', 60_000, 'confirm');
       this.runningAt = performance.now();

@@ -7,14 +7,14 @@ import type { Cgroup } from '../../src/cgroup/cgroup.ts';
 import type { Criu } from '../../src/criu/criu.ts';
 import { containerBoundingSet, validateImages } from '../../src/criu/images.ts';
 import { faultActive } from '../../src/faults.ts';
-import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
+import { isNetworkLocked, lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
 import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/container.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
-import { goLive, removeHostEnd, requireBridge, vethExternal } from './network.ts';
+import { announceAddress, probeAddress, removeHostEnd, requireBridge, vethExternal } from './network.ts';
 import { processStartTime } from './process.ts';
 import type { ContainerRuntime } from './runtime.ts';
 import type { ContainerRecord } from './store.ts';
@@ -80,11 +80,15 @@ export async function checkpointToDirectory(
   // From here the images are the workload: nothing may delete them, and trouble is only a warning.
   const frozenMs = performance.now() - frozenAt;
   const warnings: string[] = [];
+  if (keepRunning && record.spec.network) {
+    // Thawed whatever happens here; a lock that stays is said, not silently kept.
+    await unlockNetwork(record.pid, 'cleanup').catch((error: unknown) =>
+      warnings.push(`checkpoint written, but the container's network lock could not be removed: ${toFerryError(error).message}`),
+    );
+  }
   try {
-    if (keepRunning) {
-      if (record.spec.network) await unlockNetwork(record.pid, 'cleanup');
-      await cgroup.thaw();
-    } else await runtime.destroy(name);
+    if (keepRunning) await cgroup.thaw();
+    else await runtime.destroy(name);
   } catch (error) {
     warnings.push(`checkpoint written, but could not ${keepRunning ? 'thaw' : 'remove'} the container: ${toFerryError(error).message}`);
     if (!keepRunning) await runtime.forget(name).catch(() => undefined);
@@ -166,14 +170,18 @@ export async function restoreContainer(
   try {
     // The images decide what runs with which root and namespaces: only a container's are restored.
     // (The fail-restore test fault corrupts them on purpose, to see CRIU itself fail.)
+    const network = request.spec.network;
     if (!faultActive('fail-restore')) {
-      await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork, boundingSet: containerBoundingSet, noNewPrivs: true });
+      // An own address means an own namespace: never the host's.
+      await validateImages(request.imagesDir, { privateNetwork: request.spec.privateNetwork || !!network, boundingSet: containerBoundingSet, noNewPrivs: true });
     }
     // The veth's host end is made on this host's bridge.
-    const external = request.spec.network
-      ? [vethExternal(name, await requireBridge(runtime.bridge, 'restore'))]
-      : [];
-    if (request.spec.network) await removeHostEnd(name);
+    const bridge = network ? await requireBridge(runtime.bridge, 'restore') : undefined;
+    const external = network && bridge ? [vethExternal(name, bridge)] : [];
+    // A checkpoint restored while its original (or another restore of it) runs would take its address over.
+    // (A migration's own preflight probed already, allowing the container's own MAC.)
+    if (network && bridge && !request.leaveStopped) await probeAddress(bridge, network.address, 'restore');
+    if (network) await removeHostEnd(name);
     await cgroup.create();
     const restoreStats = await criu.restore(
       {
@@ -181,15 +189,23 @@ export async function restoreContainer(
         logFile: request.logFile,
         root: request.rootfs,
         pidFile,
-        leaveStopped: request.leaveStopped,
+        // Restored locked (the lock is in the images): stopped until it is off, so no send fails.
+        leaveStopped: request.leaveStopped || !!network,
         privateNetwork: request.spec.privateNetwork,
         external,
       },
       cgroup.procsFile,
     );
     const pid = Number((await readFile(pidFile, 'utf8')).trim());
-    // A migration's copy stays locked until its commit; a restored checkpoint goes on now.
-    if (request.spec.network && !request.leaveStopped) await goLive(pid, request.spec.network, 'restore');
+    if (network && request.leaveStopped) {
+      // A migration's copy stays locked until its commit, also if the images did not carry the lock.
+      if (!(await isNetworkLocked(pid))) await lockNetwork(pid, 'restore');
+    } else if (network) {
+      // A restored checkpoint goes on now: unlocked, resumed, announced.
+      await unlockNetwork(pid, 'restore');
+      for (const task of await cgroup.pids()) process.kill(task, 'SIGCONT');
+      await announceAddress(pid, network).catch(() => undefined);
+    }
     const record: ContainerRecord = {
       spec: request.spec,
       pid,

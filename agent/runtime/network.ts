@@ -7,7 +7,7 @@ import { execa } from 'execa';
 import { z } from 'zod';
 import { FerryError, type Phase } from '../../src/errors.ts';
 import { containerInterface, hostInterfaceName, type NetworkSpec } from '../../src/net/address.ts';
-import { unlockNetwork } from '../../src/net/lock.ts';
+import { requireOwnNamespace, unlockNetwork } from '../../src/net/lock.ts';
 import { helperPath } from '../../src/paths.ts';
 
 async function ip(args: string[], phase: Phase): Promise<string> {
@@ -58,6 +58,7 @@ export async function probeAddress(bridge: string, address: string, phase: Phase
 
 /** Gratuitous ARP from inside the container: switches and peers learn the address's new port at once. */
 export async function announceAddress(pid: number, network: NetworkSpec): Promise<void> {
+  await requireOwnNamespace(pid, 'confirm');
   const result = await execa(
     helperPath(),
     ['arp-announce', '--netns', `/proc/${pid}/ns/net`, '--dev', containerInterface, '--ip', network.address, '--count', '3'],
@@ -130,10 +131,4 @@ export async function removeStaleNamespaces(prefix: string): Promise<void> {
 /** CRIU's --external for the restore: the veth's host end, on this host's bridge. */
 export function vethExternal(container: string, bridge: string): string {
   return `veth[${containerInterface}]:${hostInterfaceName(container)}@${bridge}`;
-}
-
-/** The copy that goes on: its lock comes off, then the segment hears where its address is. */
-export async function goLive(pid: number, network: NetworkSpec, phase: Phase): Promise<void> {
-  await unlockNetwork(pid, phase);
-  await announceAddress(pid, network);
 }

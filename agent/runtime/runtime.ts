@@ -98,10 +98,11 @@ export class ContainerRuntime {
       this.logger.info({ container: spec.name, pid }, 'container started');
       return await this.describe(record);
     } catch (error) {
+      await netns?.discard();
       await cgroup.kill().catch(() => undefined);
+      if (spec.network) await removeHostEnd(spec.name);
       await cgroup.remove().catch(() => undefined);
       await this.store.remove(spec.name);
-      await netns?.discard();
       throw error;
     } finally {
       release();

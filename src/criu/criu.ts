@@ -87,7 +87,11 @@ export class Criu {
   socketCheckpoint(): Promise<string | undefined> {
     // Test fault: this host's CRIU behaves like 4.1 on Linux >= 6.16 (the probe's verdict only; the probe does not run).
     if (faultActive('no-socket-checkpoint')) return Promise.resolve("Can't get 1:16 opt (test fault no-socket-checkpoint)");
-    this.socketProbe ??= probeSocketDump(this);
+    // A probe that could not run says nothing about CRIU: asked again next time, and reported as such now.
+    this.socketProbe ??= probeSocketDump(this).catch((error: unknown) => {
+      this.socketProbe = undefined;
+      return `could not probe: ${error instanceof Error ? error.message : String(error)}`;
+    });
     return this.socketProbe;
   }
 
@@ -186,18 +190,21 @@ export function criuEnvironment(): NodeJS.ProcessEnv {
   return { ...process.env, CRIU_FAULT: process.env.CRIU_FAULT ?? '130' };
 }
 
+/** The probe's verdict: CRIU's complaint, or undefined; throws when the probe itself could not run (not cached). */
 async function probeSocketDump(criu: Criu): Promise<string | undefined> {
   const started = await execa(helperPath(), ['socket-probe'], { reject: false, timeout: 10_000 });
   const pid = Number((/"pid":(\d+)/.exec(`${started.stdout}`) ?? [])[1]);
-  if (!pid) return `the socket probe did not start: ${started.stderr || started.stdout || started.exitCode}`;
-  const directory = await mkdtemp(join(tmpdir(), 'ferry-socket-probe-'));
+  if (!pid) throw new Error(`the socket probe did not start: ${started.stderr || started.stdout || started.exitCode}`);
+  let directory: string | undefined;
   try {
+    directory = await mkdtemp(join(tmpdir(), 'ferry-socket-probe-'));
     const log = join(directory, 'dump.log');
     const result = await execa(criu.path, ['dump', '-t', String(pid), '-D', directory, '-o', log, '-v4', '--leave-running'], {
       reject: false,
       timeout: 60_000,
       env: criuEnvironment(),
     });
+    if (result.timedOut) throw new Error('the socket probe dump timed out');
     if (result.exitCode === 0) return undefined;
     const lines = await readErrorLines(log);
     return lines.at(-1) ?? `criu dump exit code ${result.exitCode}`;
@@ -207,7 +214,7 @@ async function probeSocketDump(criu: Criu): Promise<string | undefined> {
     } catch {
       // already gone
     }
-    await rm(directory, { recursive: true, force: true });
+    if (directory) await rm(directory, { recursive: true, force: true });
   }
 }
 

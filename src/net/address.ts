@@ -70,7 +70,7 @@ export function randomMac(): string {
 
 /** The host end of a container's veth: the same on every host, at most 15 characters (IFNAMSIZ). */
 export function hostInterfaceName(container: string): string {
-  return `fy${createHash('sha256').update(container).digest('hex').slice(0, 10)}`;
+  return `fy${createHash('sha256').update(container).digest('hex').slice(0, 13)}`;
 }
 
 /**
