@@ -6,7 +6,9 @@
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { hostInterfaceName } from '../src/net/address.ts';
+import { execa } from 'execa';
+import { hostInterfaceName, namespacePrefix } from '../src/net/address.ts';
+import { findLeftovers } from '../lab/leftovers.ts';
 import { containerAddress, type Host } from '../lab/hosts.ts';
 import { startPoller, type Poller, type PollerSummary } from '../lab/poller.ts';
 import { execInNetns } from '../lab/system.ts';
@@ -442,5 +444,23 @@ describe('what cannot move is refused before anything is frozen, naming it', () 
       await removeQuietly(b, name);
       await listener.catch(() => undefined);
     }
+  });
+});
+
+describe('the end of the run', () => {
+  it('leaves nothing behind: no veth on a bridge, no nft table in a host, no namespace of the run or of an agent, no process', async () => {
+    for (const node of test.nodes) {
+      expect((await node.client.request('list', {})).containers).toEqual([]);
+      const ports = JSON.parse((await node.host.exec('ip', ['-j', 'link', 'show', 'master', node.host.bridge!])).stdout || '[]') as Array<{ ifname: string }>;
+      expect(ports.map((port) => port.ifname)).toEqual(['eth0']);
+      expect((await node.host.exec('nft', ['list', 'tables'])).stdout.trim()).toBe('');
+    }
+    const agentPrefixes = test.nodes.map((node) => namespacePrefix(node.host.stateDir));
+    await test.close();
+    expect(await findLeftovers()).toEqual([]);
+    const named = await readdir('/run/netns').catch(() => [] as string[]);
+    expect(named.filter((name) => agentPrefixes.some((prefix) => name.startsWith(prefix)))).toEqual([]);
+    const rootLinks = JSON.parse((await execa('ip', ['-j', 'link', 'show'])).stdout) as Array<{ ifname: string }>;
+    expect(rootLinks.map((link) => link.ifname).filter((name) => name.startsWith('fy'))).toEqual([]);
   });
 });
