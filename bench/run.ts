@@ -195,9 +195,9 @@ async function serviceRuns(clientA: AgentClient, clientB: AgentClient, agentA: A
       // A poller (one connection) per move, so each move's stall is its own.
       const poller = startPoller(hostC, 'http', address, 8080, 10);
       try {
-        const before = await poller.waitForAnswers(100);
+        await poller.waitForAnswers(100);
         const report = await here.request('migrate', { name: 'bench-web', destination: { url: there.agent.url, token: there.agent.token }, options: { strategy: 'auto', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 120_000 } });
-        await poller.waitForAnswers(before.answers + 100);
+        await poller.waitForMore(100);
         const after = await poller.stop();
         runs.push({ downtimeMs: report.downtimeMs, stallMs: after.maxGapMs, answers: after.answers, errors: after.errors.length, connections: after.connections });
       } catch (error) {

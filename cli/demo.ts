@@ -68,7 +68,7 @@ export async function runDemo(options: { keep: boolean }): Promise<void> {
     process.stdout.write(`${reportText(report)}\n`);
 
     say('after the migration');
-    await poller.waitForAnswers((poller.current()?.answers ?? 0) + 100);
+    await poller.waitForMore(100);
     const verdict = await poller.stop();
     poller = undefined;
     const leftOnA = (await clientA.request('list', {})).containers;

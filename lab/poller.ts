@@ -124,6 +124,13 @@ export interface Poller {
   current(): PollerSummary | undefined;
   /** Waits until a report made after this call counts at least `count` answers. */
   waitForAnswers(count: number, timeoutMs?: number): Promise<PollerSummary>;
+  /**
+   * Waits for `count` more answers than a report made after this call shows:
+   * answers the client got after whatever the caller did just before (a
+   * migration, say). waitForAnswers(before + n) is not that: the answers
+   * counted while the caller acted may already reach it.
+   */
+  waitForMore(count: number, timeoutMs?: number): Promise<PollerSummary>;
   /** SIGTERM, then the final summary. */
   stop(): Promise<PollerSummary>;
 }
@@ -163,6 +170,10 @@ export function startPoller(client: Host, mode: 'http' | 'echo', host: string, p
         });
       }
       return latest;
+    },
+    async waitForMore(count, timeoutMs = 20_000) {
+      const now = await this.waitForAnswers(0, timeoutMs);
+      return this.waitForAnswers(now.answers + count, timeoutMs);
     },
     async stop() {
       child.kill('SIGTERM');

@@ -108,7 +108,7 @@ describe('a web server with its own address', () => {
       expect(before.errors).toEqual([]);
       const report = await migrate(a, b, name);
       expect(report.outcome).toBe('succeeded');
-      const afterMove = (await poller.waitForAnswers(before.answers + 100)).answers;
+      const afterMove = (await poller.waitForMore(100)).answers;
       const summary = await poller.stop();
       poller = undefined;
       expectUnbroken(summary);
@@ -222,8 +222,7 @@ describe('every common kind of socket migrates with traffic before and after', (
       expect(await ask('TCP4', network.address, 7002, 'status')).toMatch(/^unix-ok \d+ mismatches 0$/);
       // And back: the address returns to host a.
       expect((await migrate(b, a, name)).outcome).toBe('succeeded');
-      const answers = poller.current()!.answers;
-      await poller.waitForAnswers(answers + 30);
+      await poller.waitForMore(30);
       expectUnbroken(await poller.stop());
       poller = undefined;
       await expectOnlyOn(a, b, name);
@@ -284,11 +283,11 @@ describe('rollback after the dump', () => {
     const failing = await test.restartAgent(1, { env: { FERRY_FAULTS: 'fail-restore' } });
     try {
       poller = startPoller(client, 'http', network.address, 8080, 10);
-      const before = await poller.waitForAnswers(30);
+      await poller.waitForAnswers(30);
       const error = await failureOf(migrate(a, failing, name));
       expect(error.code).toBe('CRIU_FAILED');
       expect(error.phase).toBe('restore');
-      await poller.waitForAnswers(before.answers + 50);
+      await poller.waitForMore(50);
       expectUnbroken(await poller.stop());
       poller = undefined;
       await expectOnlyOn(a, failing, name);
@@ -310,7 +309,7 @@ describe('a source agent that dies with the container frozen and locked', () => 
     await runContainer(dying, netloadSpec(name, ['http', '8080'], network));
     try {
       poller = startPoller(client, 'http', network.address, 8080, 10);
-      const before = await poller.waitForAnswers(30);
+      await poller.waitForAnswers(30);
       const error = await failureOf(migrate(dying, b, name));
       expect(error.code).toBe('PEER_GONE');
       a = await test.restartAgent(0);
@@ -318,7 +317,7 @@ describe('a source agent that dies with the container frozen and locked', () => 
       const pid = await containerPid(a, name);
       const tables = async () => (await a.host.exec('nsenter', [`--net=/proc/${pid}/ns/net`, 'nft', 'list', 'tables'])).stdout.trim();
       await expect.poll(tables, { timeout: 5_000 }).toBe('');
-      await poller.waitForAnswers(before.answers + 50, 30_000);
+      await poller.waitForMore(50, 30_000);
       expectUnbroken(await poller.stop());
       poller = undefined;
       await expect.poll(async () => (await a.client.request('list', {})).containers.find((container) => container.name === name)?.status, { timeout: 10_000 }).toBe('running');
