@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { examineHost } from '../src/host/doctor.ts';
 import { FerryError } from '../src/errors.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
-import { parseCidr } from '../src/net/address.ts';
+import { addressProblem, parseCidr } from '../src/net/address.ts';
 import { migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { loadConfig, readPem, resolveHost, type Endpoint } from './config.ts';
@@ -106,6 +106,8 @@ program
       } catch (error) {
         throw new FerryError('BAD_REQUEST', `--ip: ${(error as Error).message}`);
       }
+      const problem = addressProblem(network.address, network.prefix, network.gateway);
+      if (problem) throw new FerryError('BAD_REQUEST', `--gateway: ${problem}`);
     }
     const spec = containerSpecSchema.parse({
       name,

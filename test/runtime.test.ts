@@ -376,6 +376,25 @@ describe('ferry doctor --json', () => {
   });
 });
 
+describe('ferry run --ip', () => {
+  it('refuses a bad address or gateway with BAD_REQUEST before it contacts an agent', async () => {
+    // Port 1 on loopback: nothing listens, so only a check made before connecting can answer.
+    const run = (args: string[]) =>
+      execa(join(repoRoot, 'bin/ferry'), ['-H', 'ws://127.0.0.1:1', '--token', 'x', 'run', 'web', '--rootfs', '/', ...args, '--', 'sh'], { reject: false, cwd: repoRoot });
+    for (const [args, why] of [
+      [['--ip', '10.0.0.0/24'], /network address/],
+      [['--ip', '10.0.0.5'], /ADDR\/PREFIX/],
+      [['--ip', '10.0.0.5/24', '--gateway', '10.1.0.1'], /outside/],
+      [['--gateway', '10.0.0.1'], /--gateway needs --ip/],
+    ] as const) {
+      const result = await run([...args]);
+      expect(result.exitCode, args.join(' ')).toBe(2);
+      expect(result.stderr).toMatch(/BAD_REQUEST/);
+      expect(result.stderr).toMatch(why);
+    }
+  });
+});
+
 describe('the end of the run', () => {
   it('leaves nothing behind: no netns, cgroup, mount, process or state of the run', async () => {
     for (const { name } of (await client.request('list', {})).containers) {
