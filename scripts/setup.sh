@@ -103,8 +103,8 @@ fi
 # CRIU is pinned to 4.2.1: 4.1.x cannot dump any TCP or UDP socket on kernels
 # >= 6.16 (SO_PASSCRED/SO_PASSSEC, fixed by upstream PR #2711 in 4.2), and
 # every newer change of CRIU is a change of what migrates. Debian unstable has
-# it; it runs over Debian 13's glibc. If unstable has moved on, its CRIU is
-# taken only when it is 4.2.x (said loudly).
+# it; it runs through its own loader from the prefix. If unstable has moved
+# on, its CRIU is taken only when it is 4.2.x (said loudly).
 criu_pin=4.2.1-1
 criu_min_minor=2
 step "CRIU (>= 4.2; $criu_pin provisioned)"
@@ -135,10 +135,13 @@ debian_major() { # sets os_major: Debian's major version, 99 for testing/unstabl
   if [[ "$ver" =~ ^[0-9]+$ ]]; then os_major="$ver"; else os_major=99; fi
 }
 
-# From unstable: CRIU and what 4.2.1 links that Debian 13 lacks or has too old.
-criu_sid_pkgs=(libnet9 libnl-3-200 libnl-route-3-200)
-# From Debian 13 (platform.md): the loader, glibc and the other libraries.
-criu_pkgs=(libc6
+# From unstable: CRIU, what 4.2.1 links that Debian 13 lacks or has too old,
+# and the loader and glibc (the prefix's own: unstable's other packages may be
+# built against a glibc newer than Debian 13's, and older libraries run on a
+# newer glibc).
+criu_sid_pkgs=(libc6 libnet9 libnl-3-200 libnl-route-3-200)
+# From Debian 13 (platform.md): the other libraries.
+criu_pkgs=(
   libgnutls30t64 libnftables1 libprotobuf-c1 libnet1 libbsd0 libuuid1
   libnettle8t64 libhogweed6t64 libunistring5 libp11-kit0 libtasn1-6 libidn2-0 libgmp10
   libmnl0 libnftnl11 libjansson4 libxtables12 libmd0 libffi8 libedit2 libtinfo6 libzstd1)
