@@ -2,7 +2,7 @@
 # ferry set-up: idempotent, run as root on a fresh Debian 12 or 13 machine.
 #   bash scripts/setup.sh            (from any directory)
 # Steps: Node >= 22.18, npm dependencies, apt packages, CRIU 4.2.1 (Debian
-# unstable's, in a private prefix over Debian 13's libraries, see
+# unstable's, in a private prefix with its own loader, see
 # shared/reference/platform.md), .build/env, native helpers and test rootfs,
 # the VM test lane (QEMU and a Debian kernel, scripts/build-vm.sh).
 # When there is nothing to do it finishes in a few seconds.
@@ -254,7 +254,7 @@ provision_private_criu() {
   local deb
   for deb in "$work"/debs/*.deb; do dpkg -x "$deb" "$stage"; done
   [[ -x "$stage/usr/sbin/criu" && -e "$stage/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ]] \
-    || die "the trixie packages did not provide usr/sbin/criu and the loader"
+    || die "the downloaded packages did not provide usr/sbin/criu and the loader"
 
   # Normally the static list is complete. If trixie moved on, derive the rest.
   local round missing soname cand added

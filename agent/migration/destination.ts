@@ -141,11 +141,12 @@ export class DestinationSessions implements PeerHandler {
    */
   private async decide(migrationId: string, decision: 'commit' | 'abort', connection: ControlConnection): Promise<void> {
     const session = this.sessions.get(migrationId);
-    if (session) await session.decide(decision);
-    else await decideFromJournal(this.deps, migrationId, decision);
+    const warnings: string[] = [];
+    if (session) await session.decide(decision, warnings);
+    else await decideFromJournal(this.deps, migrationId, decision, warnings);
     const entry = await this.deps.journal.read(migrationId).catch(() => undefined);
     const outcome = entry?.state === 'done' ? 'commit' : 'abort';
-    connection.send({ type: 'decided', migrationId, decision: outcome });
+    connection.send({ type: 'decided', migrationId, decision: outcome, ...(warnings.length ? { warnings } : {}) });
     // The container already runs: the images go after the source heard so.
     if (outcome === 'commit') await this.deps.journal.removeImages(migrationId).catch(() => undefined);
   }
@@ -156,11 +157,15 @@ export async function decideFromJournal(
   deps: DestinationDependencies,
   migrationId: string,
   decision: 'commit' | 'abort',
+  warnings: string[] = [],
 ): Promise<void> {
   const entry = await deps.journal.read(migrationId);
   if (!entry || entry.role !== 'destination' || entry.state === 'done' || entry.state === 'aborted') return;
   if (decision === 'commit' && entry.state === 'prepared') {
-    await resumeContainer(deps.runtime, entry.container, (message) => deps.logger.error({ migrationId }, message));
+    await resumeContainer(deps.runtime, entry.container, (message) => {
+      deps.logger.error({ migrationId }, message);
+      warnings.push(message);
+    });
     await deps.journal.update(migrationId, 'done');
     return;
   }
@@ -472,7 +477,7 @@ class DestinationSession {
   }
 
   /** The source's decision. A commit is only taken once prepared; earlier it is refused and the copy dropped. */
-  async decide(decision: 'commit' | 'abort'): Promise<void> {
+  async decide(decision: 'commit' | 'abort', warnings: string[] = []): Promise<void> {
     if (decision === 'abort') return this.abort('the source decided abort');
     if (this.state !== 'prepared') {
       this.logger.warn({ state: this.state }, 'commit refused: the copy is not prepared');
@@ -481,7 +486,10 @@ class DestinationSession {
     this.transition('committing');
     this.forget();
     try {
-      await resumeContainer(this.deps.runtime, this.name, (message) => this.logger.error(message));
+      await resumeContainer(this.deps.runtime, this.name, (message) => {
+        this.logger.error(message);
+        warnings.push(message);
+      });
       await this.deps.journal.update(this.migrationId, 'done');
       this.transition('done');
       this.deps.onOutcome?.('succeeded');

@@ -20,7 +20,7 @@ export async function resumeContainer(runtime: ContainerRuntime, name: string, w
       warn(`container ${name} runs, but its network lock could not be removed (nft delete table inet ferry_lock in its namespace): ${error instanceof Error ? error.message : String(error)}`),
     );
   }
-  for (const pid of pids) process.kill(pid, 'SIGCONT');
+  for (const pid of pids) signalIfAlive(pid, 'SIGCONT');
   const { migrationId: _, ...running } = record;
   await runtime.store.write(running);
   const state = await processState(record.pid);
@@ -30,4 +30,13 @@ export async function resumeContainer(runtime: ContainerRuntime, name: string, w
   // Not awaited (its repeats take 200 ms, which would count as downtime) and best effort:
   // without it peers still find the address once their ARP entries expire.
   if (record.spec.network) void announceAddress(record.pid, record.spec.network).catch(() => undefined);
+}
+
+/** A task may exit between the listing and the signal; that is not a failure to resume. */
+export function signalIfAlive(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
+  }
 }

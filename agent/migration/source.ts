@@ -534,6 +534,7 @@ export class MigrationSource {
       const decided = await this.peer!.expect('decided', 60_000, 'confirm');
       this.runningAt = performance.now();
       if (decided.decision !== 'commit') this.warnings.push('the destination could not resume the committed copy: the container was lost');
+      for (const warning of decided.warnings ?? []) this.warnings.push(`destination: ${warning}`);
       return true;
     } catch (error) {
       // Committed but unconfirmed: recovery re-delivers the decision.
@@ -583,7 +584,10 @@ export class MigrationSource {
     const network = this.record.spec.network;
     if (network && this.networkLocked) {
       // Unlocked before the thaw, so the connections go on here; then the segment hears the address is still here.
-      await unlockNetwork(this.record.pid, 'rollback').catch((unlockError: unknown) => this.logger.error({ err: unlockError }, 'network unlock failed'));
+      await unlockNetwork(this.record.pid, 'rollback').catch((unlockError: unknown) => {
+        this.logger.error({ err: unlockError }, 'network unlock failed');
+        error.details.push(`the container runs here again, but its network lock could not be removed: ${toFerryError(unlockError).message}`);
+      });
     }
     await cgroup.thaw().catch((thawError: unknown) => this.logger.error({ err: thawError }, 'thaw failed'));
     if (network && this.networkLocked) {

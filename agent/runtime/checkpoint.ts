@@ -72,10 +72,15 @@ export async function checkpointToDirectory(
     const manifest = { spec: record.spec, history: record.history, rootfsDigests: Object.fromEntries(digests), dumpStats };
     await writeFile(join(directory, 'container.json'), JSON.stringify(manifest, null, 2), { flag: 'wx' });
   } catch (error) {
-    if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch(() => undefined);
+    const failure = toFerryError(error, 'dump');
+    if (record.spec.network) {
+      await unlockNetwork(record.pid, 'rollback').catch((unlockError: unknown) =>
+        failure.details.push(`the container runs again, but its network lock could not be removed: ${toFerryError(unlockError).message}`),
+      );
+    }
     await cgroup.thaw().catch(() => undefined);
     await removeCheckpointEntries(directory, written, createdDirectory);
-    throw toFerryError(error, 'dump');
+    throw failure;
   }
   // From here the images are the workload: nothing may delete them, and trouble is only a warning.
   const frozenMs = performance.now() - frozenAt;
@@ -203,7 +208,13 @@ export async function restoreContainer(
     } else if (network) {
       // A restored checkpoint goes on now: unlocked, resumed, announced.
       await unlockNetwork(pid, 'restore');
-      for (const task of await cgroup.pids()) process.kill(task, 'SIGCONT');
+      for (const task of await cgroup.pids()) {
+        try {
+          process.kill(task, 'SIGCONT');
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
+        }
+      }
       await announceAddress(pid, network).catch(() => undefined);
     }
     const record: ContainerRecord = {
@@ -218,6 +229,7 @@ export async function restoreContainer(
     return { record, restoreStats };
   } catch (error) {
     await cgroup.kill().catch(() => undefined);
+    if (request.spec.network) await removeHostEnd(name);
     await cgroup.remove().catch(() => undefined);
     throw toFerryError(error, 'restore');
   }

@@ -204,7 +204,8 @@ async function probeSocketDump(criu: Criu): Promise<string | undefined> {
       timeout: 60_000,
       env: criuEnvironment(),
     });
-    if (result.timedOut) throw new Error('the socket probe dump timed out');
+    // Only CRIU's own verdict is an answer (and cached); a killed or timed-out dump is not.
+    if (result.timedOut || result.signal || typeof result.exitCode !== 'number') throw new Error(`the socket probe dump did not finish (${result.signal ?? 'timeout'})`);
     if (result.exitCode === 0) return undefined;
     const lines = await readErrorLines(log);
     return lines.at(-1) ?? `criu dump exit code ${result.exitCode}`;

@@ -67,9 +67,11 @@ async function unlockOnce(pid: number, phase: Phase): Promise<void> {
   if (listed.exitCode !== 0) {
     throw new FerryError('INTERNAL', `nft list tables in the container's network namespace failed: ${listed.stderr.trim()}`, { phase });
   }
-  const present = listed.stdout.split('\n').map((line) => line.trim()).filter((line) => line.endsWith(` ${lockTable}`));
+  // Only the two tables this file makes, by exact name: nothing of the listing goes back into a script.
+  const lines = new Set(listed.stdout.split('\n').map((line) => line.trim()));
+  const present = ['inet', 'arp'].filter((family) => lines.has(`table ${family} ${lockTable}`));
   if (!present.length) return;
-  await nft(pid, present.map((line) => `delete ${line}\n`).join(''), phase);
+  await nft(pid, present.map((family) => `delete table ${family} ${lockTable}\n`).join(''), phase);
 }
 
 /** Whether the namespace of `pid` is locked (both tables present). */

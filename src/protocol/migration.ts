@@ -133,7 +133,13 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
   /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
-  z.object({ type: z.literal('decided'), migrationId, decision: z.enum(['commit', 'abort']) }),
+  z.object({
+    type: z.literal('decided'),
+    migrationId,
+    decision: z.enum(['commit', 'abort']),
+    /** Trouble of a copy that runs (its network lock would not come off, say): for the source's report. */
+    warnings: z.array(z.string().max(2000)).max(20).optional(),
+  }),
   /** Either side gives up before the decision, saying why. */
   z.object({
     type: z.literal('abort'),
