@@ -161,35 +161,30 @@ add_trixie_source() {
     apt-get install -y -qq --only-upgrade debian-archive-keyring >/dev/null \
       || die "could not upgrade debian-archive-keyring (needed to verify Debian 13 packages)"
   }
-  write_if_changed /etc/apt/sources.list.d/ferry-trixie.sources <<'EOF' || true
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  # priority 100: nothing is installed or upgraded from trixie unless asked for
-  write_if_changed /etc/apt/preferences.d/ferry-trixie <<'EOF' || true
-Package: *
-Pin: release n=trixie
-Pin-Priority: 100
-EOF
+  # nothing is installed or upgraded from trixie unless asked for
+  debian_source trixie 100
 }
 
 add_sid_source() {
-  write_if_changed /etc/apt/sources.list.d/ferry-sid.sources <<'EOF2' || true
+  # only what is named with -t sid or pkg=version comes from it
+  debian_source sid 50
+}
+
+# debian_source SUITE PRIORITY: an apt source for SUITE, pinned at PRIORITY
+debian_source() {
+  local suite="$1" priority="$2"
+  write_if_changed "/etc/apt/sources.list.d/ferry-$suite.sources" <<EOF || true
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: sid
+Suites: $suite
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF2
-  # priority 50: only what is named with -t sid or pkg=version comes from it
-  write_if_changed /etc/apt/preferences.d/ferry-sid <<'EOF2' || true
+EOF
+  write_if_changed "/etc/apt/preferences.d/ferry-$suite" <<EOF || true
 Package: *
-Pin: release n=sid
-Pin-Priority: 50
-EOF2
+Pin: release n=$suite
+Pin-Priority: $priority
+EOF
 }
 
 # sid_criu_version: the pinned version if unstable still has it, else its 4.2.x, else nothing

@@ -14,7 +14,7 @@ import { containerSpecSchema, type ContainerSpec } from '../../src/protocol/cont
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { unpackInto } from '../../src/rootfs/unpack.ts';
-import { announceAddress, probeAddress, removeHostEnd, requireBridge, vethExternal } from './network.ts';
+import { goLive, probeAddress, removeHostEnd, requireBridge, vethExternal } from './network.ts';
 import { processStartTime } from './process.ts';
 import type { ContainerRuntime } from './runtime.ts';
 import type { ContainerRecord } from './store.ts';
@@ -204,18 +204,12 @@ export async function restoreContainer(
     const pid = Number((await readFile(pidFile, 'utf8')).trim());
     if (network && request.leaveStopped) {
       // A migration's copy stays locked until its commit, also if the images did not carry the lock.
-      if (!(await isNetworkLocked(pid))) await lockNetwork(pid, 'restore');
+      if (!(await isNetworkLocked(pid, 'restore'))) await lockNetwork(pid, 'restore');
     } else if (network) {
-      // A restored checkpoint goes on now: unlocked, resumed, announced.
-      await unlockNetwork(pid, 'restore');
-      for (const task of await cgroup.pids()) {
-        try {
-          process.kill(task, 'SIGCONT');
-        } catch (error) {
-          if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
-        }
-      }
-      await announceAddress(pid, network).catch(() => undefined);
+      // A restored checkpoint goes on now; one that cannot be unlocked fails its restore.
+      await goLive(pid, await cgroup.pids(), network, 'restore', (error) => {
+        throw error;
+      });
     }
     const record: ContainerRecord = {
       spec: request.spec,

@@ -9,6 +9,7 @@ import { FerryError, type Phase } from '../../src/errors.ts';
 import { containerInterface, hostInterfaceName, type NetworkSpec } from '../../src/net/address.ts';
 import { requireOwnNamespace, unlockNetwork } from '../../src/net/lock.ts';
 import { helperPath } from '../../src/paths.ts';
+import { signalIfAlive } from './process.ts';
 
 async function ip(args: string[], phase: Phase): Promise<string> {
   const result = await execa('ip', args, { reject: false, timeout: 10_000 });
@@ -131,4 +132,23 @@ export async function removeStaleNamespaces(prefix: string): Promise<void> {
 /** CRIU's --external for the restore: the veth's host end, on this host's bridge. */
 export function vethExternal(container: string, bridge: string): string {
   return `veth[${containerInterface}]:${hostInterfaceName(container)}@${bridge}`;
+}
+
+/**
+ * A copy restored stopped and locked goes on: unlocked first (a running
+ * process behind the lock would see its sends fail), every task resumed,
+ * then the address announced. The announcement is not awaited (its repeats
+ * take 200 ms, which would count as downtime) and is best effort: without it
+ * peers still find the address once their ARP entries expire.
+ */
+export async function goLive(
+  pid: number,
+  tasks: number[],
+  network: NetworkSpec | undefined,
+  phase: Phase,
+  unlockFailed: (error: unknown) => void,
+): Promise<void> {
+  if (network) await unlockNetwork(pid, phase).catch(unlockFailed);
+  for (const task of tasks) signalIfAlive(task, 'SIGCONT');
+  if (network) void announceAddress(pid, network).catch(() => undefined);
 }

@@ -30,3 +30,12 @@ export async function residentBytes(pids: number[]): Promise<number> {
   }
   return total;
 }
+
+/** A task may exit between a listing and its signal; that is not a failure. */
+export function signalIfAlive(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
+  }
+}

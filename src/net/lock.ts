@@ -63,20 +63,23 @@ export async function unlockNetwork(pid: number, phase: Phase): Promise<void> {
 
 async function unlockOnce(pid: number, phase: Phase): Promise<void> {
   await requireOwnNamespace(pid, phase);
-  const listed = await execa('nsenter', [`--net=/proc/${pid}/ns/net`, 'nft', 'list', 'tables'], { reject: false, timeout: 10_000 });
-  if (listed.exitCode !== 0) {
-    throw new FerryError('INTERNAL', `nft list tables in the container's network namespace failed: ${listed.stderr.trim()}`, { phase });
-  }
-  // Only the two tables this file makes, by exact name: nothing of the listing goes back into a script.
-  const lines = new Set(listed.stdout.split('\n').map((line) => line.trim()));
-  const present = ['inet', 'arp'].filter((family) => lines.has(`table ${family} ${lockTable}`));
+  const present = await lockFamilies(pid, phase);
   if (!present.length) return;
   await nft(pid, present.map((family) => `delete table ${family} ${lockTable}\n`).join(''), phase);
 }
 
 /** Whether the namespace of `pid` is locked (both tables present). */
-export async function isNetworkLocked(pid: number): Promise<boolean> {
+export async function isNetworkLocked(pid: number, phase: Phase): Promise<boolean> {
+  return (await lockFamilies(pid, phase)).length === 2;
+}
+
+/** The families (inet, arp) that hold a lock table in the namespace of `pid`. */
+async function lockFamilies(pid: number, phase: Phase): Promise<string[]> {
   const listed = await execa('nsenter', [`--net=/proc/${pid}/ns/net`, 'nft', 'list', 'tables'], { reject: false, timeout: 10_000 });
-  const lines = listed.stdout.split('\n').map((line) => line.trim());
-  return lines.includes(`table inet ${lockTable}`) && lines.includes(`table arp ${lockTable}`);
+  if (listed.exitCode !== 0) {
+    throw new FerryError('INTERNAL', `nft list tables in the container's network namespace failed: ${listed.stderr.trim()}`, { phase });
+  }
+  // Matched by exact name: nothing of the container's listing goes back into a script.
+  const lines = new Set(listed.stdout.split('\n').map((line) => line.trim()));
+  return ['inet', 'arp'].filter((family) => lines.has(`table ${family} ${lockTable}`));
 }
