@@ -57,7 +57,7 @@ if (mode === 'serve') {
   await new Promise<void>((resolve, reject) => {
     const socket = new WebSocket(`ws://${address}:9202`, { perMessageDeflate: false, generateMask: (mask) => mask.fill(0) });
     socket.on('open', () => {
-      void new ChannelSender(socket, 'bench').sendStream('bench', source(bytes, 16 << 10));
+      void new ChannelSender(socket, 'bench').sendStream('bench', source(bytes, 1 << 20));
     });
     socket.on('message', () => resolve());
     socket.on('error', reject);
