@@ -252,15 +252,6 @@ static napi_value js_utimensat(napi_env env, napi_callback_info info) {
   return utimensat(dirfd, name, times, flags) < 0 ? throw_errno(env, errno, "utimensat") : NULL;
 }
 
-/** fcntl(fd, F_SETPIPE_SZ, bytes) -> the size the kernel gave, which may be larger. */
-static napi_value js_set_pipe_size(napi_env env, napi_callback_info info) {
-  Args args = args_of(env, info, 2);
-  int fd = int_arg(&args, 0), bytes = int_arg(&args, 1);
-  if (args.failed) return NULL;
-  int size = fcntl(fd, F_SETPIPE_SZ, bytes);
-  return size < 0 ? throw_errno(env, errno, "fcntl(F_SETPIPE_SZ)") : int_result(env, size);
-}
-
 NAPI_MODULE_INIT() {
   static const struct {
     const char *name;
@@ -269,7 +260,7 @@ NAPI_MODULE_INIT() {
       {"openat2", js_openat2},     {"mkdirat", js_mkdirat},     {"mknodat", js_mknodat},
       {"symlinkat", js_symlinkat}, {"linkat", js_linkat},       {"unlinkat", js_unlinkat},
       {"removeTreeAt", js_remove_tree_at}, {"modeAt", js_mode_at}, {"fchownat", js_fchownat},
-      {"fchmodat", js_fchmodat},   {"utimensat", js_utimensat}, {"setPipeSize", js_set_pipe_size},
+      {"fchmodat", js_fchmodat},   {"utimensat", js_utimensat},
   };
   for (size_t index = 0; index < sizeof functions / sizeof functions[0]; index++) {
     napi_value function;

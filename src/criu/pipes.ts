@@ -13,8 +13,13 @@ import { AT_FDCWD, fsat } from '../rootfs/safe-fs.ts';
 // CRIU closes it, with no polling.
 
 const S_IFIFO = 0o010000;
-/** A pipe's buffer: CRIU splices up to this much per wake-up (pipe-max-size is 1 MiB by default). */
-const pipeBytes = 1 << 20;
+/**
+ * Buffered per pipe between CRIU and the channel. The pipes keep the
+ * kernel's default size: every pipe of root counts against one per-user
+ * budget (fs.pipe-user-pages-soft, 64 MiB), which CRIU's own page pipes
+ * need, and root here lacks CAP_SYS_RESOURCE to exceed it.
+ */
+const bodyBytes = 1 << 20;
 
 interface PagePipe {
   name: string;
@@ -46,13 +51,10 @@ export class PagePipes {
         fsat().mknodat(AT_FDCWD, path, S_IFIFO | 0o600, 0, 0);
         // Non-blocking, or the open would wait for CRIU to open the other end.
         const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
-        try {
-          fsat().setPipeSize(fd, pipeBytes);
-        } catch {
-          // A smaller pipe only means more wake-ups.
-        }
         const socket = new Socket({ fd, readable: true, writable: false });
-        const body = new PassThrough({ highWaterMark: pipeBytes });
+        const body = new PassThrough({ highWaterMark: bodyBytes });
+        // A read error fails this image's stream (and so the migration), never the agent.
+        socket.on('error', (error) => body.destroy(error));
         socket.pipe(body);
         pipes.push({ name, path, socket, body });
       }

@@ -23,8 +23,6 @@ export interface Fsat {
   fchownat(directory: number, name: string, uid: number, gid: number, flags: number): void;
   fchmodat(directory: number, name: string, mode: number, flags: number): void;
   utimensat(directory: number, name: string, seconds: number, nanoseconds: number, flags: number): void;
-  /** F_SETPIPE_SZ: returns the size set. */
-  setPipeSize(fd: number, bytes: number): number;
 }
 
 export const O_PATH = 0o10000000;
