@@ -457,7 +457,7 @@ export class MigrationSource {
     // change while CRIU runs, and CRIU writes nothing into the rootfs.
     this.marks.pagesAtDump = this.meter.totals().pages;
     // One pipe per process and a few for shared memory; the tree is frozen, so the count holds.
-    const pipes = PagePipes.create(this.imagesDir, (await cgroup.pids()).length + 4);
+    const pipes = PagePipes.create(this.imagesDir, (await cgroup.pids()).length + 2);
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const exited = () => {
       this.marks.dumped = performance.now();

@@ -61,10 +61,20 @@ export class ChannelSender {
       }
     }
     const digest = hash.hex();
-    await this.drain();
     if (this.socket.readyState !== this.socket.OPEN) throw peerGone();
-    this.sendControl({ type: 'stream-end', bytes, digest, ...(files ? { files: files() } : {}) });
+    // Done once the stream-end, and so every frame before it, is written to the socket.
+    await this.sendWritten({ type: 'stream-end', bytes, digest, ...(files ? { files: files() } : {}) });
     return { bytes, digest };
+  }
+
+  /** Sends a control frame; resolves when it is written, rejects if the channel closed first. */
+  private sendWritten(frame: DataFrame): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.socket.send(JSON.stringify(frame), (error) => {
+        if (error || this.socket.readyState !== this.socket.OPEN) reject(peerGone());
+        else resolve();
+      });
+    });
   }
 
   sendControl(frame: DataFrame): void {
@@ -97,11 +107,6 @@ export class ChannelSender {
     });
   }
 
-  /** Resolves when every frame handed to ws reached the socket. */
-  drain(): Promise<void> {
-    return this.waitBelow(1);
-  }
-
   /** Waits for the socket to drain below `limit` unwritten bytes; rejects once the channel is closed. */
   private waitBelow(limit: number): Promise<void> {
     if (this.socket.bufferedAmount < limit) return Promise.resolve();
@@ -118,8 +123,8 @@ export class ChannelSender {
       };
       transport?.on('drain', check);
       this.socket.on('close', check);
-      // 'drain' comes only after a write that filled the buffer; a short poll covers the rest.
-      const poll = setInterval(check, 20);
+      // 'drain' comes only once the buffer is empty; the poll ends the wait earlier, at the limit.
+      const poll = setInterval(check, 5);
       check();
     });
   }
