@@ -447,7 +447,8 @@ export class MigrationSource {
   /**
    * The rootfs final pass, the CRIU dump and the shipping of its page images
    * run at once: the first two only read the frozen container, and page
-   * images go out while CRIU writes them. The other images follow.
+   * images go out while CRIU writes them. The other images follow CRIU's
+   * exit, alongside the last pages.
    */
   private async snapshotDumpAndStream(): Promise<void> {
     const cgroup = this.deps.runtime.cgroup(this.request.name);
@@ -477,17 +478,21 @@ export class MigrationSource {
     });
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
-      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir, undefined, pipes)]);
-      this.dumpStats = stats;
-      this.pageImages.push(...pages);
+      // The other images are complete once CRIU exits: they go on the files channel
+      // (after the rootfs delta) while the last pages are still on their way.
       const imageDigests = new Map<string, string>();
-      await this.timer.run('stream', () =>
-        this.filesSender.sendStream(
-          'images',
-          packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
-          { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
+      const images = Promise.all([rootfs, dump.done]).then(() =>
+        this.timer.run('stream', () =>
+          this.filesSender.sendStream(
+            'images',
+            packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
+            { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
+          ),
         ),
       );
+      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir, undefined, pipes), images]);
+      this.dumpStats = stats;
+      this.pageImages.push(...pages);
     } catch (error) {
       // CRIU finishes regardless of the network (what it still writes into the pipes is
       // discarded); killing it while its parasite is inside the frozen tasks could damage them.

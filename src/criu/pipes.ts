@@ -19,7 +19,7 @@ const S_IFIFO = 0o010000;
  * budget (fs.pipe-user-pages-soft, 64 MiB), which CRIU's own page pipes
  * need, and root here lacks CAP_SYS_RESOURCE to exceed it.
  */
-const bodyBytes = 1 << 20;
+const bodyBytes = 256 << 10;
 
 interface PagePipe {
   name: string;
