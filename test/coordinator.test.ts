@@ -312,7 +312,7 @@ describe('evacuation', () => {
   it('undo brings every container back to its origin', async () => {
     // Through the CLI: `ferry evacuate h0 --undo` finds the last evacuation of h0 and waits for the undo.
     const cli = await ferry(['--json', 'evacuate', 'h0', '--undo']);
-    expect(cli.exitCode, cli.stderr).toBe(0);
+    expect(cli.exitCode, `${cli.stderr}\n${cli.stdout}`).toBe(0);
     const done = JSON.parse(cli.stdout) as EvacuationView;
     expect(done.undoOf).toBe(evacuationId);
     expect(done.state).toBe('finished');
