@@ -364,7 +364,7 @@ describe('evacuation', () => {
     // h2 took everything it could; the second of the anti-affine counters had nowhere
     // to go with h1 dead, so it stayed on h0, running, and is reported.
     expect(done.state).toBe('finished');
-    expect(done.unplaced).toHaveLength(1);
+    expect(done.unplaced, JSON.stringify(done.unplaced)).toHaveLength(1);
     const stayed = done.unplaced[0]!.container;
     expect([names.counterA, names.counterB]).toContain(stayed);
     for (const name of all) {
