@@ -21,7 +21,6 @@ import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
 import { resumeContainer } from './resume.ts';
-import { roundMs } from './timing.ts';
 import { probeAddress, requireBridge } from '../runtime/network.ts';
 import { withTimeout } from '../../src/timeout.ts';
 
@@ -195,9 +194,6 @@ class DestinationSession {
   private readonly writers: Array<Promise<unknown>> = [];
   private filesDone: Promise<void> | undefined;
   private readonly receivedPages = new Map<string, string>();
-  /** Where the files channel is, for a timeout's message. */
-  private filesAt = 'waiting for the rootfs stream';
-  private filesFinished = false;
   private pagesFailure: unknown;
   private pagesChanged: () => void = () => undefined;
   private aborted: Promise<void> | undefined;
@@ -370,7 +366,6 @@ class DestinationSession {
     await this.unpackStream(await this.nextStream(receiver), 'images', this.imagesDir, { images: true });
     receiver.close();
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
-    this.filesFinished = true;
   }
 
   private async nextStream(receiver: ChannelReceiver): Promise<IncomingStream> {
@@ -386,7 +381,6 @@ class DestinationSession {
 
   private async unpackStream(stream: IncomingStream, expected: string, into: string, options: { images?: boolean } = {}): Promise<void> {
     this.ensureLive();
-    this.filesAt = `unpacking the ${expected} stream`;
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`, { phase: 'stream' });
     if (stream.deleted.length && expected !== 'rootfs-delta') {
       throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
@@ -401,7 +395,6 @@ class DestinationSession {
       throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });
     }
     this.logger.info({ stream: expected, bytes: end.bytes }, 'stream received');
-    this.filesAt = `waiting for the stream after ${expected}`;
   }
 
   /**
@@ -428,18 +421,18 @@ class DestinationSession {
       const handle = await open(join(directory, image.file), flags, 0o600);
       const body = idleGuard(stream.body, STREAM_IDLE_MS, `page image ${stream.name}`, 'stream');
       const [, end] = await Promise.all([pipeline(body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
-      this.receivedPages.set(stream.name, end.digest);
+      this.receivedPages.set(stream.name, end.sha256);
       this.pagesChanged();
     }
   }
 
-  /** Resolves once every page image the source sent is here with the same digest. */
-  private async allPages(expected: Array<{ name: string; digest: string }>): Promise<void> {
+  /** Resolves once every page image the source sent is here with the same sha256. */
+  private async allPages(expected: Array<{ name: string; sha256: string }>): Promise<void> {
     for (;;) {
       this.ensureLive();
       if (this.pagesFailure) throw toFerryError(this.pagesFailure, 'stream');
       const missing = expected.filter((image) => !this.receivedPages.has(image.name));
-      const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.digest);
+      const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.sha256);
       if (wrong) throw new FerryError('CHECKSUM_MISMATCH', `page image ${wrong.name} differs from what the source sent`, { phase: 'stream' });
       if (!missing.length) return;
       await new Promise<void>((resolve) => (this.pagesChanged = resolve));
@@ -447,7 +440,7 @@ class DestinationSession {
   }
 
   /** transfer-complete: only while receiving, with both channels open. */
-  async transferComplete(pages: Array<{ name: string; digest: string }>): Promise<void> {
+  async transferComplete(pages: Array<{ name: string; sha256: string }>): Promise<void> {
     if (this.state !== 'receiving') return this.refuse(`transfer-complete while ${this.state}`);
     if (!this.filesDone || !this.channels.has('pages')) return this.refuse('transfer-complete before both data channels opened');
     this.transition('restoring');
@@ -455,22 +448,15 @@ class DestinationSession {
     await restoring.catch((error: unknown) => this.fail(error));
   }
 
-  private async restore(filesDone: Promise<void>, pages: Array<{ name: string; digest: string }>): Promise<void> {
-    const asked = performance.now();
-    await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream').catch((error: unknown) => {
-      const failure = toFerryError(error, 'stream');
-      if (failure.code !== 'TIMEOUT') throw failure;
-      const missing = pages.filter((image) => !this.receivedPages.has(image.name)).map((image) => image.name);
-      const files = this.filesFinished ? 'files channel done' : `files channel ${this.filesAt}`;
-      throw new FerryError('TIMEOUT', `${failure.message} (${files}; page images missing: ${missing.join(', ') || 'none'})`, { phase: 'stream' });
-    });
+  private async restore(filesDone: Promise<void>, pages: Array<{ name: string; sha256: string }>): Promise<void> {
+    await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
     this.ensureLive();
     this.logger.info({ phase: 'restore' }, 'phase');
     // Test fault: a real criu restore failure, from a pstree.img that is not a CRIU image.
     // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
     if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
     const started = performance.now();
-    const { restoreStats, timing } = await restoreContainer(this.deps.runtime, this.criu, {
+    const { restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
       spec: this.offer.spec,
       history: this.offer.history,
       imagesDir: this.imagesDir,
@@ -480,16 +466,13 @@ class DestinationSession {
       migrationId: this.migrationId,
     });
     this.ensureLive();
-    const restored = performance.now();
     await this.deps.journal.update(this.migrationId, 'prepared');
     this.transition('prepared');
-    const now = performance.now();
     this.connection.send({
       type: 'prepared',
       migrationId: this.migrationId,
-      restoreMs: Math.round(now - started),
+      restoreMs: Math.round(performance.now() - started),
       ...(restoreStats ? { restoreStats } : {}),
-      timing: { waitMs: roundMs(started - asked), checkMs: timing.checkMs, criuMs: timing.criuMs, recordMs: roundMs(timing.afterMs + now - restored) },
     });
   }
 

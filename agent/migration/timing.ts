@@ -24,8 +24,3 @@ export class PhaseTimer {
     }
   }
 }
-
-/** Milliseconds to a tenth, as reports give them. */
-export function roundMs(ms: number): number {
-  return Math.round(ms * 10) / 10;
-}

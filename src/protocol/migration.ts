@@ -4,7 +4,6 @@ import { phases } from '../errors.ts';
 import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
 import { byteCount, count, milliseconds, rate } from './numbers.ts';
-import { digestPattern } from '../digest.ts';
 
 export const migrationOptionsSchema = z.object({
   strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
@@ -42,40 +41,6 @@ export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachabl
 
 export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: milliseconds });
 
-/** The destination's side of the restore step, timed there. */
-export const restoreTimingSchema = z.object({
-  /** From transfer-complete until every image was here and checked. */
-  waitMs: milliseconds,
-  /** Image checks and the cgroup, network and address set-up before CRIU. */
-  checkMs: milliseconds,
-  /** The criu restore process, start to exit. */
-  criuMs: milliseconds,
-  /** Recording the copy (pid, lock, store, journal) before answering. */
-  recordMs: milliseconds,
-});
-export type RestoreTiming = z.infer<typeof restoreTimingSchema>;
-
-/**
- * Where the downtime went, in order, on the source's clock: the parts add up
- * to downtimeMs. Pages stream while CRIU dumps, so `ship` is only what was
- * left to send once CRIU exited; `receive` is the rest of the wait for the
- * destination (its unpacking and checksums, the link's latency).
- */
-export const downtimeBreakdownSchema = z.object({
-  freezeMs: milliseconds,
-  dumpMs: milliseconds,
-  shipMs: milliseconds,
-  receiveMs: milliseconds,
-  checkMs: milliseconds,
-  restoreMs: milliseconds,
-  recordMs: milliseconds,
-  resumeMs: milliseconds,
-  /** Page bytes on the link by the time CRIU exited, of pageBytes in all. */
-  overlappedBytes: byteCount,
-  pageBytes: byteCount,
-});
-export type DowntimeBreakdown = z.infer<typeof downtimeBreakdownSchema>;
-
 export const migrationReportSchema = z.object({
   migrationId: z.string(),
   container: z.string(),
@@ -86,7 +51,6 @@ export const migrationReportSchema = z.object({
   strategyNote: z.string().optional(),
   /** From the freeze on the source to the container running on the destination. */
   downtimeMs: milliseconds,
-  downtime: downtimeBreakdownSchema.optional(),
   totalMs: milliseconds,
   bytes: z.object({ rootfs: byteCount, pages: byteCount, images: byteCount }),
   phases: z.array(phaseTimingSchema),
@@ -124,8 +88,7 @@ export type ProgressEvent = z.infer<typeof progressEventSchema>;
  */
 export const migrationIdSchema = z.string().regex(/^[a-zA-Z0-9-]{8,64}$/, 'letters, digits and "-", 8 to 64 of them');
 const migrationId = migrationIdSchema;
-/** XXH3-64 of a stream or a file (src/digest.ts). */
-const digestHex = z.string().regex(digestPattern);
+const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/);
 
 /** Messages between the source and the destination agent of one migration. */
 export const peerMessageSchema = z.discriminatedUnion('type', [
@@ -164,9 +127,9 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
      * The page images sent on the pages channel, pre-dump rounds' as
      * round-N/pages-K.img; the destination restores once it has them all.
      */
-    pages: z.array(z.object({ name: z.string(), bytes: byteCount, digest: digestHex })),
+    pages: z.array(z.object({ name: z.string(), bytes: byteCount, sha256: sha256Hex })),
   }),
-  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds, timing: restoreTimingSchema.optional() }),
+  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
   /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
@@ -197,9 +160,9 @@ export const dataFrameSchema = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('stream-end'),
     bytes: byteCount,
-    digest: digestHex,
-    /** The digest of every regular file in a tar stream, by path. */
-    files: z.record(z.string(), digestHex).optional(),
+    sha256: sha256Hex,
+    /** sha256 of every regular file in a tar stream, by path. */
+    files: z.record(z.string(), z.string()).optional(),
   }),
 ]);
 export type DataFrame = z.infer<typeof dataFrameSchema>;

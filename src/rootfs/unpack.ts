@@ -1,4 +1,4 @@
-import { streamDigest } from '../digest.ts';
+import { createHash } from 'node:crypto';
 import {
   closeSync,
   constants,
@@ -300,7 +300,7 @@ async function writeFile(
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
   // Private until its owner and mode are set.
   const create = () => fsat().openat2(place.directory, place.name, flags, 0o600, resolveBeneath);
-  const hash = streamDigest();
+  const hash = createHash('sha256');
   if ((header.size ?? 0) <= smallFileBytes) {
     // One write for a small file: a stream per file cost more than its bytes.
     const chunks: Buffer[] = [];
@@ -313,8 +313,7 @@ async function writeFile(
     } finally {
       closeSync(fd);
     }
-    hash.update(content);
-    digests?.set(place.path, hash.hex());
+    digests?.set(place.path, hash.update(content).digest('hex'));
     return;
   }
   const fd = tree.replacing(place, create);
@@ -324,7 +323,7 @@ async function writeFile(
   } finally {
     closeSync(fd);
   }
-  digests?.set(place.path, hash.hex());
+  digests?.set(place.path, hash.digest('hex'));
 }
 
 function hardLink(tree: TargetTree, parts: string[], header: tar.Header): void {
