@@ -421,18 +421,18 @@ class DestinationSession {
       const handle = await open(join(directory, image.file), flags, 0o600);
       const body = idleGuard(stream.body, STREAM_IDLE_MS, `page image ${stream.name}`, 'stream');
       const [, end] = await Promise.all([pipeline(body, handle.createWriteStream({ highWaterMark: bulkWriteBuffer })), stream.end]);
-      this.receivedPages.set(stream.name, end.sha256);
+      this.receivedPages.set(stream.name, end.digest);
       this.pagesChanged();
     }
   }
 
-  /** Resolves once every page image the source sent is here with the same sha256. */
-  private async allPages(expected: Array<{ name: string; sha256: string }>): Promise<void> {
+  /** Resolves once every page image the source sent is here with the same digest. */
+  private async allPages(expected: Array<{ name: string; digest: string }>): Promise<void> {
     for (;;) {
       this.ensureLive();
       if (this.pagesFailure) throw toFerryError(this.pagesFailure, 'stream');
       const missing = expected.filter((image) => !this.receivedPages.has(image.name));
-      const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.sha256);
+      const wrong = expected.find((image) => this.receivedPages.has(image.name) && this.receivedPages.get(image.name) !== image.digest);
       if (wrong) throw new FerryError('CHECKSUM_MISMATCH', `page image ${wrong.name} differs from what the source sent`, { phase: 'stream' });
       if (!missing.length) return;
       await new Promise<void>((resolve) => (this.pagesChanged = resolve));
@@ -440,7 +440,7 @@ class DestinationSession {
   }
 
   /** transfer-complete: only while receiving, with both channels open. */
-  async transferComplete(pages: Array<{ name: string; sha256: string }>): Promise<void> {
+  async transferComplete(pages: Array<{ name: string; digest: string }>): Promise<void> {
     if (this.state !== 'receiving') return this.refuse(`transfer-complete while ${this.state}`);
     if (!this.filesDone || !this.channels.has('pages')) return this.refuse('transfer-complete before both data channels opened');
     this.transition('restoring');
@@ -448,7 +448,7 @@ class DestinationSession {
     await restoring.catch((error: unknown) => this.fail(error));
   }
 
-  private async restore(filesDone: Promise<void>, pages: Array<{ name: string; sha256: string }>): Promise<void> {
+  private async restore(filesDone: Promise<void>, pages: Array<{ name: string; digest: string }>): Promise<void> {
     await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
     this.ensureLive();
     this.logger.info({ phase: 'restore' }, 'phase');

@@ -43,7 +43,7 @@ export interface SourceDependencies {
 interface PageImage {
   name: string;
   bytes: number;
-  sha256: string;
+  digest: string;
 }
 
 export interface MigrateRequest {

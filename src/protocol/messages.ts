@@ -7,7 +7,7 @@ import { migrationIdSchema, migrationOptionsSchema, migrationReportSchema, progr
 // Every control message, defined once and imported by agents, coordinator and
 // CLI. Text frames carry these as JSON; bulk data travels on data channels.
 
-export const protocolVersion = 1;
+export const protocolVersion = 2;
 
 export const wireErrorSchema = z.object({
   code: z.enum(errorCodes),

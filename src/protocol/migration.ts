@@ -4,6 +4,7 @@ import { phases } from '../errors.ts';
 import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
 import { byteCount, count, milliseconds, rate } from './numbers.ts';
+import { digestPattern } from '../digest.ts';
 
 export const migrationOptionsSchema = z.object({
   strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
@@ -88,7 +89,8 @@ export type ProgressEvent = z.infer<typeof progressEventSchema>;
  */
 export const migrationIdSchema = z.string().regex(/^[a-zA-Z0-9-]{8,64}$/, 'letters, digits and "-", 8 to 64 of them');
 const migrationId = migrationIdSchema;
-const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/);
+/** XXH3-64 of a stream or a file (src/digest.ts). */
+const digestHex = z.string().regex(digestPattern);
 
 /** Messages between the source and the destination agent of one migration. */
 export const peerMessageSchema = z.discriminatedUnion('type', [
@@ -127,7 +129,7 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
      * The page images sent on the pages channel, pre-dump rounds' as
      * round-N/pages-K.img; the destination restores once it has them all.
      */
-    pages: z.array(z.object({ name: z.string(), bytes: byteCount, sha256: sha256Hex })),
+    pages: z.array(z.object({ name: z.string(), bytes: byteCount, digest: digestHex })),
   }),
   z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
@@ -160,9 +162,9 @@ export const dataFrameSchema = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('stream-end'),
     bytes: byteCount,
-    sha256: sha256Hex,
-    /** sha256 of every regular file in a tar stream, by path. */
-    files: z.record(z.string(), z.string()).optional(),
+    digest: digestHex,
+    /** The digest of every regular file in a tar stream, by path. */
+    files: z.record(z.string(), digestHex).optional(),
   }),
 ]);
 export type DataFrame = z.infer<typeof dataFrameSchema>;

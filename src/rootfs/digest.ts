@@ -1,4 +1,4 @@
-import type { Hash } from 'node:crypto';
+import type { StreamDigest } from '../digest.ts';
 import { Transform } from 'node:stream';
 
 /**
@@ -10,7 +10,7 @@ import { Transform } from 'node:stream';
 export const bulkWriteBuffer = 1 << 20;
 
 /** A pass-through that feeds every chunk to `hash` on its way. */
-export function hashing(hash: Hash): Transform {
+export function hashing(hash: StreamDigest): Transform {
   return new Transform({
     transform(chunk: Buffer, _encoding, callback) {
       hash.update(chunk);
@@ -25,7 +25,7 @@ export function compareDigests(expected: Map<string, string>, actual: Map<string
   for (const [name, digest] of expected) {
     const got = actual.get(name);
     if (got === undefined) problems.push(`${name}: missing`);
-    else if (got !== digest) problems.push(`${name}: sha256 ${got} != ${digest}`);
+    else if (got !== digest) problems.push(`${name}: digest ${got} != ${digest}`);
   }
   for (const name of actual.keys()) if (!expected.has(name)) problems.push(`${name}: unexpected`);
   return problems;

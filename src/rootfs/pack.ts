@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { digestOf, streamDigest } from '../digest.ts';
 import { closeSync, constants, createReadStream, lstatSync, readdirSync, readFileSync, readlinkSync, type Stats } from 'node:fs';
 import { Readable, Transform } from 'node:stream';
 import { hashing } from './digest.ts';
@@ -11,7 +11,7 @@ type EntryHeader = Parameters<tar.Pack['entry']>[0];
 export interface PackOptions {
   /** Relative paths that are not archived. */
   exclude?: (relativePath: string) => boolean;
-  /** Filled with the sha256 of every regular file archived, by relative path. */
+  /** Filled with the digest of every regular file archived, by relative path. */
   digests?: Map<string, string>;
   /** Only entries for which this holds are archived (the walk still descends). */
   include?: (relativePath: string) => boolean;
@@ -66,14 +66,14 @@ async function writeEntries(pack: tar.Pack, root: string, options: PackOptions):
       const fd = openRegularFileBeneath(place.directory, place.name);
       if (stats.size <= smallFileBytes) {
         const content = exactSize(fd === undefined ? Buffer.alloc(0) : readAndClose(fd), stats.size);
-        options.digests?.set(relativePath, createHash('sha256').update(content).digest('hex'));
+        options.digests?.set(relativePath, digestOf(content));
         await addEntry(pack, fileHeader, content);
         continue;
       }
-      const hash = createHash('sha256');
+      const hash = streamDigest();
       const content = fd === undefined ? Readable.from([]) : createReadStream('', { fd, end: stats.size - 1 });
       await pipeline(content, padTo(stats.size), hashing(hash), pack.entry(fileHeader));
-      options.digests?.set(relativePath, hash.digest('hex'));
+      options.digests?.set(relativePath, hash.hex());
     } else if (stats.isCharacterDevice() || stats.isBlockDevice()) {
       const type = stats.isCharacterDevice() ? 'character-device' : 'block-device';
       const devmajor = Math.floor(stats.rdev / 256) & 0xfff;

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { streamDigest } from '../digest.ts';
 import {
   closeSync,
   constants,
@@ -300,7 +300,7 @@ async function writeFile(
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
   // Private until its owner and mode are set.
   const create = () => fsat().openat2(place.directory, place.name, flags, 0o600, resolveBeneath);
-  const hash = createHash('sha256');
+  const hash = streamDigest();
   if ((header.size ?? 0) <= smallFileBytes) {
     // One write for a small file: a stream per file cost more than its bytes.
     const chunks: Buffer[] = [];
@@ -313,7 +313,8 @@ async function writeFile(
     } finally {
       closeSync(fd);
     }
-    digests?.set(place.path, hash.update(content).digest('hex'));
+    hash.update(content);
+    digests?.set(place.path, hash.hex());
     return;
   }
   const fd = tree.replacing(place, create);
@@ -323,7 +324,7 @@ async function writeFile(
   } finally {
     closeSync(fd);
   }
-  digests?.set(place.path, hash.digest('hex'));
+  digests?.set(place.path, hash.hex());
 }
 
 function hardLink(tree: TargetTree, parts: string[], header: tar.Header): void {

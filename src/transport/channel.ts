@@ -1,10 +1,10 @@
-import { createHash } from 'node:crypto';
 import { PassThrough, type Duplex, type Readable } from 'node:stream';
 import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
 import { parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
 import { faultNumber } from '../faults.ts';
+import { streamDigest, type StreamDigest } from '../digest.ts';
 
 /** Bytes handed to ws but not yet written to the socket before the sender waits. */
 const inFlightLimit = 4 * 1024 * 1024;
@@ -15,13 +15,13 @@ const maxPendingStreams = 8;
 
 export interface StreamResult {
   bytes: number;
-  sha256: string;
+  digest: string;
 }
 
 /**
  * Sending side of a data channel: one stream at a time, binary frames with
  * backpressure (at most `inFlightLimit` unwritten bytes), then a stream-end
- * frame carrying the sha256 of everything sent.
+ * frame carrying the digest of everything sent.
  */
 export class ChannelSender {
   private readonly socket: WebSocket;
@@ -46,7 +46,7 @@ export class ChannelSender {
   ): Promise<StreamResult> {
     const { files, onBytes, deleted } = options;
     this.sendControl({ type: 'stream-open', name, ...(deleted ? { deleted } : {}) });
-    const hash = createHash('sha256');
+    const hash = streamDigest();
     let bytes = 0;
     for await (const chunk of source as AsyncIterable<Buffer>) {
       hash.update(chunk);
@@ -54,11 +54,11 @@ export class ChannelSender {
       onBytes?.(chunk.length);
       await this.sendBinary(chunk);
     }
-    const sha256 = hash.digest('hex');
+    const digest = hash.hex();
     await this.drain();
     if (this.socket.readyState !== this.socket.OPEN) throw peerGone();
-    this.sendControl({ type: 'stream-end', bytes, sha256, ...(files ? { files: files() } : {}) });
-    return { bytes, sha256 };
+    this.sendControl({ type: 'stream-end', bytes, digest, ...(files ? { files: files() } : {}) });
+    return { bytes, digest };
   }
 
   sendControl(frame: DataFrame): void {
@@ -135,16 +135,16 @@ export interface IncomingStream {
   deleted: string[];
   body: Readable;
   /** Resolves with the sender's stream-end once the body is fully received and checked. */
-  end: Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>;
+  end: Promise<{ bytes: number; digest: string; files: Record<string, string> | undefined }>;
 }
 
 /**
  * Receiving side: turns frames into one Readable per stream, pausing the
- * socket while the consumer is behind, and checks the sha256 at stream-end.
+ * socket while the consumer is behind, and checks the digest at stream-end.
  */
 export class ChannelReceiver {
   private readonly socket: WebSocket;
-  private current: { body: PassThrough; hash: ReturnType<typeof createHash>; bytes: number; settle: (frame: DataFrame | Error) => void } | undefined;
+  private current: { body: PassThrough; hash: StreamDigest; bytes: number; settle: (frame: DataFrame | Error) => void } | undefined;
   private readonly pending: IncomingStream[] = [];
   private readonly waiting: Array<{ resolve: (stream: IncomingStream) => void; reject: (error: FerryError) => void }> = [];
   private closedError: FerryError | undefined;
@@ -191,16 +191,16 @@ export class ChannelReceiver {
     body.on('error', () => undefined);
     body.on('drain', () => this.socket.resume());
     let settle!: (frame: DataFrame | Error) => void;
-    const end = new Promise<{ bytes: number; sha256: string; files: Record<string, string> | undefined }>(
+    const end = new Promise<{ bytes: number; digest: string; files: Record<string, string> | undefined }>(
       (resolve, reject) => {
         settle = (frame) => {
           if (frame instanceof Error) return reject(frame);
-          if (frame.type === 'stream-end') resolve({ bytes: frame.bytes, sha256: frame.sha256, files: frame.files });
+          if (frame.type === 'stream-end') resolve({ bytes: frame.bytes, digest: frame.digest, files: frame.files });
         };
       },
     );
     end.catch(() => undefined);
-    this.current = { body, hash: createHash('sha256'), bytes: 0, settle };
+    this.current = { body, hash: streamDigest(), bytes: 0, settle };
     const stream = { name, deleted, body, end };
     const waiter = this.waiting.shift();
     if (waiter) waiter.resolve(stream);
@@ -220,11 +220,11 @@ export class ChannelReceiver {
     const current = this.current;
     if (!current) return this.fail(new FerryError('BAD_MESSAGE', 'stream-end without a stream', { phase: 'stream' }));
     this.current = undefined;
-    const sha256 = current.hash.digest('hex');
-    if (sha256 !== frame.sha256 || current.bytes !== frame.bytes) {
+    const digest = current.hash.hex();
+    if (digest !== frame.digest || current.bytes !== frame.bytes) {
       const error = new FerryError(
         'CHECKSUM_MISMATCH',
-        `stream ${frame.sha256.slice(0, 12)}…: received ${current.bytes} bytes with sha256 ${sha256.slice(0, 12)}…, sender says ${frame.bytes} bytes ${frame.sha256.slice(0, 12)}…`,
+        `stream ${frame.digest.slice(0, 12)}…: received ${current.bytes} bytes with digest ${digest}, sender says ${frame.bytes} bytes ${frame.digest}`,
         { phase: 'stream' },
       );
       current.body.destroy(error);

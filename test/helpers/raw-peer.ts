@@ -1,10 +1,11 @@
 // A source agent written by hand from the protocol, for the tests that send
 // what a real source never would: messages out of order, duplicate ids,
 // data after an abort, streams that stop half way.
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type WebSocket from 'ws';
+import { digestOf } from '../../src/digest.ts';
 import { Criu } from '../../src/criu/criu.ts';
 import { containerSpecSchema } from '../../src/protocol/container.ts';
 import { protocolVersion } from '../../src/protocol/messages.ts';
@@ -73,8 +74,7 @@ export function offerMessage(facts: { cpuinfo: string; criuVersion: string }, na
 export function sendStream(channel: WebSocket, name: string, body: Buffer, files: Record<string, string> = {}): void {
   channel.send(JSON.stringify({ type: 'stream-open', name }));
   channel.send(body, { binary: true });
-  const sha256 = createHash('sha256').update(body).digest('hex');
-  channel.send(JSON.stringify({ type: 'stream-end', bytes: body.length, sha256, files }));
+  channel.send(JSON.stringify({ type: 'stream-end', bytes: body.length, digest: digestOf(body), files }));
 }
 
 /** Resolves with the close code once the socket is closed (or rejects after `timeoutMs`). */

@@ -98,7 +98,7 @@ describe('numbers from a peer', () => {
   });
 
   it('refuses a negative page image size or a restore time below zero', () => {
-    const pages = [{ name: 'pages-1.img', bytes: -4096, sha256: 'a'.repeat(64) }];
+    const pages = [{ name: 'pages-1.img', bytes: -4096, digest: 'a'.repeat(16) }];
     expect(peerMessageSchema.safeParse({ type: 'transfer-complete', migrationId: offer.migrationId, pages }).success).toBe(false);
     expect(peerMessageSchema.safeParse({ type: 'prepared', migrationId: offer.migrationId, restoreMs: -1 }).success).toBe(false);
   });
