@@ -194,6 +194,9 @@ class DestinationSession {
   private readonly writers: Array<Promise<unknown>> = [];
   private filesDone: Promise<void> | undefined;
   private readonly receivedPages = new Map<string, string>();
+  /** Where the files channel is, for a timeout's message. */
+  private filesAt = 'waiting for the rootfs stream';
+  private filesFinished = false;
   private pagesFailure: unknown;
   private pagesChanged: () => void = () => undefined;
   private aborted: Promise<void> | undefined;
@@ -366,6 +369,7 @@ class DestinationSession {
     await this.unpackStream(await this.nextStream(receiver), 'images', this.imagesDir, { images: true });
     receiver.close();
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
+    this.filesFinished = true;
   }
 
   private async nextStream(receiver: ChannelReceiver): Promise<IncomingStream> {
@@ -381,6 +385,7 @@ class DestinationSession {
 
   private async unpackStream(stream: IncomingStream, expected: string, into: string, options: { images?: boolean } = {}): Promise<void> {
     this.ensureLive();
+    this.filesAt = `unpacking the ${expected} stream`;
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`, { phase: 'stream' });
     if (stream.deleted.length && expected !== 'rootfs-delta') {
       throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
@@ -395,6 +400,7 @@ class DestinationSession {
       throw new FerryError('CHECKSUM_MISMATCH', `${expected}: ${problems[0]}`, { phase: 'stream', details: problems.slice(0, 20) });
     }
     this.logger.info({ stream: expected, bytes: end.bytes }, 'stream received');
+    this.filesAt = `waiting for the stream after ${expected}`;
   }
 
   /**
@@ -449,7 +455,13 @@ class DestinationSession {
   }
 
   private async restore(filesDone: Promise<void>, pages: Array<{ name: string; digest: string }>): Promise<void> {
-    await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream');
+    await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream').catch((error: unknown) => {
+      const failure = toFerryError(error, 'stream');
+      if (failure.code !== 'TIMEOUT') throw failure;
+      const missing = pages.filter((image) => !this.receivedPages.has(image.name)).map((image) => image.name);
+      const files = this.filesFinished ? 'files channel done' : `files channel ${this.filesAt}`;
+      throw new FerryError('TIMEOUT', `${failure.message} (${files}; page images missing: ${missing.join(', ') || 'none'})`, { phase: 'stream' });
+    });
     this.ensureLive();
     this.logger.info({ phase: 'restore' }, 'phase');
     // Test fault: a real criu restore failure, from a pstree.img that is not a CRIU image.

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { WebSocketServer } from 'ws';
 import type { CoordinatorEvent } from '../../src/protocol/coordinator.ts';
+import { protocolVersion } from '../../src/protocol/messages.ts';
 
 const MAIN = join(import.meta.dirname, '..', '..', 'coordinator', 'main.ts');
 const MiB = 1024 * 1024;
@@ -143,7 +144,7 @@ export async function startRefusingAgent(address: string): Promise<{ url: string
     socket.on('message', (data) => {
       const message = JSON.parse(data.toString()) as { type: string; id?: string };
       const reply = (result: unknown) => socket.send(JSON.stringify({ type: 'result', id: message.id, result }));
-      if (message.type === 'hello') socket.send(JSON.stringify({ type: 'hello', version: 1, peer: 'agent', name: 'refuser' }));
+      if (message.type === 'hello') socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name: 'refuser' }));
       else if (message.type === 'info') reply(info);
       else if (message.type === 'list') reply({ containers: [] });
       else socket.terminate(); // an offer from a source agent, or anything else
