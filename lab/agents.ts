@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { agentNodeFlags } from '../src/paths.ts';
 import type { Host } from './hosts.ts';
-import { HarnessError, spawnInNetns } from './system.ts';
+import { LabError, spawnInNetns } from './system.ts';
 
 const REPO_ROOT = fileURLToPath(new URL('../', import.meta.url));
 const DEFAULT_PORT = 7070;
@@ -145,7 +145,7 @@ class Agent {
     const subprocess = spawnInNetns(this.#netns, process.execPath, this.#args, { cwd: REPO_ROOT, env: this.#env });
     if (subprocess.pid === undefined) {
       const result = await subprocess;
-      throw new HarnessError('AGENT_EXITED', `agent could not be started: ${result.originalMessage ?? result.message}`);
+      throw new LabError('AGENT_EXITED', `agent could not be started: ${result.originalMessage ?? result.message}`);
     }
     this.#pid = subprocess.pid;
     this.#firstEntry = this.entries.length;
@@ -201,11 +201,11 @@ class Agent {
         if (this.#exited) {
           const { code, signal } = this.#exited;
           const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-          finish(() => reject(new HarnessError('AGENT_EXITED', `agent ${how}\n${this.#tail()}`)));
+          finish(() => reject(new LabError('AGENT_EXITED', `agent ${how}\n${this.#tail()}`)));
         }
       };
       const timer = setTimeout(
-        () => finish(() => reject(new HarnessError('TIMEOUT', `no matching agent log line in ${timeoutMs} ms\n${this.#tail()}`))),
+        () => finish(() => reject(new LabError('TIMEOUT', `no matching agent log line in ${timeoutMs} ms\n${this.#tail()}`))),
         timeoutMs,
       );
       this.#listeners.add(check);

@@ -21,7 +21,7 @@ import {
   type Scope,
 } from './leftovers.ts';
 import { RUN_ID_PATTERN, ownerFile, runIdInText, runIdOf, runStateRoot } from './run-id.ts';
-import { CommandError, HarnessError, ip, run, waitFor } from './system.ts';
+import { CommandError, LabError, ip, run, waitFor } from './system.ts';
 
 const KILL_TIMEOUT_MS = 10_000;
 /** A run dir younger than this without an owner file is being created right now. */
@@ -88,7 +88,7 @@ export function cleanupRunSync(id: string): void {
   try {
     execFileSync(process.execPath, [THIS_FILE, id], { stdio: 'inherit', timeout: 60_000 });
   } catch (error) {
-    console.error(`ferry test harness: cleanup of run ${id} failed:`, error);
+    console.error(`ferry lab: cleanup of run ${id} failed:`, error);
   }
 }
 
@@ -111,7 +111,7 @@ export async function cleanupStale(): Promise<string[]> {
       failures.push(`run ${id}: ${messageOf(error)}`);
     }
   }
-  if (failures.length) throw new HarnessError('CLEANUP_FAILED', failures.join('\n'));
+  if (failures.length) throw new LabError('CLEANUP_FAILED', failures.join('\n'));
   return cleaned;
 }
 
@@ -133,7 +133,7 @@ export async function cleanupScope(scope: Scope): Promise<void> {
   await attempt('state dirs', async () => {
     for (const path of await findStateDirs(scope)) await rm(path, { recursive: true, force: true });
   });
-  if (failures.length) throw new HarnessError('CLEANUP_FAILED', `cleanup incomplete:\n${failures.join('\n')}`);
+  if (failures.length) throw new LabError('CLEANUP_FAILED', `cleanup incomplete:\n${failures.join('\n')}`);
 }
 
 async function killProcesses(scope: Scope): Promise<void> {

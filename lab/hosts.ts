@@ -8,7 +8,7 @@ import { claimRun, cleanupRun, cleanupRunSync, cleanupScope, type RunClaim } fro
 import { clusterScope } from './leftovers.ts';
 import { clusterNames, runId, type ClusterNames } from './run-id.ts';
 import {
-  HarnessError,
+  LabError,
   execInNetns,
   hostCgroupParent,
   ip,
@@ -255,7 +255,7 @@ async function pickSubnet(cluster: Cluster): Promise<string> {
     const prefix = `10.${200 + Math.floor(slot / 256)}.${slot % 256}`;
     if (!used.has(`${prefix}.0/24`)) return prefix;
   }
-  throw new HarnessError('NO_SUBNET', 'every /24 in 10.200.0.0/13 is already routed');
+  throw new LabError('NO_SUBNET', 'every /24 in 10.200.0.0/13 is already routed');
 }
 
 let handlersInstalled = false;

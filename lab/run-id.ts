@@ -1,14 +1,14 @@
-// The naming scheme of every resource the test harness creates. Everything is
+// The naming scheme of every resource the lab creates. Everything is
 // named from the run id, so cleanup and leftover checks can find a run's
 // resources by name alone, even after the process that made them is gone.
 import { randomBytes } from 'node:crypto';
-import { HarnessError } from './system.ts';
+import { LabError } from './system.ts';
 
 /** Fresh per test process (per module instance), 6 hex chars. */
 export const runId: string = randomBytes(3).toString('hex');
 
 export const RUN_ID_PATTERN = /^[0-9a-f]{6}$/;
-/** Every netns, cgroup dir and /tmp dir of the harness starts with this. */
+/** Every netns, cgroup dir and /tmp dir of the lab starts with this. */
 export const RESOURCE_PREFIX = 'ferryt-';
 export const STATE_BASE = '/tmp';
 /** The kernel's limit on interface names (IFNAMSIZ - 1). */
@@ -92,7 +92,7 @@ export function clusterNames(id: string, clusterIndex: number): ClusterNames {
 
 function linkName(name: string): string {
   if (name.length > MAX_LINK_NAME) {
-    throw new HarnessError('NAME_TOO_LONG', `link name ${name} is longer than ${MAX_LINK_NAME} characters`);
+    throw new LabError('NAME_TOO_LONG', `link name ${name} is longer than ${MAX_LINK_NAME} characters`);
   }
   return name;
 }

@@ -1,9 +1,9 @@
-// Thin wrappers for the system tools the harness drives (ip, nsenter), and
+// Thin wrappers for the system tools the lab drives (ip, nsenter), and
 // the mount-table reading that cgroup discovery and cleanup share.
 import { readFile } from 'node:fs/promises';
 import { execa, type ResultPromise } from 'execa';
 
-export type HarnessErrorCode =
+export type LabErrorCode =
   | 'COMMAND_FAILED'
   | 'TIMEOUT'
   | 'NAME_TOO_LONG'
@@ -12,18 +12,18 @@ export type HarnessErrorCode =
   | 'AGENT_EXITED'
   | 'CLEANUP_FAILED';
 
-export class HarnessError extends Error {
-  override name = 'HarnessError';
-  readonly code: HarnessErrorCode;
+export class LabError extends Error {
+  override name = 'LabError';
+  readonly code: LabErrorCode;
 
-  constructor(code: HarnessErrorCode, message: string, options: { cause?: unknown } = {}) {
+  constructor(code: LabErrorCode, message: string, options: { cause?: unknown } = {}) {
     super(message, options);
     this.code = code;
   }
 }
 
 /** A command that exited non-zero; callers branch on exitCode/stderr (e.g. "already gone"). */
-export class CommandError extends HarnessError {
+export class CommandError extends LabError {
   override name = 'CommandError';
   readonly command: string;
   readonly exitCode: number | undefined;
@@ -165,11 +165,11 @@ export function findCgroupRoots(mounts: readonly MountEntry[]): CgroupRoots {
   };
 }
 
-/** Where the harness makes per-host cgroup dirs: v2 if mounted, else the v1 freezer. */
+/** Where the lab makes per-host cgroup dirs: v2 if mounted, else the v1 freezer. */
 export async function hostCgroupParent(): Promise<string> {
   const roots = findCgroupRoots(await readMounts());
   const parent = roots.v2 ?? roots.v1Freezer;
-  if (!parent) throw new HarnessError('NO_CGROUP_ROOT', 'neither cgroup v2 nor the v1 freezer is mounted');
+  if (!parent) throw new LabError('NO_CGROUP_ROOT', 'neither cgroup v2 nor the v1 freezer is mounted');
   return parent;
 }
 
@@ -189,7 +189,7 @@ export async function waitFor<T>(what: string, timeoutMs: number, check: () => P
   for (;;) {
     const value = await check();
     if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new HarnessError('TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline) throw new LabError('TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(50);
   }
 }

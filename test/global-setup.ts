@@ -5,5 +5,5 @@ import { cleanupStale } from '../lab/cleanup.ts';
 
 export default async function setup(): Promise<void> {
   const cleaned = await cleanupStale();
-  if (cleaned.length) console.warn(`ferry test harness: removed leftovers of interrupted runs ${cleaned.join(', ')}`);
+  if (cleaned.length) console.warn(`ferry lab: removed leftovers of interrupted runs ${cleaned.join(', ')}`);
 }

@@ -93,7 +93,7 @@ export async function runInVm(options: VmOptions): Promise<VmResult> {
   }
   if (options.outDir) await mkdir(options.outDir, { recursive: true });
   await removeStaleJobDirs();
-  // Not under the harness's /tmp/ferryt-* names: its cleanup would take it.
+  // Not under the lab's /tmp/ferryt-* names: its cleanup would take it.
   const jobDir = await mkdtemp(join(tmpdir(), JOB_DIR_PREFIX));
   try {
     await writeFile(join(jobDir, 'owner'), `${process.pid}\n`);
@@ -139,7 +139,7 @@ function jobScript(options: VmOptions, repo: string): string {
     // Every Node process (CLI, agents) compiles the same modules: under
     // emulation the shared code cache saves ~30 % of a start.
     NODE_COMPILE_CACHE: '/var/tmp/node-compile-cache',
-    // the test harness's wait for an agent to listen (lab/agents.ts)
+    // the lab's wait for an agent to listen (lab/agents.ts)
     FERRY_TEST_AGENT_READY_MS: '120000',
     ...options.env,
   };
