@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { Cgroup, CgroupTree } from '../src/cgroup/cgroup.ts';
 import { agentNodeFlags, projectRoot } from '../src/paths.ts';
-import type { MigrationReport } from '../src/protocol/migration.ts';
+import type { MigrationOptions, MigrationReport } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { readBuildEnv, startAgent, type AgentProcess } from '../lab/agents.ts';
 import { containerAddress, createHosts, type Cluster, type Host } from '../lab/hosts.ts';
@@ -20,7 +20,7 @@ import { runBaseline, type BaselineResult } from './baseline.ts';
 // bench/results/latest.json and bench/results/latest.md.
 
 const sizes = (process.env.FERRY_BENCH_SIZES ?? '64,512,1024').split(',').map(Number);
-const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,stream,rootfs,service').split(','));
+const parts = new Set((process.env.FERRY_BENCH_PARTS ?? 'memory,small,stream,rootfs,service').split(','));
 const rootfsMiB = Number(process.env.FERRY_BENCH_ROOTFS_MIB ?? 300);
 const rootfs = join(projectRoot, '.build', 'rootfs', 'busybox');
 const env = await readBuildEnv();
@@ -31,6 +31,24 @@ interface FerryRun {
   phases: MigrationReport['phases'];
   bytes: MigrationReport['bytes'];
   criu: MigrationReport['criu'];
+  downtime: MigrationReport['downtime'];
+  /** CPU time of each agent process itself (not CRIU's) over the migration. */
+  cpuMs: { source: number; destination: number };
+}
+
+/** User + system CPU time of one process so far (clock ticks are 100 Hz on Linux). */
+async function cpuMs(pid: number): Promise<number> {
+  const fields = (await readFile(`/proc/${pid}/stat`, 'utf8')).split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
+/** A migration through agent `from` to `to`, with the CPU each agent spent on it. */
+async function timedMigrate(from: AgentClient, fromAgent: AgentProcess, toAgent: AgentProcess, name: string, options: MigrationOptions): Promise<FerryRun> {
+  const before = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
+  const report = await from.request('migrate', { name, destination: { url: toAgent.url, token: toAgent.token }, options });
+  const after = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
+  const { downtimeMs, totalMs, phases, bytes, criu, downtime } = report;
+  return { downtimeMs, totalMs, phases, bytes, criu, downtime, cpuMs: { source: after[0]! - before[0]!, destination: after[1]! - before[1]! } };
 }
 
 /**
@@ -73,18 +91,14 @@ async function waitReady(client: AgentClient, name: string): Promise<void> {
   throw new Error(`${name} never became ready`);
 }
 
-async function ferryRun(a: AgentClient, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<FerryRun> {
+const stopAndCopy: MigrationOptions = { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 };
+
+async function ferryRun(a: AgentClient, agentA: AgentProcess, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<FerryRun> {
   const name = `ferry-${mib}`;
   try {
     await a.request('run', { spec: memload(name, mib) });
     await waitReady(a, name);
-    const report = await a.request('migrate', {
-      name,
-      destination: { url: agentB.url, token: agentB.token },
-      options: { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 },
-    });
-    const { downtimeMs, totalMs, phases, bytes, criu } = report;
-    return { downtimeMs, totalMs, phases, bytes, criu };
+    return await timedMigrate(a, agentA, agentB, name, stopAndCopy);
   } finally {
     // Wherever it ended up (a failed migration leaves it on A).
     await a.request('remove', { name, force: true }).catch(() => undefined);
@@ -167,6 +181,48 @@ async function throughput(hostA: Host, hostB: Host, bytes: number) {
   return { ...result, ratio: Math.round((result.wsMbps / result.tcpMbps) * 100) / 100 };
 }
 
+/**
+ * The demo's counter (a shell loop, a few hundred KiB of memory) moved A → B
+ * and back, 2 × reps times: the fixed cost of a migration, next to CRIU's
+ * own frozen and restore times in the same runs.
+ */
+async function smallRuns(clientA: AgentClient, clientB: AgentClient, agentA: AgentProcess, agentB: AgentProcess): Promise<FerryRun[]> {
+  const script = 'i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done';
+  await clientA.request('run', { spec: { ...memload('bench-counter', 0), command: ['/bin/sh', '-c', script] } });
+  const sides = [
+    { client: clientA, agent: agentA },
+    { client: clientB, agent: agentB },
+  ] as const;
+  const runs: FerryRun[] = [];
+  let at = 0;
+  try {
+    await sleep(500);
+    for (let rep = 0; rep < 2 * reps; rep += 1) {
+      const from = sides[at]!;
+      const to = sides[1 - at]!;
+      runs.push(await timedMigrate(from.client, from.agent, to.agent, 'bench-counter', stopAndCopy));
+      at = 1 - at;
+      await sleep(300);
+    }
+  } finally {
+    await sides[at]!.client.request('remove', { name: 'bench-counter', force: true }).catch(() => undefined);
+  }
+  return runs;
+}
+
+/** The machine's own cost of memory first touched: 1 GiB written into a new tmpfs file, the best of two. */
+async function freshMemoryMs(): Promise<number> {
+  const times: number[] = [];
+  for (let run = 0; run < 2; run += 1) {
+    const started = performance.now();
+    await execa('dd', ['if=/dev/zero', 'of=/dev/shm/ferry-bench-fresh', 'bs=1M', 'count=1024', 'status=none']);
+    times.push(performance.now() - started);
+    await rm('/dev/shm/ferry-bench-fresh', { force: true });
+    await sleep(3_000);
+  }
+  return Math.round(Math.min(...times));
+}
+
 interface ServiceRun {
   downtimeMs: number;
   /** The largest gap between two answers the client saw. */
@@ -224,6 +280,7 @@ try {
     clients.push(await AgentClient.connect({ url: agent.url, token: agent.token }));
   }
   const [clientA, clientB] = clients as [AgentClient, AgentClient];
+  const freshMs = await freshMemoryMs();
   const results: SizeResult[] = [];
   for (const mib of parts.has('memory') ? sizes : []) {
     const ferry: FerryRun[] = [];
@@ -231,7 +288,7 @@ try {
     for (let rep = 0; rep < reps; rep += 1) {
       const runFerry = async () => {
         process.stderr.write(`bench: ${mib} MiB: ferry (${rep + 1}/${reps})…\n`);
-        ferry.push(await ferryRun(clientA, agents[1]!, clientB, mib));
+        ferry.push(await ferryRun(clientA, agents[0]!, agents[1]!, clientB, mib));
       };
       const runBaseline = async () => {
         process.stderr.write(`bench: ${mib} MiB: baseline (${rep + 1}/${reps})…\n`);
@@ -253,17 +310,22 @@ try {
     };
     results.push({ mib, ferry, baseline, median: medians, downtimeRatio: ratio(medians.ferryDowntimeMs, medians.baselineDowntimeMs) });
   }
-  const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
   let stream: Awaited<ReturnType<typeof throughput>> | undefined;
   if (parts.has('stream')) {
     process.stderr.write('bench: stream throughput…\n');
-    // Three alternating runs, medians: single runs of either path vary by ±30 % here.
+    // Five runs, medians: single runs of either path vary by ±30 % here.
     const runs = [];
-    for (let run = 0; run < 3; run += 1) runs.push(await throughput(hostA, hostB, 1 << 30));
+    for (let run = 0; run < 5; run += 1) runs.push(await throughput(hostA, hostB, 1 << 30));
     const tcpMbps = median(runs.map((run) => run.tcpMbps));
     const wsMbps = median(runs.map((run) => run.wsMbps));
     stream = { tcpMbps, wsMbps, ratio: Math.round((wsMbps / tcpMbps) * 100) / 100 };
   }
+  let small: FerryRun[] | undefined;
+  if (parts.has('small')) {
+    process.stderr.write('bench: a small counter, moved back and forth…\n');
+    small = await smallRuns(clientA, clientB, agents[0]!, agents[1]!);
+  }
+  const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
   let rootfsPasses: RootfsResult | undefined;
   if (parts.has('rootfs')) {
     process.stderr.write(`bench: rootfs of ${rootfsMiB} MiB, two passes against one…\n`);
@@ -274,7 +336,7 @@ try {
     process.stderr.write('bench: web server with a keep-alive client, moved back and forth…\n');
     service = await serviceRuns(clientA, clientB, agents[0]!, agents[1]!, hostC);
   }
-  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, sizes: results, stream, peakRss: rss, rootfsPasses, service };
+  const summary = { date: new Date().toISOString(), kernel: (await execa('uname', ['-r'])).stdout, freshMemoryMs: freshMs, sizes: results, small, stream, peakRss: rss, rootfsPasses, service };
   await mkdir(join(projectRoot, 'bench', 'results'), { recursive: true });
   await writeFile(join(projectRoot, 'bench', 'results', 'latest.json'), `${JSON.stringify(summary, null, 2)}\n`);
   const markdown = render(summary);
@@ -286,18 +348,39 @@ try {
   await cluster.destroy();
 }
 
+function ms(value: number | undefined): string {
+  return value === undefined ? '' : String(Math.round(value));
+}
+
+function criuMs(us: number | undefined): string {
+  return us === undefined ? '' : String(Math.round(us / 1000));
+}
+
+/** One run's downtime, part by part (see downtimeBreakdownSchema). */
+function breakdownCells(run: FerryRun): string {
+  const parts = run.downtime;
+  if (!parts) return '| | | | | | | | |';
+  const overlap = parts.pageBytes ? `${Math.round((parts.overlappedBytes / parts.pageBytes) * 100)} %` : '–';
+  return `| ${ms(parts.freezeMs)} | ${ms(parts.dumpMs)} | ${overlap} | ${ms(parts.shipMs)} | ${ms(parts.receiveMs)} | ${ms(parts.checkMs)} | ${ms(parts.restoreMs)} | ${ms(parts.recordMs)} | ${ms(parts.resumeMs)} |`;
+}
 function render(summary: {
+  freshMemoryMs: number;
   sizes: SizeResult[];
+  small: FerryRun[] | undefined;
   stream: { tcpMbps: number; wsMbps: number; ratio: number } | undefined;
   peakRss: { sourceBytes: number; destinationBytes: number };
   rootfsPasses: RootfsResult | undefined;
   service: ServiceRun[] | undefined;
 }): string {
   const mib = (bytes: number) => `${Math.round(bytes / 1048576)} MiB`;
-  const lines: string[] = [];
+  const breakdownHeader = 'freeze | dump | pages sent during dump | ship rest | receive | check | criu restore | record | resume';
+  const lines: string[] = [`This machine: 1 GiB of memory first touched (dd into a new tmpfs file) took ${summary.freshMemoryMs} ms.`, ''];
   if (summary.sizes.length) {
     const spread = (values: number[]) => `${Math.round(median(values))} ms (${Math.round(Math.min(...values))}–${Math.round(Math.max(...values))})`;
-    const phase = (run: FerryRun, name: string) => Math.round(run.phases.find((timing) => timing.phase === name)?.ms ?? 0);
+    const perGiB = (run: FerryRun, side: 'source' | 'destination') => {
+      const moved = run.bytes.pages + run.bytes.images + run.bytes.rootfs;
+      return moved ? (run.cpuMs[side] / 1000 / (moved / 2 ** 30)).toFixed(2) : '';
+    };
     lines.push(
       `Medians of ${reps} runs each, alternating which goes first (min–max in brackets):`,
       '',
@@ -308,22 +391,34 @@ function render(summary: {
           `| ${size.mib} MiB | ${spread(size.ferry.map((run) => run.downtimeMs))} | ${spread(size.baseline.map((run) => run.downtimeMs))} | ${size.downtimeRatio} | ${spread(size.ferry.map((run) => run.totalMs))} | ${spread(size.baseline.map((run) => run.totalMs))} | ${ratio(size.median.ferryTotalMs, size.median.baselineTotalMs)} |`,
       ),
       '',
-      'Where the downtime went, run by run (ms): ferry\'s dump phase (CRIU, with the pages shipped as it writes them) and restore phase, CRIU\'s frozen and restore times; the naive steps.',
+      "Where ferry's downtime went, run by run (ms, on the source's clock; the parts add up to the downtime): the freeze (and network lock); CRIU's dump, with the share of the page bytes already on the link when it exited; the rest of the shipping after it; the wait for the destination to have and check everything; its image checks and set-up, criu restore and recording; the commit and resume. Then CRIU's own frozen and restore times, each agent's CPU seconds per GiB moved, and the naive steps.",
       '',
-      '| memory | run | ferry dump | ferry restore | CRIU frozen | CRIU restore | naive dump | tar | copy | untar | restore |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+      `| memory | run | downtime | ${breakdownHeader} | CRIU frozen | CRIU restore | CPU s/GiB source | destination | naive dump | tar | copy | untar | restore |`,
+      `| --- | --- | --- |${' --- |'.repeat(9)} --- | --- | --- | --- | --- | --- | --- | --- | --- |`,
       ...summary.sizes.flatMap((size) =>
         size.ferry.map((run, index) => {
           const naive = size.baseline[index]!;
-          const criuMs = (us: number | undefined) => (us === undefined ? '' : Math.round(us / 1000));
-          return `| ${size.mib} MiB | ${index + 1} | ${phase(run, 'dump')} | ${phase(run, 'restore')} | ${criuMs(run.criu.dump?.frozenTime)} | ${criuMs(run.criu.restore?.restoreTime)} | ${naive.steps.dump} | ${naive.steps.tar} | ${naive.steps.copy} | ${naive.steps.untar} | ${naive.steps.restore} |`;
+          return `| ${size.mib} MiB | ${index + 1} | ${ms(run.downtimeMs)} ${breakdownCells(run)} ${criuMs(run.criu.dump?.frozenTime)} | ${criuMs(run.criu.restore?.restoreTime)} | ${perGiB(run, 'source')} | ${perGiB(run, 'destination')} | ${naive.steps.dump} | ${naive.steps.tar} | ${naive.steps.copy} | ${naive.steps.untar} | ${naive.steps.restore} |`;
         }),
       ),
       '',
     );
   }
+  if (summary.small?.length) {
+    const runs = summary.small;
+    lines.push(
+      `A small counter (a shell loop), moved back and forth ${runs.length} times (ms):`,
+      '',
+      `| move | downtime | ${breakdownHeader} | CRIU frozen | CRIU restore |`,
+      `| --- | --- |${' --- |'.repeat(9)} --- | --- |`,
+      ...runs.map((run, index) => `| ${index + 1} | ${ms(run.downtimeMs)} ${breakdownCells(run)} ${criuMs(run.criu.dump?.frozenTime)} | ${criuMs(run.criu.restore?.restoreTime)} |`),
+      '',
+      `Medians: downtime ${ms(median(runs.map((run) => run.downtimeMs)))} ms; CRIU frozen ${criuMs(median(runs.map((run) => run.criu.dump?.frozenTime ?? 0)))} ms and restore ${criuMs(median(runs.map((run) => run.criu.restore?.restoreTime ?? 0)))} ms of it.`,
+      '',
+    );
+  }
   if (summary.stream) {
-    lines.push(`Stream, 1 GiB over the same veth link (median of 3): WebSocket channel ${summary.stream.wsMbps} Mbit/s, plain TCP socket ${summary.stream.tcpMbps} Mbit/s, ratio ${summary.stream.ratio}.`);
+    lines.push(`Stream, 1 GiB over the same veth link (median of 5): WebSocket channel ${summary.stream.wsMbps} Mbit/s, plain TCP socket ${summary.stream.tcpMbps} Mbit/s, ratio ${summary.stream.ratio}.`);
   }
   lines.push(`Peak RSS of the agents over the run: source ${mib(summary.peakRss.sourceBytes)}, destination ${mib(summary.peakRss.destinationBytes)}.`, '');
   const passes = summary.rootfsPasses;

@@ -34,11 +34,27 @@ export function doctorTable(capabilities: Capability[]): string {
 const ms = (value: number) => `${value.toFixed(value < 10 ? 1 : 0)} ms`;
 const us = (value: number | undefined) => (value === undefined ? '-' : ms(value / 1000));
 
+/** Where the downtime went, in order (they add up to it). */
+function downtimeParts(parts: NonNullable<MigrationReport['downtime']>): string {
+  const overlap = parts.pageBytes ? ` (${Math.round((parts.overlappedBytes / parts.pageBytes) * 100)} % of the pages on the link by its end)` : '';
+  return [
+    `freeze ${ms(parts.freezeMs)}`,
+    `dump ${ms(parts.dumpMs)}${overlap}`,
+    `ship ${ms(parts.shipMs)}`,
+    `receive ${ms(parts.receiveMs)}`,
+    `check ${ms(parts.checkMs)}`,
+    `restore ${ms(parts.restoreMs)}`,
+    `record ${ms(parts.recordMs)}`,
+    `resume ${ms(parts.resumeMs)}`,
+  ].join(', ');
+}
+
 export function reportText(report: MigrationReport): string {
   const lines = [
     `migration ${report.migrationId}: ${report.container} ${report.source} → ${report.destination}: ${report.outcome}`,
     `  downtime ${ms(report.downtimeMs)} (freeze → running on ${report.destination}), total ${ms(report.totalMs)}, strategy ${report.strategy}${report.strategyNote ? ` (${report.strategyNote})` : ''}`,
     `  bytes: rootfs ${formatBytes(report.bytes.rootfs)}, memory pages ${formatBytes(report.bytes.pages)}, other images ${formatBytes(report.bytes.images)}`,
+    ...(report.downtime ? [`  downtime by part: ${downtimeParts(report.downtime)}`] : []),
     '',
     table(['PHASE', 'TIME'], report.phases.map((phase) => [phase.phase, ms(phase.ms)])),
   ];

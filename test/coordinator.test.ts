@@ -312,7 +312,7 @@ describe('evacuation', () => {
   it('undo brings every container back to its origin', async () => {
     // Through the CLI: `ferry evacuate h0 --undo` finds the last evacuation of h0 and waits for the undo.
     const cli = await ferry(['--json', 'evacuate', 'h0', '--undo']);
-    expect(cli.exitCode, cli.stderr).toBe(0);
+    expect(cli.exitCode, `${cli.stderr}\n${cli.stdout}`).toBe(0);
     const done = JSON.parse(cli.stdout) as EvacuationView;
     expect(done.undoOf).toBe(evacuationId);
     expect(done.state).toBe('finished');
@@ -364,7 +364,7 @@ describe('evacuation', () => {
     // h2 took everything it could; the second of the anti-affine counters had nowhere
     // to go with h1 dead, so it stayed on h0, running, and is reported.
     expect(done.state).toBe('finished');
-    expect(done.unplaced).toHaveLength(1);
+    expect(done.unplaced, JSON.stringify(done.unplaced)).toHaveLength(1);
     const stayed = done.unplaced[0]!.container;
     expect([names.counterA, names.counterB]).toContain(stayed);
     for (const name of all) {

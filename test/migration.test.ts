@@ -64,6 +64,13 @@ function expectSucceeded(report: MigrationReport, from: Node, to: Node): void {
   const phases = report.phases.map((timing) => timing.phase);
   expect(phases).toEqual(expect.arrayContaining(['preflight', 'freeze', 'dump', 'restore', 'confirm']));
   expect(phases.indexOf('freeze')).toBeLessThan(phases.indexOf('restore'));
+  // The downtime's parts, timed on both hosts, add up to it; CRIU's own restore time lies within the destination's restore part.
+  const parts = report.downtime!;
+  const sum = parts.freezeMs + parts.dumpMs + parts.shipMs + parts.receiveMs + parts.checkMs + parts.restoreMs + parts.recordMs + parts.resumeMs;
+  expect(Math.abs(sum - report.downtimeMs)).toBeLessThan(2);
+  expect(parts.restoreMs).toBeGreaterThanOrEqual((report.criu.restore?.restoreTime ?? 0) / 1000);
+  expect(parts.pageBytes).toBe(report.bytes.pages);
+  expect(parts.overlappedBytes).toBeLessThanOrEqual(parts.pageBytes);
 }
 
 /** The source keeps nothing: no task, no cgroup, no container state, no staged images. */

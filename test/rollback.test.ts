@@ -142,6 +142,24 @@ describe('rollback', () => {
     expect(['CHECKSUM_MISMATCH', 'CRIU_FAILED']).toContain(error.code);
   });
 
+  it('when a chunk of a large page image arrives corrupted, shipped while CRIU writes it', async () => {
+    // Frame 1000 of 16 KiB lies some 16 MiB into the final dump's page image, which the
+    // agent ships while CRIU writes it: the destination's XXH3 digest catches it.
+    const [a, b] = await agents(faults('corrupt-chunk:pages:1000'));
+    await runContainer(a, memloadSpec('bad-pipe', 128));
+    await waitForMemload(a, 'bad-pipe');
+    const pid = await containerPid(a, 'bad-pipe');
+    const checksum = await requestChecksum(a, 'bad-pipe');
+    const error = await failureOf(migrate(a, b, 'bad-pipe'));
+    expect(error.code).toBe('CHECKSUM_MISMATCH');
+    expectNamesPhase(error);
+    await expectRunning(a, 'bad-pipe', pid);
+    expect(await requestChecksum(a, 'bad-pipe')).toBe(checksum);
+    expect(await requestVerify(a, 'bad-pipe')).toMatch(/^verify ok /);
+    await waitUntilClean(b, 'bad-pipe');
+    await removeQuietly(a, 'bad-pipe');
+  });
+
   it('when the link to the destination goes down during the dump', async () => {
     const [a, b] = await agents();
     const started = Date.now();

@@ -21,6 +21,7 @@ import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
 import { resumeContainer } from './resume.ts';
+import { roundMs } from './timing.ts';
 import { probeAddress, requireBridge } from '../runtime/network.ts';
 import { withTimeout } from '../../src/timeout.ts';
 
@@ -455,6 +456,7 @@ class DestinationSession {
   }
 
   private async restore(filesDone: Promise<void>, pages: Array<{ name: string; digest: string }>): Promise<void> {
+    const asked = performance.now();
     await withTimeout(Promise.all([filesDone, this.allPages(pages)]), 60_000, 'receiving the images', 'stream').catch((error: unknown) => {
       const failure = toFerryError(error, 'stream');
       if (failure.code !== 'TIMEOUT') throw failure;
@@ -468,7 +470,7 @@ class DestinationSession {
     // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
     if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
     const started = performance.now();
-    const { restoreStats } = await restoreContainer(this.deps.runtime, this.criu, {
+    const { restoreStats, timing } = await restoreContainer(this.deps.runtime, this.criu, {
       spec: this.offer.spec,
       history: this.offer.history,
       imagesDir: this.imagesDir,
@@ -478,13 +480,16 @@ class DestinationSession {
       migrationId: this.migrationId,
     });
     this.ensureLive();
+    const restored = performance.now();
     await this.deps.journal.update(this.migrationId, 'prepared');
     this.transition('prepared');
+    const now = performance.now();
     this.connection.send({
       type: 'prepared',
       migrationId: this.migrationId,
-      restoreMs: Math.round(performance.now() - started),
+      restoreMs: Math.round(now - started),
       ...(restoreStats ? { restoreStats } : {}),
+      timing: { waitMs: roundMs(started - asked), checkMs: timing.checkMs, criuMs: timing.criuMs, recordMs: roundMs(timing.afterMs + now - restored) },
     });
   }
 

@@ -9,7 +9,7 @@ import { readKernelRelease } from '../../src/criu/criu.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
-import type { MigrationOptions, MigrationReport, ProgressEvent, RoundReport } from '../../src/protocol/migration.ts';
+import type { DowntimeBreakdown, MigrationOptions, MigrationReport, ProgressEvent, RestoreTiming, RoundReport } from '../../src/protocol/migration.ts';
 import { decide, type Prediction, type RoundMeasurement, type StopReason } from '../../src/precopy/convergence.ts';
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
@@ -29,7 +29,7 @@ import { withTimeout } from '../../src/timeout.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
 import { announceAddress, removeHostEnd } from '../runtime/network.ts';
-import { PhaseTimer } from './timing.ts';
+import { PhaseTimer, roundMs } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
 export interface SourceDependencies {
@@ -99,6 +99,9 @@ export class MigrationSource {
   private stopReason: FerryError | undefined;
   /** When the destination confirmed the container runs there: the end of downtime. */
   private runningAt: number | undefined;
+  /** Points of the downtime on this clock, and the destination's own timing, for the report's breakdown. */
+  private readonly marks: { frozen?: number; dumped?: number; sent?: number; prepared?: number; pagesAtDump?: number; pagesAtExit?: number } = {};
+  private restoreTiming: RestoreTiming | undefined;
   private readonly warnings: string[] = [];
   /** Whether the destination may hold state of this migration (an offer went out). */
   private offered = false;
@@ -435,6 +438,7 @@ export class MigrationSource {
       this.networkLocked = true;
       await lockNetwork(this.record.pid, 'freeze');
     }
+    this.marks.frozen = performance.now();
     // Test fault: the agent dies with the container frozen (and locked); its restart must undo both.
     if (faultActive('die-after-freeze')) process.kill(process.pid, 'SIGKILL');
   }
@@ -450,7 +454,13 @@ export class MigrationSource {
     // CRIU first: the rootfs walk below is synchronous. The tasks stay stopped
     // throughout (frozen, or held in ptrace-stop by CRIU), so the files cannot
     // change while CRIU runs, and CRIU writes nothing into the rootfs.
+    this.marks.pagesAtDump = this.meter.totals().pages;
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
+    const exited = () => {
+      this.marks.dumped = performance.now();
+      this.marks.pagesAtExit = this.meter.totals().pages;
+    };
+    dump.done.then(exited, () => undefined);
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const rootfs = this.timer.run('snapshot', async () => {
       const delta = diffRootfs(root, this.rootfsManifest);
@@ -511,8 +521,11 @@ export class MigrationSource {
 
   private async restoreOnDestination(): Promise<void> {
     this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.pageImages });
+    this.marks.sent = performance.now();
     const prepared = await this.peer!.expect('prepared', 5 * 60_000, 'restore');
+    this.marks.prepared = performance.now();
     this.restoreStats = prepared.restoreStats;
+    this.restoreTiming = prepared.timing;
   }
 
   /**
@@ -608,6 +621,27 @@ export class MigrationSource {
     this.request.progress({ migrationId: this.migrationId, phase, ...this.meter.snapshot() });
   }
 
+  /** The downtime cut at the marks; a part whose marks are missing counts as 0, and `receive` takes the rest. */
+  private breakdown(runningAt: number): DowntimeBreakdown | undefined {
+    const { frozen, dumped, sent, prepared, pagesAtDump = 0, pagesAtExit = 0 } = this.marks;
+    if (this.frozenAt === undefined || frozen === undefined || dumped === undefined || sent === undefined || prepared === undefined) return undefined;
+    const there = this.restoreTiming;
+    const destinationMs = there ? there.checkMs + there.criuMs + there.recordMs : 0;
+    const pageBytes = this.meter.totals().pages - pagesAtDump;
+    return {
+      freezeMs: roundMs(frozen - this.frozenAt),
+      dumpMs: roundMs(dumped - frozen),
+      shipMs: roundMs(Math.max(0, sent - dumped)),
+      receiveMs: roundMs(Math.max(0, prepared - Math.max(sent, dumped) - destinationMs)),
+      checkMs: there?.checkMs ?? 0,
+      restoreMs: there?.criuMs ?? 0,
+      recordMs: there?.recordMs ?? 0,
+      resumeMs: roundMs(runningAt - prepared),
+      overlappedBytes: Math.min(pageBytes, pagesAtExit - pagesAtDump),
+      pageBytes,
+    };
+  }
+
   private report(outcome: MigrationReport['outcome']): MigrationReport {
     const end = this.runningAt ?? performance.now();
     return {
@@ -619,6 +653,7 @@ export class MigrationSource {
       strategy: this.rounds.length ? 'precopy' : 'stop-and-copy',
       ...(this.strategyNote ? { strategyNote: this.strategyNote } : {}),
       downtimeMs: roundMs(end - (this.frozenAt ?? end)),
+      ...(this.runningAt ? { downtime: this.breakdown(this.runningAt) } : {}),
       totalMs: roundMs(performance.now() - this.startedAt),
       bytes: this.meter.totals(),
       phases: this.timer.timings,
@@ -635,10 +670,6 @@ export class MigrationSource {
       ...(this.warnings.length ? { warnings: this.warnings } : {}),
     };
   }
-}
-
-function roundMs(ms: number): number {
-  return Math.round(ms * 10) / 10;
 }
 
 /** Page images travel on the pages channel; the `parent` link is remade by the destination. */

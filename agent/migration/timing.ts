@@ -24,3 +24,8 @@ export class PhaseTimer {
     }
   }
 }
+
+/** Milliseconds to a tenth, as reports give them. */
+export function roundMs(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}

@@ -161,6 +161,8 @@ export interface RestoreRequest {
 export interface RestoreResult {
   record: ContainerRecord;
   restoreStats: RestoreStats | undefined;
+  /** Wall time of the steps: the checks and set-up before CRIU, CRIU itself, the record after. */
+  timing: { checkMs: number; criuMs: number; afterMs: number };
 }
 
 /** criu restore into a fresh cgroup of this host; on failure nothing is left. */
@@ -172,6 +174,9 @@ export async function restoreContainer(
   const name = request.spec.name;
   const cgroup = runtime.cgroup(name);
   const pidFile = join(request.imagesDir, 'restore.pid');
+  const started = performance.now();
+  let criuStarted = started;
+  let criuDone = started;
   try {
     // The images decide what runs with which root and namespaces: only a container's are restored.
     // (The fail-restore test fault corrupts them on purpose, to see CRIU itself fail.)
@@ -188,6 +193,7 @@ export async function restoreContainer(
     if (network && bridge && !request.leaveStopped) await probeAddress(bridge, network.address, 'restore');
     if (network) await removeHostEnd(name);
     await cgroup.create();
+    criuStarted = performance.now();
     const restoreStats = await criu.restore(
       {
         imagesDir: request.imagesDir,
@@ -201,6 +207,7 @@ export async function restoreContainer(
       },
       cgroup.procsFile,
     );
+    criuDone = performance.now();
     const pid = Number((await readFile(pidFile, 'utf8')).trim());
     if (network && request.leaveStopped) {
       // A migration's copy stays locked until its commit, also if the images did not carry the lock.
@@ -220,7 +227,8 @@ export async function restoreContainer(
       ...(request.migrationId ? { migrationId: request.migrationId } : {}),
     };
     await runtime.store.write(record);
-    return { record, restoreStats };
+    const ms = (from: number, to: number) => Math.round((to - from) * 10) / 10;
+    return { record, restoreStats, timing: { checkMs: ms(started, criuStarted), criuMs: ms(criuStarted, criuDone), afterMs: ms(criuDone, performance.now()) } };
   } catch (error) {
     await cgroup.kill().catch(() => undefined);
     if (request.spec.network) await removeHostEnd(name);

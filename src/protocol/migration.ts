@@ -42,6 +42,40 @@ export const stopReasons = ['within-budget', 'not-shrinking', 'budget-unreachabl
 
 export const phaseTimingSchema = z.object({ phase: z.enum(phases), ms: milliseconds });
 
+/** The destination's side of the restore step, timed there. */
+export const restoreTimingSchema = z.object({
+  /** From transfer-complete until every image was here and checked. */
+  waitMs: milliseconds,
+  /** Image checks and the cgroup, network and address set-up before CRIU. */
+  checkMs: milliseconds,
+  /** The criu restore process, start to exit. */
+  criuMs: milliseconds,
+  /** Recording the copy (pid, lock, store, journal) before answering. */
+  recordMs: milliseconds,
+});
+export type RestoreTiming = z.infer<typeof restoreTimingSchema>;
+
+/**
+ * Where the downtime went, in order, on the source's clock: the parts add up
+ * to downtimeMs. Pages stream while CRIU dumps, so `ship` is only what was
+ * left to send once CRIU exited; `receive` is the rest of the wait for the
+ * destination (its unpacking and checksums, the link's latency).
+ */
+export const downtimeBreakdownSchema = z.object({
+  freezeMs: milliseconds,
+  dumpMs: milliseconds,
+  shipMs: milliseconds,
+  receiveMs: milliseconds,
+  checkMs: milliseconds,
+  restoreMs: milliseconds,
+  recordMs: milliseconds,
+  resumeMs: milliseconds,
+  /** Page bytes on the link by the time CRIU exited, of pageBytes in all. */
+  overlappedBytes: byteCount,
+  pageBytes: byteCount,
+});
+export type DowntimeBreakdown = z.infer<typeof downtimeBreakdownSchema>;
+
 export const migrationReportSchema = z.object({
   migrationId: z.string(),
   container: z.string(),
@@ -52,6 +86,7 @@ export const migrationReportSchema = z.object({
   strategyNote: z.string().optional(),
   /** From the freeze on the source to the container running on the destination. */
   downtimeMs: milliseconds,
+  downtime: downtimeBreakdownSchema.optional(),
   totalMs: milliseconds,
   bytes: z.object({ rootfs: byteCount, pages: byteCount, images: byteCount }),
   phases: z.array(phaseTimingSchema),
@@ -131,7 +166,7 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
      */
     pages: z.array(z.object({ name: z.string(), bytes: byteCount, digest: digestHex })),
   }),
-  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds }),
+  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds, timing: restoreTimingSchema.optional() }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
   /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
