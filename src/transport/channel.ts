@@ -232,6 +232,10 @@ export class ChannelReceiver {
       return;
     }
     current.body.end();
+    // A body paused the socket when full; ws still parsed what it had read, this
+    // stream-end among it. An ended body never emits 'drain', so it cannot resume
+    // the socket: resume here (the next stream has a body of its own to fill).
+    this.socket.resume();
     current.settle(frame);
   }
 
