@@ -142,9 +142,9 @@ describe('rollback', () => {
     expect(['CHECKSUM_MISMATCH', 'CRIU_FAILED']).toContain(error.code);
   });
 
-  it('when a chunk of a large page image arrives corrupted, shipped while CRIU writes it', async () => {
-    // Frame 1000 of 16 KiB lies some 16 MiB into the final dump's page image, which the
-    // agent ships while CRIU writes it: the destination's XXH3 digest catches it.
+  it('when a chunk of pages arrives corrupted on its way from CRIU through a page pipe', async () => {
+    // Frame 1000 of 16 KiB lies some 16 MiB into the final dump's page image, which CRIU
+    // writes into a named pipe while the agent ships it: the destination's digest catches it.
     const [a, b] = await agents(faults('corrupt-chunk:pages:1000'));
     await runContainer(a, memloadSpec('bad-pipe', 128));
     await waitForMemload(a, 'bad-pipe');

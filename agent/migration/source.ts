@@ -16,6 +16,7 @@ import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
 import { faultActive, faultNumber } from '../../src/faults.ts';
 import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
+import { PagePipes } from '../../src/criu/pipes.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
 import { freeBytes } from '../../src/host/capacity.ts';
@@ -446,7 +447,8 @@ export class MigrationSource {
   /**
    * The rootfs final pass, the CRIU dump and the shipping of its page images
    * run at once: the first two only read the frozen container, and page
-   * images go out while CRIU writes them. The other images follow.
+   * images go out while CRIU writes them. The other images follow CRIU's
+   * exit, alongside the last pages.
    */
   private async snapshotDumpAndStream(): Promise<void> {
     const cgroup = this.deps.runtime.cgroup(this.request.name);
@@ -455,12 +457,15 @@ export class MigrationSource {
     // throughout (frozen, or held in ptrace-stop by CRIU), so the files cannot
     // change while CRIU runs, and CRIU writes nothing into the rootfs.
     this.marks.pagesAtDump = this.meter.totals().pages;
+    // One pipe per process and a few for shared memory; the tree is frozen, so the count holds.
+    const pipes = PagePipes.create(this.imagesDir, (await cgroup.pids()).length + 2);
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
     const exited = () => {
       this.marks.dumped = performance.now();
       this.marks.pagesAtExit = this.meter.totals().pages;
     };
     dump.done.then(exited, () => undefined);
+    void dump.done.catch(() => undefined).finally(() => pipes.release());
     const root = this.deps.runtime.store.rootfs(this.request.name);
     const rootfs = this.timer.run('snapshot', async () => {
       const delta = diffRootfs(root, this.rootfsManifest);
@@ -473,31 +478,46 @@ export class MigrationSource {
     });
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
-      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir)]);
-      this.dumpStats = stats;
-      this.pageImages.push(...pages);
+      // The other images are complete once CRIU exits: they go on the files channel
+      // (after the rootfs delta) while the last pages are still on their way.
       const imageDigests = new Map<string, string>();
-      await this.timer.run('stream', () =>
-        this.filesSender.sendStream(
-          'images',
-          packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
-          { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
+      const images = Promise.all([rootfs, dump.done]).then(() =>
+        this.timer.run('stream', () =>
+          this.filesSender.sendStream(
+            'images',
+            packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
+            { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
+          ),
         ),
       );
+      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir, undefined, pipes), images]);
+      this.dumpStats = stats;
+      this.pageImages.push(...pages);
     } catch (error) {
-      // CRIU writes locally, so it finishes regardless of the network; killing it
-      // while its parasite is inside the frozen tasks could damage them.
+      // CRIU finishes regardless of the network (what it still writes into the pipes is
+      // discarded); killing it while its parasite is inside the frozen tasks could damage them.
+      pipes.discard();
       await withTimeout(dump.done, 60_000, 'the interrupted dump', 'dump').catch(() => dump.kill());
       throw error;
     } finally {
       clearInterval(progress);
+      pipes.close();
     }
   }
 
-  /** Sends each page image of `imagesDir` on the pages channel as CRIU writes it, until CRIU is done. */
-  private async shipPages(run: CriuRun<unknown>, imagesDir: string, round?: number): Promise<PageImage[]> {
+  /**
+   * Sends each page image of `imagesDir` on the pages channel as CRIU writes
+   * it, until CRIU is done: those of `pipes` first, in CRIU's order, then
+   * any regular page image files.
+   */
+  private async shipPages(run: CriuRun<unknown>, imagesDir: string, round?: number, pipes?: PagePipes): Promise<PageImage[]> {
     const shipped: PageImage[] = [];
-    const seen = new Set<string>();
+    const seen = new Set<string>(pipes?.names);
+    for (const file of pipes?.names ?? []) {
+      const name = pageStreamName(file, round);
+      const sent = await this.pagesSender.sendStream(name, pipes!.body(file), { onBytes: this.meter.counter('pages') });
+      shipped.push({ name, ...sent });
+    }
     let finished = false;
     run.done.then(
       () => (finished = true),

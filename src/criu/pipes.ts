@@ -1,0 +1,114 @@
+import { closeSync, constants, openSync } from 'node:fs';
+import { join } from 'node:path';
+import { Socket } from 'node:net';
+import { PassThrough, type Readable } from 'node:stream';
+import { AT_FDCWD, fsat } from '../rootfs/safe-fs.ts';
+
+// The final dump's page images are named pipes, made before CRIU starts:
+// CRIU opens pages-N.img with O_CREAT|O_TRUNC, which an existing FIFO
+// takes, and splices the pages into it. They go from the frozen tasks to
+// the data channel without a page-cache copy of the whole memory on this
+// host (on a VM that returns freed memory to its host, writing 1 GiB of
+// fresh page cache took seconds of the downtime), and an image ends when
+// CRIU closes it, with no polling.
+
+const S_IFIFO = 0o010000;
+/**
+ * Buffered per pipe in the agent. The pipes themselves keep the kernel's
+ * default size: CRIU holds the pages it collects in its own pipes, and
+ * 1 MiB ones (pipe-max-size here) were no faster in the runs we made.
+ */
+const bodyBytes = 256 << 10;
+
+interface PagePipe {
+  name: string;
+  path: string;
+  socket: Socket;
+  body: PassThrough;
+}
+
+export class PagePipes {
+  private readonly pipes: PagePipe[];
+  private released = false;
+
+  private constructor(pipes: PagePipe[]) {
+    this.pipes = pipes;
+  }
+
+  /**
+   * pages-1.img … pages-`count`.img in `imagesDir`, each open for reading.
+   * CRIU numbers page images from 1 in the order it writes them, one per
+   * process with memory and per shared-memory segment; past `count` it makes
+   * regular files, which the caller follows as before.
+   */
+  static create(imagesDir: string, count: number): PagePipes {
+    const pipes: PagePipe[] = [];
+    try {
+      for (let id = 1; id <= count; id += 1) {
+        const name = `pages-${id}.img`;
+        const path = join(imagesDir, name);
+        fsat().mknodat(AT_FDCWD, path, S_IFIFO | 0o600, 0, 0);
+        // Non-blocking, or the open would wait for CRIU to open the other end.
+        const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+        const socket = new Socket({ fd, readable: true, writable: false });
+        const body = new PassThrough({ highWaterMark: bodyBytes });
+        // A read error fails this image's stream (and so the migration), never the agent.
+        socket.on('error', (error) => body.destroy(error));
+        socket.pipe(body);
+        pipes.push({ name, path, socket, body });
+      }
+    } catch (error) {
+      for (const pipe of pipes) pipe.socket.destroy();
+      throw error;
+    }
+    return new PagePipes(pipes);
+  }
+
+  get names(): string[] {
+    return this.pipes.map((pipe) => pipe.name);
+  }
+
+  /** What CRIU writes into page image `name`, ending when CRIU has closed it (or never opened it, once released). */
+  body(name: string): Readable {
+    const pipe = this.pipes.find((candidate) => candidate.name === name);
+    if (!pipe) throw new Error(`no page pipe ${name}`);
+    return pipe.body;
+  }
+
+  /**
+   * CRIU has exited: a pipe it never opened would never see an end, so each
+   * gets a writer that closes at once, which ends it after whatever is
+   * still buffered (images CRIU did not need are sent empty).
+   */
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    for (const pipe of this.pipes) {
+      if (pipe.socket.readableEnded || pipe.socket.destroyed) continue;
+      try {
+        closeSync(openSync(pipe.path, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW));
+      } catch {
+        // ENXIO: its reader is gone already, so nothing waits for its end.
+      }
+    }
+  }
+
+  /**
+   * The shipping failed: read on and discard, so a CRIU still writing never
+   * blocks on a full pipe (killing it mid-dump could harm the frozen tasks).
+   */
+  discard(): void {
+    for (const pipe of this.pipes) {
+      pipe.socket.unpipe(pipe.body);
+      pipe.body.destroy();
+      pipe.socket.on('data', () => undefined);
+      pipe.socket.on('error', () => undefined);
+      pipe.socket.resume();
+    }
+  }
+
+  /** Closes every read end (CRIU has exited). */
+  close(): void {
+    for (const pipe of this.pipes) pipe.socket.destroy();
+  }
+}
