@@ -59,7 +59,10 @@ async function pollerMain(mode: string, host: string, port: number, intervalMs: 
   const deadline = started + 15 * 60_000;
 
   if (mode === 'http') {
-    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    // keepAliveMsecs is also TCP keepalive's idle time, and Node probes every 1 s,
+    // 10 times: at the default 1 s a pause over ~11 s (a move under the VM lane's
+    // emulated CPU) ended the connection with ETIMEDOUT, which no common client does.
+    const agent = new Agent({ keepAlive: true, keepAliveMsecs: 60_000, maxSockets: 1 });
     const sockets = new Set<Socket>();
     let served: number | undefined;
     while (!stopping && performance.now() < deadline) {
