@@ -3,11 +3,15 @@ import type { WebSocket } from 'ws';
 import { z } from 'zod';
 import { FerryError, toFerryError } from '../src/errors.ts';
 import {
+  checkedMessage,
   describeIssues,
   helloSchema,
   parseJsonMessage,
   protocolVersion,
+  replySchema,
   requestSchema,
+  resultSchemas,
+  type Reply,
   type Request,
   type RequestType,
 } from '../src/protocol/messages.ts';
@@ -74,7 +78,17 @@ export class ControlConnection {
     return this.socket.readyState === this.socket.OPEN;
   }
 
-  send(message: object): void {
+  /** A migration message to the peer agent on this connection, checked against the protocol first. */
+  sendPeer(message: PeerMessage): void {
+    this.write(checkedMessage(peerMessageSchema, message, 'peer message'));
+  }
+
+  /** A reply to this connection's client, checked against the protocol first. */
+  private send(message: Reply): void {
+    this.write(checkedMessage(replySchema, message, 'reply'));
+  }
+
+  private write(message: unknown): void {
     if (this.open) this.socket.send(JSON.stringify(message));
   }
 
@@ -106,7 +120,7 @@ export class ControlConnection {
     }
     const request = requestSchema.safeParse(raw);
     if (!request.success) return this.refuse(id, describeIssues(request.error));
-    void this.dispatch(request.data);
+    this.dispatch(request.data).catch((error: unknown) => this.logger.error({ err: error }, 'request not answered'));
   }
 
   private onHello(raw: unknown, hostName: string): void {
@@ -134,13 +148,20 @@ export class ControlConnection {
     const controller = new AbortController();
     this.inFlight.set(request.id, controller);
     const context: RequestContext = {
-      progress: (event) => this.send({ type: 'progress', id: request.id, event }),
+      // Progress is advice: one the protocol would refuse is logged and dropped, the work goes on.
+      progress: (event) => {
+        try {
+          this.send({ type: 'progress', id: request.id, event });
+        } catch (error) {
+          this.logger.error({ err: error }, 'progress event not sent');
+        }
+      },
       signal: controller.signal,
       logger: this.logger,
     };
     try {
       const handler = this.handlers[request.type] as (request: Request, context: RequestContext) => Promise<unknown>;
-      const result = await handler(request, context);
+      const result = checkedMessage(resultSchemas[request.type], await handler(request, context), `${request.type} result`);
       this.send({ type: 'result', id: request.id, result });
     } catch (error) {
       const ferryError = error instanceof z.ZodError

@@ -1,11 +1,12 @@
 import { readFileSync } from 'node:fs';
-import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpServer, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { z } from 'zod';
-import { toFerryError } from '../src/errors.ts';
+import { FerryError, toFerryError } from '../src/errors.ts';
+import { httpStatusOf, type ErrorBody } from '../src/protocol/errors.ts';
 import { dataChannels, migrationIdSchema } from '../src/protocol/migration.ts';
 import { bearerToken, tokenMatches } from '../src/transport/auth.ts';
 import {
@@ -113,13 +114,13 @@ export class AgentEndpoint {
     socket.on('error', (error) => this.options.logger.debug({ err: error }, 'upgrade socket error'));
     if (!this.authorized(request)) {
       this.options.logger.warn({ remote: request.socket.remoteAddress, target: request.url?.slice(0, 200) }, 'refused connection: wrong or missing token');
-      return refuse(socket, 401, 'UNAUTHORIZED', 'wrong or missing token');
+      return refuse(socket, new FerryError('UNAUTHORIZED', 'wrong or missing token'));
     }
     this.limiter.trust(request.socket);
     const path = requestPath(request.url);
-    if (path === undefined) return refuse(socket, 400, 'BAD_REQUEST', 'the request target is not a path');
+    if (path === undefined) return refuse(socket, new FerryError('BAD_REQUEST', 'the request target is not a path'));
     const target = routeOf(path);
-    if (!target) return refuse(socket, 404, 'NOT_FOUND', `no endpoint ${path.slice(0, 200)}`);
+    if (!target) return refuse(socket, new FerryError('NOT_FOUND', `no endpoint ${path.slice(0, 200)}`));
     const sockets = target.kind === 'control' ? this.controlSockets : this.dataSockets;
     sockets.handleUpgrade(request, socket, head, (webSocket) => this.accept(webSocket, target, request, path));
   }
@@ -143,7 +144,7 @@ export class AgentEndpoint {
       work();
     } catch (error) {
       this.options.logger.error({ err: error }, 'upgrade handler failed');
-      if (!socket.destroyed) refuse(socket, 500, 'INTERNAL', 'the agent could not handle this request');
+      if (!socket.destroyed) refuse(socket, new FerryError('INTERNAL', 'the agent could not handle this request'));
     }
   }
 
@@ -154,18 +155,18 @@ export class AgentEndpoint {
       return;
     }
     if (!this.authorized(request)) {
-      sendJson(response, 401, { code: 'UNAUTHORIZED', message: 'wrong or missing token' });
+      sendError(response, new FerryError('UNAUTHORIZED', 'wrong or missing token'));
       return;
     }
     this.limiter.trust(request.socket);
     if (await this.options.onHttp?.(request, response)) return;
-    sendJson(response, 404, { code: 'NOT_FOUND', message: `no route ${(path ?? request.url ?? '').slice(0, 200)}` });
+    sendError(response, new FerryError('NOT_FOUND', `no route ${(path ?? request.url ?? '').slice(0, 200)}`));
   }
 
   private requestFailed(error: unknown, response: ServerResponse): void {
     this.options.logger.error({ err: error }, 'HTTP request failed');
     if (response.headersSent) response.destroy();
-    else sendJson(response, 500, toFerryError(error).toJSON());
+    else sendError(response, toFerryError(error));
   }
 
   private refusedConnection(address: string): void {
@@ -213,18 +214,18 @@ function closeFailed(webSocket: WebSocket): void {
   setTimeout(() => webSocket.terminate(), 2_000).unref();
 }
 
-function sendJson(response: ServerResponse, status: number, body: unknown): void {
-  response.writeHead(status, { 'content-type': 'application/json' });
+function sendError(response: ServerResponse, error: FerryError): void {
+  const body: ErrorBody = { error: error.toJSON() };
+  response.writeHead(httpStatusOf[error.code], { 'content-type': 'application/json' });
   response.end(JSON.stringify(body));
 }
 
-const reasons: Record<number, string> = { 400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found', 500: 'Internal Server Error' };
-
-function refuse(socket: Duplex, status: number, code: string, message: string): void {
-  const body = JSON.stringify({ code, message });
+function refuse(socket: Duplex, error: FerryError): void {
+  const status = httpStatusOf[error.code];
+  const body = JSON.stringify({ error: error.toJSON() } satisfies ErrorBody);
   // Destroyed once written: a refused client that never closes must not keep its connection slot.
   socket.end(
-    `HTTP/1.1 ${status} ${reasons[status] ?? 'Error'}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Error'}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
     () => socket.destroy(),
   );
 }

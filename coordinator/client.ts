@@ -1,16 +1,14 @@
 // A small client of the coordinator's API, for the CLI (`ferry evacuate`, `ferry hosts`).
 import { setTimeout as sleep } from 'node:timers/promises';
-import { errorCodes, FerryError, type ErrorCode } from '../src/errors.ts';
+import { FerryError, fromWire } from '../src/errors.ts';
 import { formatBytes, table } from '../src/format.ts';
+import { errorBodySchema } from '../src/protocol/errors.ts';
 import {
-  apiErrorSchema,
-  evacuationViewSchema,
-  hostViewSchema,
+  apiAnswerSchemas,
   type EvacuationBody,
   type EvacuationView,
   type HostView,
 } from '../src/protocol/coordinator.ts';
-import { z } from 'zod';
 
 export class CoordinatorClient {
   private readonly url: string;
@@ -22,12 +20,12 @@ export class CoordinatorClient {
   }
 
   async hosts(): Promise<HostView[]> {
-    return z.object({ hosts: z.array(hostViewSchema) }).parse(await this.call('GET', '/v1/hosts')).hosts;
+    return apiAnswerSchemas.hosts.parse(await this.call('GET', '/v1/hosts')).hosts;
   }
 
   /** Makes a host schedulable again after an evacuation (nothing moves back). */
   async undrain(host: string): Promise<HostView> {
-    return z.object({ host: hostViewSchema }).parse(await this.call('POST', `/v1/hosts/${encodeURIComponent(host)}/undrain`)).host;
+    return apiAnswerSchemas.host.parse(await this.call('POST', `/v1/hosts/${encodeURIComponent(host)}/undrain`)).host;
   }
 
   async evacuate(body: Partial<EvacuationBody> & { host: string }): Promise<EvacuationView> {
@@ -44,8 +42,7 @@ export class CoordinatorClient {
 
   /** The latest finished evacuation of a host that is not itself an undo. */
   async lastEvacuation(host: string): Promise<string> {
-    const { evacuations } = z.object({ evacuations: z.array(z.object({ id: z.string(), host: z.string(), undoOf: z.string().nullable(), state: z.string() })) })
-      .parse(await this.call('GET', '/v1/evacuations'));
+    const { evacuations } = apiAnswerSchemas.evacuations.parse(await this.call('GET', '/v1/evacuations'));
     const last = evacuations.filter((entry) => entry.host === host && !entry.undoOf && entry.state !== 'running').at(-1);
     if (!last) throw new FerryError('NOT_FOUND', `no finished evacuation of ${host} to undo`);
     return last.id;
@@ -65,7 +62,7 @@ export class CoordinatorClient {
   }
 
   private evacuationOf(body: unknown): EvacuationView {
-    return z.object({ evacuation: evacuationViewSchema }).parse(body).evacuation;
+    return apiAnswerSchemas.evacuation.parse(body).evacuation;
   }
 
   private async call(method: string, path: string, body?: unknown): Promise<unknown> {
@@ -81,11 +78,10 @@ export class CoordinatorClient {
     }
     const parsed: unknown = await response.json().catch(() => undefined);
     if (response.ok) return parsed;
-    const error = apiErrorSchema.safeParse(parsed);
-    if (!error.success) throw new FerryError('BAD_MESSAGE', `coordinator answered HTTP ${response.status}`);
-    const code = (errorCodes as readonly string[]).includes(error.data.error.code) ? (error.data.error.code as ErrorCode) : 'INTERNAL';
-    const field = error.data.error.field ? ` (${error.data.error.field})` : '';
-    throw new FerryError(code, `${error.data.error.message}${field}`);
+    const answer = errorBodySchema.safeParse(parsed);
+    if (!answer.success) throw new FerryError('BAD_MESSAGE', `coordinator answered HTTP ${response.status}`);
+    const { error } = answer.data;
+    throw fromWire({ ...error, message: error.field ? `${error.message} (${error.field})` : error.message });
   }
 }
 

@@ -2,36 +2,23 @@
 // are zod-validated; errors are JSON with a stable code (and the field at fault).
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { z } from 'zod';
-import { FerryError, toFerryError, type ErrorCode } from '../src/errors.ts';
+import { FerryError, toFerryError } from '../src/errors.ts';
+import { httpStatusOf, type ErrorBody } from '../src/protocol/errors.ts';
 import {
+  apiAnswerSchemas,
   evacuationBodySchema,
   hostNameSchema,
   migrationBodySchema,
   registerHostBodySchema,
-  type ApiError,
+  type ApiAnswer,
 } from '../src/protocol/coordinator.ts';
-import { describeIssues, parseJsonMessage } from '../src/protocol/messages.ts';
+import { checkedMessage, describeIssues, parseJsonMessage } from '../src/protocol/messages.ts';
 import { bearerToken, tokenMatches } from '../src/transport/auth.ts';
 import { ConnectionLimiter, defaultConnectionLimits, requestPath, serverTimeouts } from '../src/transport/limits.ts';
 import type { Logger } from 'pino';
 import type { Service } from './service.ts';
 
 const MAX_BODY_BYTES = 1024 * 1024;
-
-export class HttpError extends Error {
-  readonly status: number;
-  readonly code: string;
-  readonly field: string | undefined;
-
-  constructor(status: number, code: string, message: string, field?: string) {
-    super(message);
-    this.status = status;
-    this.code = code;
-    this.field = field;
-  }
-}
-
-const statusOf: Partial<Record<ErrorCode, number>> = { BAD_REQUEST: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, BUSY: 409 };
 
 type Handler = (service: Service, request: IncomingMessage, params: string[]) => Promise<{ status: number; body: unknown }>;
 
@@ -43,32 +30,36 @@ function decodeSegment(segment: string): string {
   try {
     return decodeURIComponent(segment);
   } catch {
-    throw new HttpError(400, 'BAD_REQUEST', 'bad percent-encoding in the path', 'name');
+    throw new FerryError('BAD_REQUEST', 'bad percent-encoding in the path', { field: 'name' });
   }
 }
 
-const routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [
-  { method: 'GET', pattern: /^\/v1\/hosts$/, handler: async (service) => ok({ hosts: service.pool.views() }) },
+const routes: Array<{ method: string; pattern: RegExp; answer: ApiAnswer; handler: Handler }> = [
+  { method: 'GET', pattern: /^\/v1\/hosts$/, answer: 'hosts', handler: async (service) => ok({ hosts: service.pool.views() }) },
   {
     method: 'POST',
+    answer: 'host',
     pattern: /^\/v1\/hosts$/,
     handler: async (service, request) => ok({ host: await service.registerHost(parse(registerHostBodySchema, await readJson(request))) }, 201),
   },
   {
     method: 'POST',
+    answer: 'host',
     // Any segment, so that a malformed name gets a 400 naming the field rather than a 404.
     pattern: /^\/v1\/hosts\/([^/]+)\/undrain$/,
     handler: async (service, _request, [name]) => ok({ host: service.undrain(parse(hostParamsSchema, { name: decodeSegment(name!) }).name) }),
   },
-  { method: 'GET', pattern: /^\/v1\/containers$/, handler: async (service) => ok({ containers: service.containers() }) },
-  { method: 'GET', pattern: /^\/v1\/migrations$/, handler: async (service) => ok({ migrations: service.store.migrations() }) },
+  { method: 'GET', pattern: /^\/v1\/containers$/, answer: 'containers', handler: async (service) => ok({ containers: service.containers() }) },
+  { method: 'GET', pattern: /^\/v1\/migrations$/, answer: 'migrations', handler: async (service) => ok({ migrations: service.store.migrations() }) },
   {
     method: 'POST',
+    answer: 'migration',
     pattern: /^\/v1\/migrations$/,
     handler: async (service, request) => ok({ migration: await service.startMigration(parse(migrationBodySchema, await readJson(request))) }, 202),
   },
   {
     method: 'GET',
+    answer: 'migration',
     pattern: /^\/v1\/migrations\/([\w-]+)$/,
     handler: async (service, _request, [id]) => {
       const migration = service.store.migration(id!);
@@ -78,21 +69,24 @@ const routes: Array<{ method: string; pattern: RegExp; handler: Handler }> = [
   },
   {
     method: 'POST',
+    answer: 'cancelled',
     pattern: /^\/v1\/migrations\/([\w-]+)\/cancel$/,
     handler: async (service, _request, [id]) => {
       if (!service.store.migration(id!)) throw new FerryError('NOT_FOUND', `no migration ${id}`);
       return ok({ cancelled: service.migrator.cancel(id!) });
     },
   },
-  { method: 'GET', pattern: /^\/v1\/evacuations$/, handler: async (service) => ok({ evacuations: service.store.evacuations() }) },
+  { method: 'GET', pattern: /^\/v1\/evacuations$/, answer: 'evacuations', handler: async (service) => ok({ evacuations: service.store.evacuations() }) },
   {
     method: 'POST',
+    answer: 'evacuation',
     pattern: /^\/v1\/evacuations$/,
     handler: async (service, request) => ok({ evacuation: service.evacuator.start(parse(evacuationBodySchema, await readJson(request))) }, 202),
   },
-  { method: 'GET', pattern: /^\/v1\/evacuations\/([\w-]+)$/, handler: async (service, _request, [id]) => ok({ evacuation: service.evacuator.view(id!) }) },
+  { method: 'GET', pattern: /^\/v1\/evacuations\/([\w-]+)$/, answer: 'evacuation', handler: async (service, _request, [id]) => ok({ evacuation: service.evacuator.view(id!) }) },
   {
     method: 'POST',
+    answer: 'evacuation',
     pattern: /^\/v1\/evacuations\/([\w-]+)\/undo$/,
     handler: async (service, _request, [id]) => ok({ evacuation: service.evacuator.undo(id!) }, 202),
   },
@@ -118,10 +112,10 @@ export function createApiServer(service: Service, logger: Logger): Server {
 /** Serves one request: authenticate, route, answer JSON (or SSE, or Prometheus text). Never rejects. */
 export async function handle(service: Service, request: IncomingMessage, response: ServerResponse, logger?: Logger): Promise<void> {
   try {
-    if (!tokenMatches(bearerToken(request), service.token)) throw new HttpError(401, 'UNAUTHORIZED', 'wrong or missing token');
+    if (!tokenMatches(bearerToken(request), service.token)) throw new FerryError('UNAUTHORIZED', 'wrong or missing token');
     // Not `new URL`: it throws on targets such as "//a:99999".
     const path = requestPath(request.url);
-    if (path === undefined) throw new HttpError(400, 'BAD_REQUEST', 'the request target is not a path');
+    if (path === undefined) throw new FerryError('BAD_REQUEST', 'the request target is not a path');
     if (request.method === 'GET' && path === '/v1/events') return service.events.serveSse(response);
     if (request.method === 'GET' && path === '/metrics') {
       response.writeHead(200, { 'content-type': service.metrics.registry.contentType });
@@ -129,14 +123,15 @@ export async function handle(service: Service, request: IncomingMessage, respons
       return;
     }
     const matching = routes.filter((candidate) => candidate.pattern.test(path));
-    if (!matching.length) throw new HttpError(404, 'NOT_FOUND', `no route ${path.slice(0, 200)}`);
+    if (!matching.length) throw new FerryError('NOT_FOUND', `no route ${path.slice(0, 200)}`);
     const route = matching.find((candidate) => candidate.method === request.method);
-    if (!route) throw new HttpError(405, 'BAD_REQUEST', `${request.method} not allowed on ${path.slice(0, 200)}`);
+    if (!route) throw new FerryError('METHOD_NOT_ALLOWED', `${request.method} not allowed on ${path.slice(0, 200)}`);
     const params = route.pattern.exec(path)!.slice(1);
     const { status, body } = await route.handler(service, request, params);
-    sendJson(response, status, body);
+    sendJson(response, status, checkedMessage(apiAnswerSchemas[route.answer], body, `${route.answer} answer`));
   } catch (error) {
-    if (!(error instanceof HttpError)) logger?.warn({ err: error, path: request.url?.slice(0, 200) }, 'API request failed');
+    // A client's mistake is its own to read; trouble on this side goes to the log.
+    if (httpStatusOf[toFerryError(error).code] >= 500) logger?.warn({ err: error, path: request.url?.slice(0, 200) }, 'API request failed');
     sendError(response, error);
   }
 }
@@ -147,19 +142,11 @@ function sendJson(response: ServerResponse, status: number, body: unknown): void
 }
 
 function sendError(response: ServerResponse, error: unknown): void {
-  const httpError = error instanceof HttpError ? error : undefined;
-  const ferryError = httpError ? undefined : toFerryError(error);
-  const status = httpError?.status ?? statusOf[ferryError!.code] ?? 500;
-  const body: ApiError = {
-    error: {
-      code: httpError?.code ?? ferryError!.code,
-      // An internal error says what failed, not the paths on this host (the log above has them).
-      message: httpError?.message ?? ferryError!.toJSON().message,
-      ...(httpError?.field ? { field: httpError.field } : {}),
-    },
-  };
+  const ferryError = toFerryError(error);
+  // An internal error says what failed, not the paths on this host (the log has them).
+  const body: ErrorBody = { error: ferryError.toJSON() };
   if (response.headersSent) response.end();
-  else sendJson(response, status, body);
+  else sendJson(response, httpStatusOf[ferryError.code], body);
 }
 
 async function readJson(request: IncomingMessage): Promise<unknown> {
@@ -167,13 +154,13 @@ async function readJson(request: IncomingMessage): Promise<unknown> {
   let size = 0;
   for await (const chunk of request as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > MAX_BODY_BYTES) throw new HttpError(413, 'BAD_REQUEST', `body larger than ${MAX_BODY_BYTES} bytes`);
+    if (size > MAX_BODY_BYTES) throw new FerryError('TOO_LARGE', `body larger than ${MAX_BODY_BYTES} bytes`);
     chunks.push(chunk);
   }
   try {
     return parseJsonMessage(Buffer.concat(chunks).toString('utf8'));
   } catch (error) {
-    throw new HttpError(400, 'BAD_REQUEST', error instanceof FerryError ? error.message.replace('message', 'body') : 'body is not JSON', '(body)');
+    throw new FerryError('BAD_REQUEST', error instanceof FerryError ? error.message.replace('message', 'body') : 'body is not JSON', { field: '(body)' });
   }
 }
 
@@ -182,5 +169,5 @@ function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
   if (result.success) return result.data;
   const first = result.error.issues[0];
   const field = first?.path.length ? first.path.join('.') : '(body)';
-  throw new HttpError(400, 'BAD_REQUEST', describeIssues(result.error), field);
+  throw new FerryError('BAD_REQUEST', describeIssues(result.error), { field });
 }

@@ -26,6 +26,8 @@ export const errorCodes = [
   'UNAUTHORIZED',
   'PROTOCOL_VERSION',
   'NOT_FOUND',
+  'METHOD_NOT_ALLOWED',
+  'TOO_LARGE',
   'NAME_IN_USE',
   'ROOTFS_MISSING',
   'COMMAND_NOT_FOUND',
@@ -57,6 +59,8 @@ export interface FerryErrorOptions {
   cause?: unknown;
   /** Extra lines worth showing the operator, e.g. CRIU's own error lines. */
   details?: string[];
+  /** The request field at fault (a BAD_REQUEST). */
+  field?: string;
 }
 
 export class FerryError extends Error {
@@ -64,18 +68,20 @@ export class FerryError extends Error {
   readonly code: ErrorCode;
   readonly phase: Phase | undefined;
   readonly details: string[];
+  readonly field: string | undefined;
 
   constructor(code: ErrorCode, message: string, options: FerryErrorOptions = {}) {
     super(message, { cause: options.cause });
     this.code = code;
     this.phase = options.phase;
     this.details = options.details ?? [];
+    this.field = options.field;
   }
 
   /** Same error, attributed to a phase when it has none yet. */
   inPhase(phase: Phase): FerryError {
     if (this.phase) return this;
-    return new FerryError(this.code, this.message, { phase, cause: this.cause, details: this.details });
+    return new FerryError(this.code, this.message, { phase, cause: this.cause, details: this.details, ...(this.field ? { field: this.field } : {}) });
   }
 
   /** The wire form, for peers and clients. */
@@ -85,6 +91,7 @@ export class FerryError extends Error {
       message: this.hidesPaths ? withoutPaths(this.message) : this.message,
       ...(this.phase ? { phase: this.phase } : {}),
       ...(this.details.length ? { details: this.hidesPaths ? this.details.map(withoutPaths) : this.details } : {}),
+      ...(this.field ? { field: this.field } : {}),
     };
   }
 
@@ -113,6 +120,7 @@ export interface WireError {
   message: string;
   phase?: Phase;
   details?: string[];
+  field?: string | undefined;
 }
 
 export class CriuError extends FerryError {
@@ -133,5 +141,9 @@ export function toFerryError(error: unknown, phase?: Phase, fallback: ErrorCode 
 }
 
 export function fromWire(error: WireError): FerryError {
-  return new FerryError(error.code, error.message, { phase: error.phase, details: error.details });
+  return new FerryError(error.code, error.message, {
+    ...(error.phase ? { phase: error.phase } : {}),
+    ...(error.details ? { details: error.details } : {}),
+    ...(error.field ? { field: error.field } : {}),
+  });
 }

@@ -7,6 +7,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { errorBodySchema } from '../src/protocol/errors.ts';
 import { AgentClient, openSocket } from '../src/transport/client.ts';
 import {
   containerPid,
@@ -61,6 +62,20 @@ describe('refusals', () => {
     const data = await failureOf(openSocket({ url: a.agent.url, token: 'nope' }, `/migrations/${randomUUID()}/files`));
     expect(data.code).toBe('UNAUTHORIZED');
     await a.agent.waitForLog((entry) => entry.json?.msg === 'refused connection: wrong or missing token');
+    await expectServing(a);
+  });
+
+  it('refuses HTTP requests and upgrades with the one error shape, at the status of its code', async () => {
+    const base = a.agent.url.replace(/^ws/, 'http');
+    const noToken = await fetch(`${base}/metrics`);
+    expect(noToken.status).toBe(401);
+    expect(errorBodySchema.parse(await noToken.json()).error).toMatchObject({ code: 'UNAUTHORIZED', message: 'wrong or missing token' });
+    const nowhere = await fetch(`${base}/nowhere`, { headers: { authorization: `Bearer ${a.agent.token}` } });
+    expect(nowhere.status).toBe(404);
+    expect(errorBodySchema.parse(await nowhere.json()).error).toMatchObject({ code: 'NOT_FOUND', message: 'no route /nowhere' });
+    // The client reads the agent's reason out of a refused upgrade's body.
+    const upgrade = await failureOf(openSocket({ url: a.agent.url, token: a.agent.token }, '/nowhere'));
+    expect(upgrade.message).toMatch(/refused the connection: no endpoint \/nowhere$/);
     await expectServing(a);
   });
 

@@ -8,18 +8,18 @@ import type WebSocket from 'ws';
 import type { Criu } from '../../src/criu/criu.ts';
 import { compareVersions, parseCriuVersion } from '../../src/criu/version.ts';
 import { FerryError, toFerryError } from '../../src/errors.ts';
-import type { PeerMessage } from '../../src/protocol/migration.ts';
+import { filesStreams, parsePageStreamName, roundStreamName, type PeerMessage } from '../../src/protocol/migration.ts';
 import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { removeInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
 import { idleGuard } from '../../src/transport/idle.ts';
-import { parsePageStreamName } from '../../src/criu/follow.ts';
 import { faultActive } from '../../src/faults.ts';
 import { freeBytes } from '../../src/host/capacity.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
+import { acknowledged, applyDecision } from './decisions.ts';
 import { resumeContainer } from './resume.ts';
 import { roundMs } from './timing.ts';
 import { probeAddress, requireBridge } from '../runtime/network.ts';
@@ -111,13 +111,13 @@ export class DestinationSessions implements PeerHandler {
   private async withSession(migrationId: string, connection: ControlConnection, act: (session: DestinationSession) => Promise<void>): Promise<void> {
     const session = this.sessions.get(migrationId);
     if (session && session.connection === connection) return act(session);
-    connection.send({ type: 'abort', migrationId, error: { code: 'NOT_FOUND', message: `no migration ${migrationId} on this connection` } });
+    connection.sendPeer({ type: 'abort', migrationId, error: { code: 'NOT_FOUND', message: `no migration ${migrationId} on this connection` } });
   }
 
   private async offer(offer: Offer, connection: ControlConnection): Promise<void> {
     // A migration id names one migration, ever: a second offer must not touch the first one's state.
     const refuseKnown = () =>
-      connection.send({
+      connection.sendPeer({
         type: 'abort',
         migrationId: offer.migrationId,
         error: { code: 'BAD_MESSAGE', message: `migration ${offer.migrationId} is already known here`, phase: 'preflight' },
@@ -146,8 +146,10 @@ export class DestinationSessions implements PeerHandler {
     if (session) await session.decide(decision, warnings);
     else await decideFromJournal(this.deps, migrationId, decision, warnings);
     const entry = await this.deps.journal.read(migrationId).catch(() => undefined);
-    const outcome = entry?.state === 'done' ? 'commit' : 'abort';
-    connection.send({ type: 'decided', migrationId, decision: outcome, ...(warnings.length ? { warnings } : {}) });
+    const outcome = acknowledged(entry?.role === 'destination' ? entry.state : undefined);
+    // Bounded as the protocol bounds them: an oversized warning must not cost the acknowledgement.
+    const told = warnings.slice(0, 20).map((warning) => warning.slice(0, 2000));
+    connection.sendPeer({ type: 'decided', migrationId, decision: outcome, ...(told.length ? { warnings: told } : {}) });
     // The container already runs: the images go after the source heard so.
     if (outcome === 'commit') await this.deps.journal.removeImages(migrationId).catch(() => undefined);
   }
@@ -161,8 +163,10 @@ export async function decideFromJournal(
   warnings: string[] = [],
 ): Promise<void> {
   const entry = await deps.journal.read(migrationId);
-  if (!entry || entry.role !== 'destination' || entry.state === 'done' || entry.state === 'aborted') return;
-  if (decision === 'commit' && entry.state === 'prepared') {
+  if (entry?.role !== 'destination') return;
+  const action = applyDecision(entry.state, decision);
+  if (action === 'already-applied') return;
+  if (action === 'resume') {
     await resumeContainer(deps.runtime, entry.container, (message) => {
       deps.logger.error({ migrationId }, message);
       warnings.push(message);
@@ -251,7 +255,7 @@ class DestinationSession {
       if (!this.connection.open) throw new FerryError('PEER_GONE', 'the source disconnected during preflight');
       this.transition('receiving');
       this.accepted = true;
-      this.connection.send({
+      this.connection.sendPeer({
         type: 'accept',
         migrationId: this.migrationId,
         destination: { host: this.deps.runtime.hostName, ...facts },
@@ -352,12 +356,12 @@ class DestinationSession {
   private async receiveFiles(socket: WebSocket): Promise<void> {
     const receiver = new ChannelReceiver(socket);
     const rootfs = this.deps.runtime.store.rootfs(this.name);
-    await this.unpackStream(await receiver.next(), 'rootfs', rootfs);
+    await this.unpackStream(await receiver.next(), filesStreams.rootfs, rootfs);
     this.ensureLive();
-    this.connection.send({ type: 'staged', migrationId: this.migrationId });
+    this.connection.sendPeer({ type: 'staged', migrationId: this.migrationId });
     let stream = await this.nextStream(receiver);
     let rounds = 0;
-    while (stream.name === `round-${rounds + 1}`) {
+    while (stream.name === roundStreamName(rounds + 1)) {
       rounds += 1;
       const directory = this.roundDirectory(rounds);
       await mkdir(directory, { recursive: true });
@@ -366,8 +370,8 @@ class DestinationSession {
       if (rounds > 1) await symlink(`../${rounds - 1}`, join(directory, 'parent'));
       stream = await this.nextStream(receiver);
     }
-    await this.unpackStream(stream, 'rootfs-delta', rootfs);
-    await this.unpackStream(await this.nextStream(receiver), 'images', this.imagesDir, { images: true });
+    await this.unpackStream(stream, filesStreams.rootfsDelta, rootfs);
+    await this.unpackStream(await this.nextStream(receiver), filesStreams.images, this.imagesDir, { images: true });
     receiver.close();
     if (rounds > 0) await symlink(`../rounds/${rounds}`, join(this.imagesDir, 'parent'));
     this.filesFinished = true;
@@ -388,7 +392,7 @@ class DestinationSession {
     this.ensureLive();
     this.filesAt = `unpacking the ${expected} stream`;
     if (stream.name !== expected) throw new FerryError('BAD_MESSAGE', `expected the ${expected} stream, got ${stream.name}`, { phase: 'stream' });
-    if (stream.deleted.length && expected !== 'rootfs-delta') {
+    if (stream.deleted.length && expected !== filesStreams.rootfsDelta) {
       throw new FerryError('BAD_MESSAGE', `the ${expected} stream may not delete anything`, { phase: 'stream' });
     }
     for (const path of stream.deleted) removeInside(into, path);
@@ -484,7 +488,7 @@ class DestinationSession {
     await this.deps.journal.update(this.migrationId, 'prepared');
     this.transition('prepared');
     const now = performance.now();
-    this.connection.send({
+    this.connection.sendPeer({
       type: 'prepared',
       migrationId: this.migrationId,
       restoreMs: Math.round(now - started),
@@ -546,7 +550,7 @@ class DestinationSession {
     if (!this.live || this.prepared) return;
     const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : 'stream');
     this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
-    this.connection.send({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
+    this.connection.sendPeer({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
     await this.abort(failure.message);
   }
 

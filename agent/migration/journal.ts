@@ -2,24 +2,41 @@ import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { readJsonFile, writeJsonFile } from '../../src/json-file.ts';
-import { destinationSchema } from '../../src/protocol/messages.ts';
+import { FerryError } from '../../src/errors.ts';
+import { describeIssues, destinationSchema } from '../../src/protocol/messages.ts';
 
 // Durable migration records. The source alone decides commit or abort and
 // writes the decision here before telling anyone, so after any crash both
-// agents can find out which copy of the container is the one.
+// agents can find out which copy of the container is the one. Each role has
+// its own states.
 
-export const journalEntrySchema = z.object({
+const entryBase = {
   migrationId: z.string(),
-  role: z.enum(['source', 'destination']),
   container: z.string(),
-  state: z.enum(['started', 'prepared', 'committed', 'aborted', 'done']),
-  /** Source only: how to reach the destination again to deliver the decision. */
-  destination: destinationSchema.optional(),
   updatedAt: z.string(),
   error: z.string().optional(),
-});
+};
+
+/** started → committed → done, or → aborted. The source alone decides. */
+export const sourceStates = ['started', 'committed', 'aborted', 'done'] as const;
+/** started → prepared → done, or → aborted, as the source decided. */
+export const destinationStates = ['started', 'prepared', 'aborted', 'done'] as const;
+
+export const journalEntrySchema = z.discriminatedUnion('role', [
+  z.object({
+    ...entryBase,
+    role: z.literal('source'),
+    state: z.enum(sourceStates),
+    /** How to reach the destination again to deliver the decision. */
+    destination: destinationSchema,
+  }),
+  z.object({ ...entryBase, role: z.literal('destination'), state: z.enum(destinationStates) }),
+]);
 export type JournalEntry = z.infer<typeof journalEntrySchema>;
+export type SourceEntry = Extract<JournalEntry, { role: 'source' }>;
+export type DestinationEntry = Extract<JournalEntry, { role: 'destination' }>;
 export type JournalState = JournalEntry['state'];
+type Unstamped<T> = T extends unknown ? Omit<T, 'updatedAt'> : never;
 
 export class MigrationJournal {
   readonly root: string;
@@ -36,8 +53,11 @@ export class MigrationJournal {
     return readJsonFile(join(this.directory(migrationId), 'journal.json'), journalEntrySchema);
   }
 
-  async write(entry: Omit<JournalEntry, 'updatedAt'>): Promise<JournalEntry> {
-    const full = { ...entry, updatedAt: new Date().toISOString() };
+  async write(entry: Unstamped<JournalEntry>): Promise<JournalEntry> {
+    const full = { ...entry, updatedAt: new Date().toISOString() } as JournalEntry;
+    // A state the entry's role does not have is a bug here; it must not reach the disk.
+    const checked = journalEntrySchema.safeParse(full);
+    if (!checked.success) throw new FerryError('INTERNAL', `journal entry for ${entry.migrationId}: ${describeIssues(checked.error)}`);
     // It may hold the peer's token. Durable: after a power loss the decision must still be the one sent.
     await writeJsonFile(join(this.directory(entry.migrationId), 'journal.json'), full, 0o600, { durable: true });
     return full;
@@ -45,7 +65,7 @@ export class MigrationJournal {
 
   async update(migrationId: string, state: JournalState, error?: string): Promise<void> {
     const entry = await this.read(migrationId);
-    if (entry) await this.write({ ...entry, state, ...(error ? { error } : {}) });
+    if (entry) await this.write({ ...entry, state, ...(error ? { error } : {}) } as Unstamped<JournalEntry>);
   }
 
   /** Entries whose migration has not reached a final state. */

@@ -1,9 +1,11 @@
 import type WebSocket from 'ws';
 import { FerryError, type Phase } from '../../src/errors.ts';
-import { helloSchema, protocolVersion, type Destination } from '../../src/protocol/messages.ts';
+import { checkedMessage, parseJsonMessage, type Destination } from '../../src/protocol/messages.ts';
+import { wireErrorSchema } from '../../src/protocol/errors.ts';
 import { peerMessageSchema, type DataChannel, type PeerMessage } from '../../src/protocol/migration.ts';
 import { openSocket, type ConnectOptions } from '../../src/transport/client.ts';
 import { keepAlive } from '../../src/transport/heartbeat.ts';
+import { exchangeHello } from '../../src/transport/hello.ts';
 
 /** Who this agent is when it connects to a peer. */
 export interface PeerIdentity {
@@ -50,20 +52,8 @@ export class PeerLink {
       ...(identity.cert && identity.key ? { cert: identity.cert, key: identity.key } : {}),
     };
     const socket = await openSocket(options);
-    socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName }));
-    const peerName = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new FerryError('TIMEOUT', 'no hello from the destination')), 10_000);
-      socket.once('message', (data) => {
-        clearTimeout(timer);
-        const hello = helloSchema.safeParse(JSON.parse(data.toString()));
-        if (hello.success && hello.data.version === protocolVersion) resolve(hello.data.name ?? destination.url);
-        else reject(new FerryError('PROTOCOL_VERSION', `destination refused hello: ${data.toString().slice(0, 200)}`));
-      });
-      socket.once('close', () => reject(new FerryError('PEER_GONE', 'destination closed during hello')));
-    }).catch((error: unknown) => {
-      socket.terminate();
-      throw error;
-    });
+    const hello = await exchangeHello(socket, { peer: 'agent', name: hostName }, 'the destination');
+    const peerName = hello.name ?? destination.url;
     return new PeerLink(socket, peerName, options);
   }
 
@@ -73,6 +63,7 @@ export class PeerLink {
   }
 
   send(message: PeerMessage): void {
+    checkedMessage(peerMessageSchema, message, 'peer message');
     if (this.socket.readyState === this.socket.OPEN) this.socket.send(JSON.stringify(message));
   }
 
@@ -118,10 +109,7 @@ export class PeerLink {
 
   private abortError(message: MessageOf<'abort'>, phase: Phase): FerryError {
     const { code, message: text, phase: remotePhase, details } = message.error;
-    return new FerryError(code as FerryError['code'], `destination ${this.peerName}: ${text}`, {
-      phase: (remotePhase as Phase | undefined) ?? phase,
-      ...(details ? { details } : {}),
-    });
+    return new FerryError(code, `destination ${this.peerName}: ${text}`, { phase: remotePhase ?? phase, ...(details ? { details } : {}) });
   }
 
   /** Resolves when a message arrives, the link fails, or `timeoutMs` passes. */
@@ -142,15 +130,16 @@ export class PeerLink {
   private receive(text: string): void {
     let raw: unknown;
     try {
-      raw = JSON.parse(text);
+      raw = parseJsonMessage(text);
     } catch {
       return;
     }
     const message = peerMessageSchema.safeParse(raw);
     if (message.success) this.inbox.push(message.data);
-    else if ((raw as { type?: string }).type === 'error') {
-      const error = (raw as { error: { code: FerryError['code']; message: string } }).error;
-      this.inbox.push({ type: 'abort', migrationId: '', error });
+    else if ((raw as { type?: unknown })?.type === 'error') {
+      // The destination refused something on the control connection: that ends the migration too.
+      const error = wireErrorSchema.safeParse((raw as { error?: unknown }).error);
+      this.inbox.push({ type: 'abort', migrationId: '', error: error.success ? error.data : { code: 'BAD_MESSAGE', message: 'an unreadable error' } });
     }
     this.wake();
   }

@@ -3,7 +3,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { unlockNetwork } from '../../src/net/lock.ts';
 import { announceAddress } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
-import type { JournalEntry, MigrationJournal } from './journal.ts';
+import type { DestinationEntry, MigrationJournal, SourceEntry } from './journal.ts';
+import { destinationRecovery, sourceRecovery } from './decisions.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 
 export interface RecoveryDependencies {
@@ -31,8 +32,8 @@ export async function recoverMigrations(deps: RecoveryDependencies): Promise<voi
   }
 }
 
-async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, logger: Logger): Promise<void> {
-  const decision = entry.state === 'committed' ? 'commit' : 'abort';
+async function recoverSource(deps: RecoveryDependencies, entry: SourceEntry, logger: Logger): Promise<void> {
+  const decision = sourceRecovery(entry);
   if (decision === 'abort') {
     const record = await deps.runtime.store.read(entry.container);
     if (record) {
@@ -52,11 +53,11 @@ async function recoverSource(deps: RecoveryDependencies, entry: JournalEntry, lo
   }
   // Images and pre-dump rounds can be as large as the container's memory.
   await deps.journal.removeImages(entry.migrationId).catch((error: unknown) => logger.warn({ err: error }, 'could not remove images'));
-  if (entry.destination) void deliverDecision(deps, entry, decision, logger);
+  void deliverDecision(deps, entry, decision, logger);
 }
 
-async function recoverDestination(deps: RecoveryDependencies, entry: JournalEntry, logger: Logger): Promise<void> {
-  if (entry.state === 'prepared') {
+async function recoverDestination(deps: RecoveryDependencies, entry: DestinationEntry, logger: Logger): Promise<void> {
+  if (destinationRecovery(entry) === 'await-decision') {
     logger.warn('incoming migration prepared before a restart; waiting for the source\'s decision');
     return;
   }
@@ -69,13 +70,13 @@ async function recoverDestination(deps: RecoveryDependencies, entry: JournalEntr
 /** Retries until the destination acknowledges the decision (bounded: about 10 minutes). */
 export async function deliverDecision(
   deps: RecoveryDependencies,
-  entry: JournalEntry,
+  entry: SourceEntry,
   decision: 'commit' | 'abort',
   logger: Logger,
 ): Promise<void> {
   for (let attempt = 0; attempt < 120; attempt += 1) {
     try {
-      const link = await PeerLink.connect(entry.destination!, deps.identity);
+      const link = await PeerLink.connect(entry.destination, deps.identity);
       try {
         link.send({ type: 'decision', migrationId: entry.migrationId, decision });
         const decided = await link.expect('decided', 30_000, 'confirm');

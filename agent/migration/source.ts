@@ -9,13 +9,22 @@ import { readKernelRelease } from '../../src/criu/criu.ts';
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
-import type { DowntimeBreakdown, MigrationOptions, MigrationReport, ProgressEvent, RestoreTiming, RoundReport } from '../../src/protocol/migration.ts';
+import {
+  filesStreams,
+  pageStreamName,
+  roundStreamName,
+  type MigrationOptions,
+  type MigrationReport,
+  type ProgressEvent,
+  type RestoreTiming,
+  type RoundReport,
+} from '../../src/protocol/migration.ts';
 import { decide, type Prediction, type RoundMeasurement, type StopReason } from '../../src/precopy/convergence.ts';
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
 import { faultActive, faultNumber } from '../../src/faults.ts';
-import { followImage, newPageImages, pageImagePattern, pageStreamName } from '../../src/criu/follow.ts';
+import { followImage, newPageImages, pageImagePattern } from '../../src/criu/follow.ts';
 import { PagePipes } from '../../src/criu/pipes.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
@@ -26,11 +35,10 @@ import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 import { deliverDecision } from './recovery.ts';
-import { withTimeout } from '../../src/timeout.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
 import { announceAddress, removeHostEnd } from '../runtime/network.ts';
-import { PhaseTimer, roundMs } from './timing.ts';
+import { downtimeBreakdown, PhaseTimer, roundMs, type DowntimeMarks } from './timing.ts';
 import { TransferMeter } from './meter.ts';
 
 export interface SourceDependencies {
@@ -63,8 +71,6 @@ export interface MigrateRequest {
  * container here.
  */
 export class MigrationSource {
-  /** Containers with an outgoing migration in this agent, so two requests cannot both pass the status check. */
-  private static readonly leaving = new Set<string>();
   private readonly deps: SourceDependencies;
   private readonly request: MigrateRequest;
   readonly migrationId = randomUUID();
@@ -91,7 +97,6 @@ export class MigrationSource {
   private precopyStop: { reason: StopReason; prediction?: Prediction } | undefined;
   /** What rootfs pass 1 saw, to find what changed by the freeze. */
   private readonly rootfsManifest: RootfsManifest = new Map();
-  private frozenAt: number | undefined;
   private dumpStats: DumpStats | undefined;
   private pageImages: PageImage[] = [];
   private restoreStats: RestoreStats | undefined;
@@ -101,7 +106,7 @@ export class MigrationSource {
   /** When the destination confirmed the container runs there: the end of downtime. */
   private runningAt: number | undefined;
   /** Points of the downtime on this clock, and the destination's own timing, for the report's breakdown. */
-  private readonly marks: { frozen?: number; dumped?: number; sent?: number; prepared?: number; pagesAtDump?: number; pagesAtExit?: number } = {};
+  private readonly marks: DowntimeMarks = {};
   private restoreTiming: RestoreTiming | undefined;
   private readonly warnings: string[] = [];
   /** Whether the destination may hold state of this migration (an offer went out). */
@@ -128,15 +133,16 @@ export class MigrationSource {
   }
 
   async run(): Promise<MigrationReport> {
+    // Held before any await, so two requests cannot both pass the status check.
     const { name } = this.request;
-    if (MigrationSource.leaving.has(name)) {
-      throw new FerryError('CONTAINER_NOT_RUNNING', `container ${name} is already migrating`, { phase: 'preflight' });
-    }
-    MigrationSource.leaving.add(name);
+    const release = this.deps.runtime.hold(
+      name,
+      () => new FerryError('CONTAINER_NOT_RUNNING', `container ${name} is already migrating (or being created or removed)`, { phase: 'preflight' }),
+    );
     try {
       return await this.runClaimed();
     } finally {
-      MigrationSource.leaving.delete(name);
+      release();
     }
   }
 
@@ -367,14 +373,13 @@ export class MigrationSource {
     let dumpedMs = startedMs;
     const [stats, pages] = await Promise.all([run.done.finally(() => (dumpedMs = performance.now())), shipping]).catch(
       async (error: unknown) => {
-        // As with the final dump: CRIU holds the tasks while it collects pages; let it let go first.
-        await withTimeout(run.done, 60_000, 'the interrupted pre-dump', 'precopy').catch(() => run.kill());
+        await run.letFinish('the interrupted pre-dump', 'precopy');
         throw error;
       },
     );
     this.pageImages.push(...pages);
     const digests = new Map<string, string>();
-    const rest = await this.filesSender.sendStream(`round-${round}`, packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
+    const rest = await this.filesSender.sendStream(roundStreamName(round), packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
       files: () => Object.fromEntries(digests),
       onBytes: this.meter.counter('images'),
     });
@@ -419,7 +424,7 @@ export class MigrationSource {
     const digests = new Map<string, string>();
     const skip = !this.request.options.rootfsPrecopy;
     await this.filesSender.sendStream(
-      'rootfs',
+      filesStreams.rootfs,
       packDirectory(root, {
         digests,
         ...(skip ? { include: () => false } : { onEntry: (path, stats) => this.rootfsManifest.set(path, entryStamp(root, path, stats)) }),
@@ -431,7 +436,7 @@ export class MigrationSource {
   }
 
   private async freeze(): Promise<void> {
-    this.frozenAt = performance.now();
+    this.marks.freezing = performance.now();
     await this.deps.runtime.cgroup(this.request.name).freeze();
     // Frozen first (a locked but running process would see its sends fail), then locked:
     // from here no byte reaches the copy here, which may never go on.
@@ -470,7 +475,7 @@ export class MigrationSource {
     const rootfs = this.timer.run('snapshot', async () => {
       const delta = diffRootfs(root, this.rootfsManifest);
       const digests = new Map<string, string>();
-      await this.filesSender.sendStream('rootfs-delta', packDirectory(root, { digests, include: (path) => delta.changed.has(path) }), {
+      await this.filesSender.sendStream(filesStreams.rootfsDelta, packDirectory(root, { digests, include: (path) => delta.changed.has(path) }), {
         files: () => Object.fromEntries(digests),
         onBytes: this.meter.counter('rootfs'),
         deleted: delta.deleted,
@@ -484,7 +489,7 @@ export class MigrationSource {
       const images = Promise.all([rootfs, dump.done]).then(() =>
         this.timer.run('stream', () =>
           this.filesSender.sendStream(
-            'images',
+            filesStreams.images,
             packDirectory(this.imagesDir, { digests: imageDigests, exclude: isPageImageOrParent }),
             { files: () => Object.fromEntries(imageDigests), onBytes: this.meter.counter('images') },
           ),
@@ -494,10 +499,9 @@ export class MigrationSource {
       this.dumpStats = stats;
       this.pageImages.push(...pages);
     } catch (error) {
-      // CRIU finishes regardless of the network (what it still writes into the pipes is
-      // discarded); killing it while its parasite is inside the frozen tasks could damage them.
+      // What CRIU still writes into the pipes is discarded while it finishes.
       pipes.discard();
-      await withTimeout(dump.done, 60_000, 'the interrupted dump', 'dump').catch(() => dump.kill());
+      await dump.letFinish('the interrupted dump', 'dump');
       throw error;
     } finally {
       clearInterval(progress);
@@ -590,7 +594,7 @@ export class MigrationSource {
       return;
     }
     const entry = await journal.read(this.migrationId).catch(() => undefined);
-    if (entry) void deliverDecision(this.deps, entry, 'commit', this.logger);
+    if (entry?.role === 'source') void deliverDecision(this.deps, entry, 'commit', this.logger);
   }
 
   private async tidy(what: string, work: () => Promise<void>, fallback?: () => Promise<void>): Promise<void> {
@@ -634,32 +638,11 @@ export class MigrationSource {
     // The abort above may never arrive (a cut link), and a prepared copy waits for a decision:
     // it is delivered again on a new connection until the destination acknowledges it.
     const entry = this.offered ? await this.deps.journal.read(this.migrationId).catch(() => undefined) : undefined;
-    if (entry) void deliverDecision(this.deps, entry, 'abort', this.logger);
+    if (entry?.role === 'source') void deliverDecision(this.deps, entry, 'abort', this.logger);
   }
 
   private emit(phase: Phase): void {
     this.request.progress({ migrationId: this.migrationId, phase, ...this.meter.snapshot() });
-  }
-
-  /** The downtime cut at the marks; a part whose marks are missing counts as 0, and `receive` takes the rest. */
-  private breakdown(runningAt: number): DowntimeBreakdown | undefined {
-    const { frozen, dumped, sent, prepared, pagesAtDump = 0, pagesAtExit = 0 } = this.marks;
-    if (this.frozenAt === undefined || frozen === undefined || dumped === undefined || sent === undefined || prepared === undefined) return undefined;
-    const there = this.restoreTiming;
-    const destinationMs = there ? there.checkMs + there.criuMs + there.recordMs : 0;
-    const pageBytes = this.meter.totals().pages - pagesAtDump;
-    return {
-      freezeMs: roundMs(frozen - this.frozenAt),
-      dumpMs: roundMs(dumped - frozen),
-      shipMs: roundMs(Math.max(0, sent - dumped)),
-      receiveMs: roundMs(Math.max(0, prepared - Math.max(sent, dumped) - destinationMs)),
-      checkMs: there?.checkMs ?? 0,
-      restoreMs: there?.criuMs ?? 0,
-      recordMs: there?.recordMs ?? 0,
-      resumeMs: roundMs(runningAt - prepared),
-      overlappedBytes: Math.min(pageBytes, pagesAtExit - pagesAtDump),
-      pageBytes,
-    };
   }
 
   private report(outcome: MigrationReport['outcome']): MigrationReport {
@@ -672,8 +655,8 @@ export class MigrationSource {
       outcome,
       strategy: this.rounds.length ? 'precopy' : 'stop-and-copy',
       ...(this.strategyNote ? { strategyNote: this.strategyNote } : {}),
-      downtimeMs: roundMs(end - (this.frozenAt ?? end)),
-      ...(this.runningAt ? { downtime: this.breakdown(this.runningAt) } : {}),
+      downtimeMs: roundMs(end - (this.marks.freezing ?? end)),
+      ...(this.runningAt ? { downtime: downtimeBreakdown(this.marks, this.restoreTiming, this.meter.totals().pages, this.runningAt) } : {}),
       totalMs: roundMs(performance.now() - this.startedAt),
       bytes: this.meter.totals(),
       phases: this.timer.timings,

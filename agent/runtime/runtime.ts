@@ -35,8 +35,12 @@ export class ContainerRuntime {
   /** Of the network namespaces this agent prepares (see namespacePrefix). */
   readonly namespacePrefix: string;
   private readonly logger: Logger;
-  /** Names being created or moved right now, so two requests cannot race for one name. */
-  private readonly claimed = new Set<string>();
+  /**
+   * Names being created, moved away or removed right now, so two requests
+   * cannot race for one name; each claim has its own token, so a claim only
+   * ever releases itself.
+   */
+  private readonly claimed = new Map<string, symbol>();
 
   constructor(options: RuntimeOptions) {
     this.store = new ContainerStore(options.stateDir);
@@ -56,13 +60,29 @@ export class ContainerRuntime {
     const inUse = () => new FerryError('NAME_IN_USE', `a container named ${name} already exists on ${this.hostName}`);
     // Taken before the await, so two requests for one name cannot both pass.
     if (this.claimed.has(name)) throw inUse();
-    this.claimed.add(name);
-    const release = () => void this.claimed.delete(name);
+    const release = this.take(name);
     if (await this.store.read(name).catch(() => undefined)) {
       release();
       throw inUse();
     }
     return release;
+  }
+
+  /**
+   * Holds an existing container for one operation that takes it away (a
+   * migration out): a second one is refused until this one releases it.
+   */
+  hold(name: string, refusal: () => FerryError): () => void {
+    if (this.claimed.has(name)) throw refusal();
+    return this.take(name);
+  }
+
+  private take(name: string): () => void {
+    const token = Symbol(name);
+    this.claimed.set(name, token);
+    return () => {
+      if (this.claimed.get(name) === token) this.claimed.delete(name);
+    };
   }
 
   async run(requested: ContainerSpec): Promise<ContainerInfo> {
@@ -193,7 +213,7 @@ export class ContainerRuntime {
   async forget(name: string): Promise<void> {
     await this.store.remove(name);
     // The name stays claimed meanwhile: a new container of that name must not share the cgroup being killed.
-    this.claimed.add(name);
+    const release = this.take(name);
     const cgroup = this.cgroup(name);
     void (async () => {
       try {
@@ -206,7 +226,7 @@ export class ContainerRuntime {
           if (removed) return;
         }
       } finally {
-        this.claimed.delete(name);
+        release();
       }
     })();
   }

@@ -6,6 +6,7 @@ import { execa } from 'execa';
 import { CriuError, FerryError, type Phase } from '../errors.ts';
 import { faultActive } from '../faults.ts';
 import { helperPath } from '../paths.ts';
+import { withTimeout } from '../timeout.ts';
 import { readErrorLines } from './log.ts';
 import {
   dumpArguments,
@@ -243,6 +244,16 @@ export class CriuRun<T> {
 
   kill(): void {
     this.child.kill('SIGKILL');
+  }
+
+  /**
+   * After the caller gave up on this run (the link failed, say): CRIU holds
+   * the frozen tasks while it collects their pages, and killing it with its
+   * parasite inside them could damage them, so it is let finish for up to
+   * a minute, and only then killed. Never rejects.
+   */
+  async letFinish(what: string, phase: Phase): Promise<void> {
+    await withTimeout(this.done, 60_000, what, phase).catch(() => this.kill());
   }
 }
 

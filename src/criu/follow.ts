@@ -9,22 +9,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 // sequentially, so a reader that follows the end sees every byte once.
 
 export const pageImagePattern = /^pages-\d+\.img$/;
-/** At most this many pre-dump rounds (the options allow no more). */
-export const maxRoundNumber = 32;
-
-/** A page image's name on the pages channel: the final dump's as is, round N's as round-N/pages-K.img. */
-export function pageStreamName(file: string, round?: number): string {
-  return round === undefined ? file : `round-${round}/${file}`;
-}
-
-/** The inverse of pageStreamName; undefined for anything else. */
-export function parsePageStreamName(name: string): { file: string; round?: number } | undefined {
-  const match = /^(?:round-([1-9]\d?)\/)?(pages-\d+\.img)$/.exec(name);
-  if (!match) return undefined;
-  const [, round, file] = match;
-  if (round === undefined) return { file: file! };
-  return Number(round) <= maxRoundNumber ? { file: file!, round: Number(round) } : undefined;
-}
 /** Read size (the channel cuts it into frames). */
 const chunkBytes = 1 << 20;
 const pollMs = 5;

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { containerNameSchema } from './container.ts';
+import { containerInfoSchema, containerNameSchema } from './container.ts';
 import { hostInfoSchema } from './host.ts';
 import { byteCount, count, milliseconds } from './numbers.ts';
 
@@ -78,10 +78,19 @@ export const hostViewSchema = z.object({
 });
 export type HostView = z.infer<typeof hostViewSchema>;
 
-export const apiErrorSchema = z.object({
-  error: z.object({ code: z.string(), message: z.string(), field: z.string().optional() }),
-});
-export type ApiError = z.infer<typeof apiErrorSchema>;
+
+/** What each API route answers on success: the server checks it before sending, the client parses it. */
+export const apiAnswerSchemas = {
+  hosts: z.object({ hosts: z.array(hostViewSchema) }),
+  host: z.object({ host: hostViewSchema }),
+  containers: z.object({ containers: z.array(containerInfoSchema.extend({ host: z.string() })) }),
+  migrations: z.object({ migrations: z.array(migrationViewSchema) }),
+  migration: z.object({ migration: migrationViewSchema }),
+  cancelled: z.object({ cancelled: z.boolean() }),
+  evacuations: z.object({ evacuations: z.array(evacuationViewSchema.omit({ migrations: true })) }),
+  evacuation: z.object({ evacuation: evacuationViewSchema }),
+} satisfies Record<string, z.ZodType>;
+export type ApiAnswer = keyof typeof apiAnswerSchemas;
 
 /** Events on GET /v1/events. */
 export const coordinatorEventSchema = z.discriminatedUnion('type', [

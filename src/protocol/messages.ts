@@ -1,5 +1,6 @@
 import { z } from 'zod';
-import { errorCodes, FerryError, phases } from '../errors.ts';
+import { FerryError } from '../errors.ts';
+import { wireErrorSchema } from './errors.ts';
 import { containerInfoSchema, containerNameSchema, containerSpecSchema } from './container.ts';
 import { hostInfoSchema } from './host.ts';
 import { migrationIdSchema, migrationOptionsSchema, migrationReportSchema, progressEventSchema } from './migration.ts';
@@ -9,12 +10,6 @@ import { migrationIdSchema, migrationOptionsSchema, migrationReportSchema, progr
 
 export const protocolVersion = 2;
 
-export const wireErrorSchema = z.object({
-  code: z.enum(errorCodes),
-  message: z.string(),
-  phase: z.enum(phases).optional(),
-  details: z.array(z.string()).optional(),
-});
 
 const requestId = z.string().min(1).max(64);
 
@@ -24,6 +19,7 @@ export const helloSchema = z.object({
   peer: z.enum(['cli', 'agent', 'coordinator']),
   name: z.string().max(256).optional(),
 });
+export type Hello = z.infer<typeof helloSchema>;
 
 export const destinationSchema = z.object({
   url: z.string().url(),
@@ -98,6 +94,17 @@ export function describeIssues(error: z.ZodError): string {
     .slice(0, 5)
     .map((issue) => `${issue.path.length ? issue.path.join('.') : '(message)'}: ${issue.message}`)
     .join('; ');
+}
+
+/**
+ * Nothing leaves unchecked: a message this side built that the protocol does
+ * not allow is a bug here, thrown as INTERNAL rather than sent. Returns the
+ * message as it was (not zod's parsed copy).
+ */
+export function checkedMessage<T>(schema: z.ZodType, message: T, what: string): T {
+  const result = schema.safeParse(message);
+  if (!result.success) throw new FerryError('INTERNAL', `built a ${what} the protocol does not allow: ${describeIssues(result.error)}`);
+  return message;
 }
 
 /** Deeper than any message ferry sends (about 6 levels); a bound on what JSON.parse builds. */

@@ -5,12 +5,16 @@ import { dumpStatsSchema, restoreStatsSchema } from '../criu/stats.ts';
 import { containerSpecSchema } from './container.ts';
 import { byteCount, count, milliseconds, rate } from './numbers.ts';
 import { digestPattern } from '../digest.ts';
+import { wireErrorSchema } from './errors.ts';
+
+/** At most this many pre-dump rounds (the options allow no more). */
+export const maxRoundNumber = 32;
 
 export const migrationOptionsSchema = z.object({
   strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
   /** Downtime budget for the pre-copy convergence policy. */
   maxDowntimeMs: z.number().int().positive().default(300),
-  maxRounds: z.number().int().min(0).max(32).default(8),
+  maxRounds: z.number().int().min(0).max(maxRoundNumber).default(8),
   /** Send the rootfs while the container runs, then only what changed; false sends it all during the freeze (a baseline for benchmarks). */
   rootfsPrecopy: z.boolean().default(true),
   /** Bound on the whole migration; on expiry it rolls back. */
@@ -99,9 +103,7 @@ export const migrationReportSchema = z.object({
       predictedDowntimeMs: milliseconds.optional(),
     })
     .optional(),
-  error: z
-    .object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() })
-    .optional(),
+  error: wireErrorSchema.optional(),
   /** Cleanup trouble after the commit: the migration succeeded, something was left to tidy. */
   warnings: z.array(z.string()).optional(),
 });
@@ -181,7 +183,7 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('abort'),
     migrationId,
-    error: z.object({ code: z.string(), message: z.string(), phase: z.string().optional(), details: z.array(z.string()).optional() }),
+    error: wireErrorSchema,
   }),
 ]);
 export type PeerMessage = z.infer<typeof peerMessageSchema>;
@@ -206,3 +208,37 @@ export type DataFrame = z.infer<typeof dataFrameSchema>;
 
 export const dataChannels = ['files', 'pages'] as const;
 export type DataChannel = (typeof dataChannels)[number];
+
+/**
+ * The files channel's streams, in this order: the rootfs (pass 1, sent while
+ * the container runs), each pre-dump round's non-page images (round-1 …
+ * round-N), the rootfs final pass (what changed by the freeze, and the
+ * deletions), then the final dump's non-page images. Only the final pass may
+ * delete.
+ */
+export const filesStreams = { rootfs: 'rootfs', rootfsDelta: 'rootfs-delta', images: 'images' } as const;
+export type FilesStream = (typeof filesStreams)[keyof typeof filesStreams];
+
+/** Pre-dump round N's non-page images on the files channel. */
+export function roundStreamName(round: number): string {
+  return `round-${round}`;
+}
+
+/**
+ * The pages channel carries page images in any order, each as soon as CRIU
+ * writes it: the final dump's under its own name, round N's as
+ * round-N/pages-K.img. The destination restores once it has every one that
+ * transfer-complete lists.
+ */
+export function pageStreamName(file: string, round?: number): string {
+  return round === undefined ? file : `round-${round}/${file}`;
+}
+
+/** The inverse of pageStreamName; undefined for anything else. */
+export function parsePageStreamName(name: string): { file: string; round?: number } | undefined {
+  const match = /^(?:round-([1-9]\d?)\/)?(pages-\d+\.img)$/.exec(name);
+  if (!match) return undefined;
+  const [, round, file] = match;
+  if (round === undefined) return { file: file! };
+  return Number(round) <= maxRoundNumber ? { file: file!, round: Number(round) } : undefined;
+}

@@ -1,7 +1,7 @@
 import { PassThrough, type Duplex, type Readable } from 'node:stream';
 import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
-import { parseJsonMessage } from '../protocol/messages.ts';
+import { checkedMessage, parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
 import { faultNumber } from '../faults.ts';
 import { streamDigest, type StreamDigest } from '../digest.ts';
@@ -69,6 +69,7 @@ export class ChannelSender {
 
   /** Sends a control frame; resolves when it is written, rejects if the channel closed first. */
   private sendWritten(frame: DataFrame): Promise<void> {
+    checkedMessage(dataFrameSchema, frame, 'data channel frame');
     return new Promise((resolve, reject) => {
       this.socket.send(JSON.stringify(frame), (error) => {
         if (error || this.socket.readyState !== this.socket.OPEN) reject(peerGone());
@@ -78,7 +79,7 @@ export class ChannelSender {
   }
 
   sendControl(frame: DataFrame): void {
-    this.socket.send(JSON.stringify(frame));
+    this.socket.send(JSON.stringify(checkedMessage(dataFrameSchema, frame, 'data channel frame')));
   }
 
   async sendBinary(chunk: Buffer): Promise<void> {

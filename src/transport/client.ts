@@ -1,10 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import WebSocket from 'ws';
-import { z } from 'zod';
 import { FerryError, fromWire, type Phase } from '../errors.ts';
 import {
-  helloSchema,
-  protocolVersion,
+  parseJsonMessage,
   replySchema,
   resultSchemas,
   type Request,
@@ -12,7 +10,9 @@ import {
   type ResultOf,
 } from '../protocol/messages.ts';
 import type { ProgressEvent } from '../protocol/migration.ts';
+import { errorBodySchema } from '../protocol/errors.ts';
 import { keepAlive } from './heartbeat.ts';
+import { exchangeHello } from './hello.ts';
 
 export interface ConnectOptions {
   url: string;
@@ -49,7 +49,10 @@ export function openSocket(options: ConnectOptions, path = '/control', phase: Ph
     });
     socket.once('unexpected-response', (_request, response) => {
       let body = '';
-      response.on('data', (chunk: Buffer) => (body += chunk.toString()));
+      // A refusal is a line or two; a peer that sends more is not read on.
+      response.on('data', (chunk: Buffer) => {
+        if (body.length < 4096) body += chunk.toString();
+      });
       response.on('end', () => {
         socket.terminate();
         const code = response.statusCode === 401 ? 'UNAUTHORIZED' : 'TRANSFER_FAILED';
@@ -65,10 +68,10 @@ export function openSocket(options: ConnectOptions, path = '/control', phase: Ph
 
 function safeMessage(body: string): string | undefined {
   try {
-    const parsed = JSON.parse(body) as { message?: unknown };
-    return typeof parsed.message === 'string' ? parsed.message : undefined;
+    const parsed = errorBodySchema.safeParse(JSON.parse(body));
+    return parsed.success ? parsed.data.error.message : undefined;
   } catch {
-    return body.trim() || undefined;
+    return body.trim().slice(0, 200) || undefined;
   }
 }
 
@@ -103,24 +106,7 @@ export class AgentClient {
 
   static async connect(options: ConnectOptions): Promise<AgentClient> {
     const socket = await openSocket(options);
-    socket.send(JSON.stringify({ type: 'hello', version: protocolVersion, peer: options.peer ?? 'cli', name: options.name }));
-    const hello = await new Promise<z.infer<typeof helloSchema>>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new FerryError('TIMEOUT', 'no hello from agent', { phase: 'connect' })), 10_000);
-      socket.once('message', (data) => {
-        clearTimeout(timer);
-        const reply = replySchema.safeParse(JSON.parse(data.toString()));
-        if (reply.success && reply.data.type === 'hello') resolve(reply.data);
-        else if (reply.success && reply.data.type === 'error') reject(fromWire(reply.data.error));
-        else reject(new FerryError('BAD_MESSAGE', 'agent did not answer hello', { phase: 'connect' }));
-      });
-    }).catch((error: unknown) => {
-      socket.terminate();
-      throw error;
-    });
-    if (hello.version !== protocolVersion) {
-      socket.terminate();
-      throw new FerryError('PROTOCOL_VERSION', `agent speaks protocol ${hello.version}, this client ${protocolVersion}`);
-    }
+    const hello = await exchangeHello(socket, { peer: options.peer ?? 'cli', ...(options.name ? { name: options.name } : {}) }, 'the agent');
     return new AgentClient(socket, hello.name ?? options.url);
   }
 
@@ -147,7 +133,7 @@ export class AgentClient {
   private onReply(text: string): void {
     let reply;
     try {
-      reply = replySchema.parse(JSON.parse(text));
+      reply = replySchema.parse(parseJsonMessage(text));
     } catch {
       return;
     }

@@ -2,9 +2,10 @@
 import { describe, expect, it } from 'vitest';
 import { randomUUID } from 'node:crypto';
 import { mkdir } from 'node:fs/promises';
-import { FerryError, toFerryError, withoutPaths } from '../../src/errors.ts';
-import { describeIssues, maxMessageDepth, parseJsonMessage, requestSchema } from '../../src/protocol/messages.ts';
-import { peerMessageSchema } from '../../src/protocol/migration.ts';
+import { errorCodes, FerryError, fromWire, toFerryError, withoutPaths } from '../../src/errors.ts';
+import { errorBodySchema, httpStatusOf, wireErrorSchema } from '../../src/protocol/errors.ts';
+import { checkedMessage, describeIssues, maxMessageDepth, parseJsonMessage, replySchema, requestSchema } from '../../src/protocol/messages.ts';
+import { maxRoundNumber, migrationReportSchema, pageStreamName, parsePageStreamName, peerMessageSchema } from '../../src/protocol/migration.ts';
 import { requestPath } from '../../src/transport/limits.ts';
 
 const spec = { name: 'web-1', rootfs: '/srv/rootfs', command: ['/bin/counter'] };
@@ -136,6 +137,60 @@ describe('errors on the wire', () => {
     expect(withoutPaths("rename '/a b/x.tmp' -> '/a b/x'")).toBe("rename '<path>' -> '<path>'");
     expect(withoutPaths('ws://10.0.0.1:7070/control refused')).toBe('ws://10.0.0.1:7070/control refused');
     expect(new FerryError('ROOTFS_MISSING', 'no rootfs at /srv/rootfs').toJSON().message).toBe('no rootfs at /srv/rootfs');
+  });
+});
+
+describe('one error shape', () => {
+  const error = new FerryError('BAD_REQUEST', 'parallel: too small', { phase: 'request', field: 'parallel' });
+
+  it('is the same on a reply, a peer abort, a report and an HTTP body, and reads back as the same error', () => {
+    const wire = error.toJSON();
+    expect(wire).toEqual({ code: 'BAD_REQUEST', message: 'parallel: too small', phase: 'request', field: 'parallel' });
+    expect(replySchema.parse({ type: 'error', id: '1', error: wire })).toMatchObject({ error: wire });
+    expect(peerMessageSchema.parse({ type: 'abort', migrationId: 'abcdef12', error: wire })).toMatchObject({ error: wire });
+    expect(errorBodySchema.parse({ error: wire }).error).toEqual(wire);
+    const back = fromWire(wireErrorSchema.parse(wire));
+    expect([back.code, back.message, back.phase, back.field]).toEqual(['BAD_REQUEST', 'parallel: too small', 'request', 'parallel']);
+    const report = { migrationId: 'm', container: 'c', source: 'a', destination: 'b', outcome: 'rolled-back', strategy: 'stop-and-copy', downtimeMs: 0, totalMs: 1, bytes: { rootfs: 0, pages: 0, images: 0 }, phases: [], criu: {} };
+    expect(migrationReportSchema.parse({ ...report, error: wire }).error).toEqual(wire);
+  });
+
+  it('reads a code or phase it does not know as INTERNAL and no phase, so that an abort still aborts', () => {
+    const abort = peerMessageSchema.parse({ type: 'abort', migrationId: 'abcdef12', error: { code: 'FROM_THE_FUTURE', message: 'x', phase: 'warp' } });
+    expect(abort).toMatchObject({ error: { code: 'INTERNAL', message: 'x' } });
+    expect(abort.type === 'abort' && abort.error.phase).toBeUndefined();
+    expect(wireErrorSchema.safeParse({ code: 'BUSY' }).success).toBe(false);
+  });
+
+  it('has one HTTP status per code: client mistakes 4xx, the rest 500', () => {
+    expect(Object.keys(httpStatusOf).sort()).toEqual([...errorCodes].sort());
+    expect([httpStatusOf.BAD_REQUEST, httpStatusOf.UNAUTHORIZED, httpStatusOf.NOT_FOUND, httpStatusOf.METHOD_NOT_ALLOWED, httpStatusOf.BUSY, httpStatusOf.TOO_LARGE]).toEqual([400, 401, 404, 405, 409, 413]);
+    expect(httpStatusOf.CRIU_FAILED).toBe(500);
+  });
+});
+
+describe('outgoing messages', () => {
+  it('are checked before they leave: one the protocol does not allow is INTERNAL, not sent', () => {
+    const decided = { type: 'decided', migrationId: 'abcdef12', decision: 'commit', warnings: ['x'.repeat(2001)] };
+    expect(() => checkedMessage(peerMessageSchema, decided, 'peer message')).toThrow(expect.objectContaining({ code: 'INTERNAL', message: expect.stringMatching(/warnings\.0/) }));
+    const fine = { type: 'decided', migrationId: 'abcdef12', decision: 'commit' };
+    expect(checkedMessage(peerMessageSchema, fine, 'peer message')).toBe(fine);
+  });
+});
+
+describe('page stream names', () => {
+  it('name the final dump\'s images as they are and round N\'s under round-N/, and read back', () => {
+    expect(pageStreamName('pages-1.img')).toBe('pages-1.img');
+    expect(pageStreamName('pages-3.img', 2)).toBe('round-2/pages-3.img');
+    expect(parsePageStreamName('round-2/pages-3.img')).toEqual({ file: 'pages-3.img', round: 2 });
+    expect(parsePageStreamName('pages-1.img')).toEqual({ file: 'pages-1.img' });
+  });
+
+  it('refuse anything else: other files, paths, round 0 or beyond the last round', () => {
+    for (const name of ['inventory.img', '../pages-1.img', 'round-2/../pages-1.img', 'round-0/pages-1.img', `round-${maxRoundNumber + 1}/pages-1.img`, 'round-2/sub/pages-1.img', 'pages-1.img/']) {
+      expect(parsePageStreamName(name), name).toBeUndefined();
+    }
+    expect(parsePageStreamName(`round-${maxRoundNumber}/pages-1.img`)).toEqual({ file: 'pages-1.img', round: maxRoundNumber });
   });
 });
 
