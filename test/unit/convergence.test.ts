@@ -122,7 +122,7 @@ describe('convergence policy', () => {
 });
 
 describe('convergence policy on rounds recorded in the VM lane', () => {
-  // test/vm-precopy.test.ts, 2026-11-28, memload 32 MiB under QEMU TCG: the
+  // the VM lane's pre-copy scenario (then test/vm-precopy.test.ts), 2026-11-28, memload 32 MiB under QEMU TCG: the
   // pages and durations are the report's; CRIU's share of each round was not
   // recorded then and is taken as the whole round (startMs/criuMs are now in
   // the report for later recordings).

@@ -1,7 +1,7 @@
 // Runs inside the VM lane's guest (a kernel with soft-dirty): two netns hosts
 // with real agents, and memload migrated with pre-copy, once idle and once
 // dirtying faster than pre-copy can follow. Writes what it saw as JSON to the
-// file named by its argument; test/vm-precopy.test.ts checks it on the host.
+// file named by its argument; test/vm.test.ts checks it on the host.
 //
 //   node test/vm/precopy-scenario.ts OUT.json [--mib N]
 import { writeFile } from 'node:fs/promises';
