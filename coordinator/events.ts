@@ -1,6 +1,6 @@
 // Progress of migrations and evacuations, fanned out to SSE subscribers.
 import type { ServerResponse } from 'node:http';
-import type { CoordinatorEvent } from '../src/protocol/coordinator.ts';
+import { coordinatorEventSchema, type CoordinatorEvent } from '../src/protocol/coordinator.ts';
 
 type EventInput = CoordinatorEvent extends infer E ? (E extends CoordinatorEvent ? Omit<E, 'at'> : never) : never;
 
@@ -21,7 +21,11 @@ export class EventBus {
   serveSse(response: ServerResponse): void {
     response.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
     response.write(': ferry coordinator events\n\n');
-    const unsubscribe = this.subscribe((event) => response.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`));
+    const unsubscribe = this.subscribe((event) => {
+      // Checked like every answer; one the protocol would refuse is a bug here, and the stream says so instead.
+      if (!coordinatorEventSchema.safeParse(event).success) return void response.write(`: an event the protocol does not allow was dropped\n\n`);
+      response.write(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`);
+    });
     // A comment line now and then keeps proxies from closing an idle stream.
     const keepalive = setInterval(() => response.write(': keepalive\n\n'), 15_000);
     keepalive.unref();

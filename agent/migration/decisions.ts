@@ -38,3 +38,48 @@ export function applyDecision(state: DestinationEntry['state'], decision: 'commi
 export function acknowledged(state: DestinationEntry['state'] | undefined): 'commit' | 'abort' {
   return state === 'done' ? 'commit' : 'abort';
 }
+
+/** What the source's commit needs, and nothing more: the journal, the peer link and the cgroup in an agent, fakes in a unit test. */
+export interface CommitPorts {
+  /** Makes the decision durable; nothing is sent before it is. */
+  record(): Promise<void>;
+  send(): void;
+  /** Stops the frozen copy here, alongside the wait: it can never run again, and freeing its memory is not downtime. */
+  stopLocalCopy(): Promise<void>;
+  /** The destination's acknowledgement; rejects when it does not come. */
+  awaitDecided(): Promise<{ decision: 'commit' | 'abort'; warnings?: string[] | undefined }>;
+}
+
+export interface CommitOutcome {
+  /** The destination said so; false means in doubt, and recovery re-delivers the decision. */
+  confirmed: boolean;
+  warnings: string[];
+  /** Why it is in doubt. */
+  unconfirmed?: unknown;
+  /** The local copy would not stop (cleanup retries); the commit stands. */
+  stopFailure?: unknown;
+}
+
+/**
+ * The commit, in its order: durable first, then sent, then the local copy
+ * stopped while the destination resumes. Once recorded nothing undoes it: a
+ * missing acknowledgement leaves it in doubt, a destination that could not
+ * resume is a warning. Rejects only if the decision could not be recorded,
+ * and then nothing was sent.
+ */
+export async function commitOnce(ports: CommitPorts): Promise<CommitOutcome> {
+  await ports.record();
+  ports.send();
+  const stopping = ports.stopLocalCopy();
+  const outcome: CommitOutcome = { confirmed: false, warnings: [] };
+  try {
+    const decided = await ports.awaitDecided();
+    outcome.confirmed = true;
+    if (decided.decision !== 'commit') outcome.warnings.push('the destination could not resume the committed copy: the container was lost');
+    for (const warning of decided.warnings ?? []) outcome.warnings.push(`destination: ${warning}`);
+  } catch (error) {
+    outcome.unconfirmed = error;
+  }
+  await stopping.catch((error: unknown) => (outcome.stopFailure = error));
+  return outcome;
+}

@@ -34,6 +34,7 @@ import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
+import { commitOnce } from './decisions.ts';
 import { deliverDecision } from './recovery.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
@@ -552,35 +553,31 @@ export class MigrationSource {
     this.restoreTiming = prepared.timing;
   }
 
-  /**
-   * The decision: written to the journal first, then sent; the frozen copy
-   * here is killed. Returns whether the destination confirmed it runs.
-   */
+  /** The decision (commitOnce), here; returns whether the destination confirmed that the copy runs. */
   private async commit(): Promise<boolean> {
-    await this.deps.journal.update(this.migrationId, 'committed');
-    // Test fault: the agent dies between writing the decision and sending it.
-    if (faultActive('die-after-commit')) process.kill(process.pid, 'SIGKILL');
-    this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' });
-    // The frozen copy cannot run, so it dies while the destination resumes;
-    // freeing a large memory takes a while and is not downtime.
-    // Off the bridge first: nothing the dying copy sends (a FIN, an RST) can reach the segment.
-    const killed = (this.record.spec.network ? removeHostEnd(this.request.name) : Promise.resolve()).then(() =>
-      this.deps.runtime.cgroup(this.request.name).kill(),
-    );
-    try {
-      const decided = await this.peer!.expect('decided', 60_000, 'confirm');
-      this.runningAt = performance.now();
-      if (decided.decision !== 'commit') this.warnings.push('the destination could not resume the committed copy: the container was lost');
-      for (const warning of decided.warnings ?? []) this.warnings.push(`destination: ${warning}`);
-      return true;
-    } catch (error) {
-      // Committed but unconfirmed: recovery re-delivers the decision.
-      this.logger.error({ err: error }, 'destination did not confirm the commit; will retry');
-      return false;
-    } finally {
-      // The copy is frozen and can never run; a slow kill is logged, it does not undo the commit.
-      await killed.catch((error: unknown) => this.logger.error({ err: error }, 'could not kill the frozen copy; cleanup retries'));
-    }
+    const outcome = await commitOnce({
+      record: async () => {
+        await this.deps.journal.update(this.migrationId, 'committed');
+        // Test fault: the agent dies between writing the decision and sending it.
+        if (faultActive('die-after-commit')) process.kill(process.pid, 'SIGKILL');
+      },
+      send: () => this.peer!.send({ type: 'decision', migrationId: this.migrationId, decision: 'commit' }),
+      // Off the bridge first: nothing the dying copy sends (a FIN, an RST) can reach the segment.
+      stopLocalCopy: async () => {
+        if (this.record.spec.network) await removeHostEnd(this.request.name);
+        await this.deps.runtime.cgroup(this.request.name).kill();
+      },
+      awaitDecided: async () => {
+        const decided = await this.peer!.expect('decided', 60_000, 'confirm');
+        this.runningAt = performance.now();
+        return decided;
+      },
+    });
+    this.warnings.push(...outcome.warnings);
+    // Committed but unconfirmed: recovery re-delivers the decision.
+    if (!outcome.confirmed) this.logger.error({ err: outcome.unconfirmed }, 'destination did not confirm the commit; will retry');
+    if (outcome.stopFailure) this.logger.error({ err: outcome.stopFailure }, 'could not kill the frozen copy; cleanup retries');
+    return outcome.confirmed;
   }
 
   /** After the commit nothing here may fail the migration: trouble becomes a warning in the report. */

@@ -1,6 +1,6 @@
 // The commit protocol's decisions and the destination's state table: pure logic, every case.
 import { describe, expect, it } from 'vitest';
-import { acknowledged, applyDecision, destinationRecovery, sourceRecovery } from '../../agent/migration/decisions.ts';
+import { acknowledged, applyDecision, commitOnce, destinationRecovery, sourceRecovery, type CommitPorts } from '../../agent/migration/decisions.ts';
 import { destinationTransitions, type DestinationState } from '../../agent/migration/destination.ts';
 import { destinationStates, journalEntrySchema, sourceStates, type DestinationEntry, type SourceEntry } from '../../agent/migration/journal.ts';
 
@@ -80,5 +80,60 @@ describe('journal entries', () => {
     expect(journalEntrySchema.safeParse({ ...destination('started'), state: 'committed' }).success).toBe(false);
     const { destination: _, ...withoutPeer } = source('started');
     expect(journalEntrySchema.safeParse(withoutPeer).success).toBe(false);
+  });
+});
+
+describe('the source\'s commit, with in-memory ports', () => {
+  /** Ports that log what happened, in order; each step may be told to fail. */
+  function ports(options: { recordFails?: boolean; decided?: 'commit' | 'abort' | 'never'; stopFails?: boolean; warnings?: string[] } = {}) {
+    const steps: string[] = [];
+    const port: CommitPorts = {
+      record: async () => {
+        steps.push('record');
+        if (options.recordFails) throw new Error('disk full');
+      },
+      send: () => void steps.push('send'),
+      stopLocalCopy: async () => {
+        steps.push('stop');
+        await Promise.resolve();
+        if (options.stopFails) throw new Error('cgroup busy');
+        steps.push('stopped');
+      },
+      awaitDecided: async () => {
+        steps.push('await');
+        if ((options.decided ?? 'commit') === 'never') throw new Error('no decided in 60000 ms');
+        return { decision: options.decided === 'abort' ? 'abort' : 'commit', warnings: options.warnings };
+      },
+    };
+    return { steps, port };
+  }
+
+  it('records before it sends, stops the local copy while it waits, and is confirmed by the acknowledgement', async () => {
+    const { steps, port } = ports({ warnings: ['network lock stayed on'] });
+    const outcome = await commitOnce(port);
+    expect(steps).toEqual(['record', 'send', 'stop', 'await', 'stopped']);
+    expect(outcome).toEqual({ confirmed: true, warnings: ['destination: network lock stayed on'] });
+  });
+
+  it('sends nothing and rejects when the decision cannot be recorded', async () => {
+    const { steps, port } = ports({ recordFails: true });
+    await expect(commitOnce(port)).rejects.toThrow('disk full');
+    expect(steps).toEqual(['record']);
+  });
+
+  it('is in doubt, not failed, when no acknowledgement comes; the local copy is stopped all the same', async () => {
+    const { steps, port } = ports({ decided: 'never' });
+    const outcome = await commitOnce(port);
+    expect(outcome.confirmed).toBe(false);
+    expect(String(outcome.unconfirmed)).toContain('no decided');
+    expect(steps).toContain('stopped');
+  });
+
+  it('says the container was lost when the destination could not resume it, and a local copy that will not stop does not undo the commit', async () => {
+    const lost = await commitOnce(ports({ decided: 'abort' }).port);
+    expect(lost).toMatchObject({ confirmed: true, warnings: ['the destination could not resume the committed copy: the container was lost'] });
+    const stuck = await commitOnce(ports({ stopFails: true }).port);
+    expect(stuck.confirmed).toBe(true);
+    expect(String(stuck.stopFailure)).toContain('cgroup busy');
   });
 });
