@@ -1,5 +1,7 @@
 import type { Logger } from 'pino';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { drainOrphanedPipes } from '../../src/criu/pipes.ts';
 import { unlockNetwork } from '../../src/net/lock.ts';
 import { announceAddress } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
@@ -34,12 +36,16 @@ export async function recoverMigrations(deps: RecoveryDependencies): Promise<voi
 
 async function recoverSource(deps: RecoveryDependencies, entry: SourceEntry, logger: Logger): Promise<void> {
   const decision = sourceRecovery(entry);
+  // A dump this agent started before it died may hold the tasks, stuck on a page pipe nobody reads.
+  const cgroup = deps.runtime.cgroup(entry.container);
+  const imagesDir = join(deps.journal.directory(entry.migrationId), 'images');
+  if (!(await drainOrphanedPipes(imagesDir, () => cgroup.pids()))) logger.error('the tasks are still traced after 60 s (a CRIU of the dead agent?)');
   if (decision === 'abort') {
     const record = await deps.runtime.store.read(entry.container);
     if (record) {
       // Locked at the freeze (a container with its own address): unlocked before the thaw, as in a rollback.
       if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch((error: unknown) => logger.error({ err: error }, 'network unlock failed'));
-      await deps.runtime.cgroup(entry.container).thaw().catch(() => undefined);
+      await cgroup.thaw().catch(() => undefined);
       // The destination may have announced the address before the source went down.
       if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch((error: unknown) => logger.warn({ err: error }, 'address announcement failed'));
       const { migrationId: _, ...rest } = record;

@@ -466,6 +466,9 @@ export class MigrationSource {
     // One pipe per process and a few for shared memory; the tree is frozen, so the count holds.
     const pipes = PagePipes.create(this.imagesDir, (await cgroup.pids()).length + 2);
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
+    // Test fault: the agent dies this many ms after CRIU's dump started (its page pipes lose their reader).
+    const dieAfter = faultNumber('die-during-dump');
+    if (dieAfter !== undefined) setTimeout(() => process.kill(process.pid, 'SIGKILL'), dieAfter);
     const exited = () => {
       this.marks.dumped = performance.now();
       this.marks.pagesAtExit = this.meter.totals().pages;

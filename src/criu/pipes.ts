@@ -1,4 +1,6 @@
-import { closeSync, constants, openSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync } from 'node:fs';
+import { readdir, readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { Socket } from 'node:net';
 import { PassThrough, type Readable } from 'node:stream';
@@ -111,4 +113,48 @@ export class PagePipes {
   close(): void {
     for (const pipe of this.pipes) pipe.socket.destroy();
   }
+}
+
+/**
+ * After the agent that made the page pipes in `imagesDir` died: a CRIU it
+ * started may be blocked opening one (a FIFO's writer waits for a reader)
+ * or writing into one, with the tasks seized and its parasite inside them.
+ * Reads every pipe there and discards what comes, until no task of
+ * `tasks()` is traced any more (CRIU has let them go, as it found them) or
+ * `timeoutMs` passes. Resolves whether the tasks were let go.
+ */
+export async function drainOrphanedPipes(imagesDir: string, tasks: () => Promise<number[]>, timeoutMs = 60_000): Promise<boolean> {
+  const readers: Socket[] = [];
+  for (const name of await readdir(imagesDir).catch(() => [] as string[])) {
+    if (!/^pages-\d+\.img$/.test(name)) continue;
+    try {
+      const fd = openSync(join(imagesDir, name), constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+      if (!fstatSync(fd).isFIFO()) {
+        closeSync(fd);
+        continue;
+      }
+      const reader = new Socket({ fd, readable: true, writable: false });
+      reader.on('error', () => undefined);
+      reader.on('data', () => undefined);
+      readers.push(reader);
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  try {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const traced = await Promise.all((await tasks().catch(() => [] as number[])).map(isTraced));
+      if (!traced.includes(true)) return true;
+      if (Date.now() > deadline) return false;
+      await sleep(50);
+    }
+  } finally {
+    for (const reader of readers) reader.destroy();
+  }
+}
+
+async function isTraced(pid: number): Promise<boolean> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '');
+  return /^TracerPid:\s*[1-9]/m.test(status);
 }
