@@ -10,7 +10,7 @@ import { destinationRecovery, sourceRecovery } from './decisions.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 
 export interface RecoveryDependencies {
-  runtime: ContainerRuntime;
+  runtime: Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'store'>;
   journal: MigrationJournal;
   logger: Logger;
   identity: PeerIdentity;
@@ -84,8 +84,9 @@ export async function deliverDecision(
     try {
       const link = await PeerLink.connect(entry.destination, deps.identity);
       try {
+        link.inbox.enter('confirm');
         link.send({ type: 'decision', migrationId: entry.migrationId, decision });
-        const decided = await link.expect('decided', 30_000, 'confirm');
+        const decided = await link.inbox.expect('decided', 30_000, 'confirm');
         if (decision === 'commit') await deps.journal.update(entry.migrationId, 'done');
         logger.info({ decision, outcome: decided.decision }, 'decision delivered');
         return;

@@ -4,27 +4,23 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
-import type { Criu, CriuRun } from '../../src/criu/criu.ts';
+import type { Criu } from '../../src/criu/criu.ts';
 import { readKernelRelease } from '../../src/criu/criu.ts';
-import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
 import {
   filesStreams,
-  pageStreamName,
   roundStreamName,
   type MigrationOptions,
   type MigrationReport,
   type ProgressEvent,
-  type RestoreTiming,
-  type RoundReport,
+  type SourceStep,
 } from '../../src/protocol/migration.ts';
-import { decide, type Prediction, type RoundMeasurement, type StopReason } from '../../src/precopy/convergence.ts';
 import { diffRootfs, entryStamp, type RootfsManifest } from '../../src/rootfs/delta.ts';
 import { packDirectory } from '../../src/rootfs/pack.ts';
 import { ChannelSender } from '../../src/transport/channel.ts';
 import { faultActive, faultNumber } from '../../src/faults.ts';
-import { followImage, newPageImages, pageImagePattern } from '../../src/criu/follow.ts';
+import { pageImagePattern } from '../../src/criu/follow.ts';
 import { PagePipes } from '../../src/criu/pipes.ts';
 import { dumpFrozen } from '../runtime/checkpoint.ts';
 import { directorySize } from '../runtime/disk.ts';
@@ -33,27 +29,29 @@ import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
-import { PeerLink, type PeerIdentity } from './peer.ts';
+import { PeerLink, type PeerIdentity, type SourcePeer } from './peer.ts';
+import { PageShipper } from './pages.ts';
+import { PrecopyRounds } from './precopy.ts';
 import { commitOnce } from './decisions.ts';
 import { deliverDecision } from './recovery.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
 import { inventorySockets, summarize, unmovable, type SocketSummary } from '../../src/net/sockets.ts';
 import { announceAddress, removeHostEnd } from '../runtime/network.ts';
-import { downtimeBreakdown, PhaseTimer, roundMs, type DowntimeMarks } from './timing.ts';
+import { PhaseTimer } from './timing.ts';
+import { buildReport, type ReportFacts } from './report.ts';
+import type { AcceptFacts } from './incoming.ts';
 import { TransferMeter } from './meter.ts';
 
+/** What an outgoing migration uses of the agent's runtime and of CRIU. */
+export type SourceRuntime = Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'forget' | 'get' | 'hold' | 'hostName' | 'status' | 'store'>;
+export type SourceCriu = Pick<Criu, 'cpuinfoDump' | 'dump' | 'memoryTracking' | 'preDump' | 'socketCheckpoint' | 'version'>;
+
 export interface SourceDependencies {
-  runtime: ContainerRuntime;
-  criu: () => Promise<Criu>;
+  runtime: SourceRuntime;
+  criu: () => Promise<SourceCriu>;
   journal: MigrationJournal;
   logger: Logger;
   identity: PeerIdentity;
-}
-
-interface PageImage {
-  name: string;
-  bytes: number;
-  digest: string;
 }
 
 export interface MigrateRequest {
@@ -81,35 +79,23 @@ export class MigrationSource {
   private readonly timer: PhaseTimer;
   private readonly meter = new TransferMeter();
   private record!: ContainerRecord;
-  private criu!: Criu;
-  private peer: PeerLink | undefined;
+  private criu!: SourceCriu;
+  private peer: SourcePeer | undefined;
   private channels: { files: WebSocket; pages: WebSocket } | undefined;
   private filesSender!: ChannelSender;
-  private pagesSender!: ChannelSender;
-  /** Whether the destination's kernel tracks dirty memory (from its accept). */
-  private peerMemoryTracking = false;
-  private peerFreeBytes: number | undefined;
+  private pages!: PageShipper;
+  /** Set when memory moves in pre-dump rounds. */
+  private precopy: PrecopyRounds | undefined;
+  /** What the destination said of itself in its accept. */
+  private accepted: AcceptFacts | undefined;
   /** What preflight measured: the rootfs and the resident memory. */
   private needs = { rootfsBytes: 0, memoryBytes: 0 };
-  /** Set when memory moves stop-and-copy although pre-copy was asked for or allowed. */
-  private strategyNote: string | undefined;
-  private readonly rounds: RoundMeasurement[] = [];
-  private readonly roundReports: RoundReport[] = [];
-  private precopyStop: { reason: StopReason; prediction?: Prediction } | undefined;
   /** What rootfs pass 1 saw, to find what changed by the freeze. */
   private readonly rootfsManifest: RootfsManifest = new Map();
-  private dumpStats: DumpStats | undefined;
-  private pageImages: PageImage[] = [];
-  private restoreStats: RestoreStats | undefined;
-  private readonly startedAt = performance.now();
   /** Set by a timeout or a cancel; the run stops at the next step or wait. */
   private stopReason: FerryError | undefined;
-  /** When the destination confirmed the container runs there: the end of downtime. */
-  private runningAt: number | undefined;
-  /** Points of the downtime on this clock, and the destination's own timing, for the report's breakdown. */
-  private readonly marks: DowntimeMarks = {};
-  private restoreTiming: RestoreTiming | undefined;
-  private readonly warnings: string[] = [];
+  /** What the report tells: the downtime's marks, CRIU's and the destination's figures, warnings. */
+  private readonly facts: ReportFacts = { startedAt: performance.now(), marks: {}, warnings: [] };
   /** Whether the destination may hold state of this migration (an offer went out). */
   private offered = false;
   /** Whether the container's network namespace was locked here (from the freeze). */
@@ -162,6 +148,7 @@ export class MigrationSource {
       // A stop that lands between steps (say, while connecting) is honoured before the next one.
       for (const [phase, step] of this.steps()) {
         if (this.stopReason) throw this.stopReason;
+        this.peer?.inbox.enter(phase);
         await this.timer.run(phase, step);
       }
     } catch (error) {
@@ -176,7 +163,9 @@ export class MigrationSource {
       this.request.signal.removeEventListener('abort', onCancel);
     }
     try {
+      this.peer?.inbox.enter('confirm');
       const confirmed = await this.timer.run('confirm', () => this.commit());
+      this.peer?.inbox.enter('cleanup');
       await this.timer.run('cleanup', () => this.cleanup(confirmed));
       return this.report(confirmed ? 'succeeded' : 'in-doubt');
     } finally {
@@ -185,7 +174,7 @@ export class MigrationSource {
   }
 
   /** Everything before the commit decision, in order; a failure in any rolls back. */
-  private steps(): Array<[Phase, () => Promise<void>]> {
+  private steps(): Array<[SourceStep, () => Promise<void>]> {
     return [
       ['preflight', () => this.preflight()],
       ['precopy', () => this.copyWhileRunning()],
@@ -198,7 +187,7 @@ export class MigrationSource {
   /** A dropped connection is explained by the destination's abort when it sent one. */
   private async explain(error: FerryError): Promise<FerryError> {
     if (error.code !== 'PEER_GONE' || !this.peer) return error;
-    return (await this.peer.abortReason(2_000, error.phase ?? this.timer.current)) ?? error;
+    return (await this.peer.inbox.abortReason(2_000, error.phase ?? this.timer.current)) ?? error;
   }
 
   private async claim(): Promise<void> {
@@ -213,7 +202,7 @@ export class MigrationSource {
   }
 
   private disconnect(): void {
-    this.peer?.socket.terminate();
+    this.peer?.terminate();
     this.channels?.files.terminate();
     this.channels?.pages.terminate();
   }
@@ -236,7 +225,7 @@ export class MigrationSource {
     if (this.stopReason) throw this.stopReason;
     // The heartbeat ends a dead control link; the data channels, perhaps blocked
     // in a send that will never complete, must end with it.
-    this.peer.socket.once('close', () => this.disconnect());
+    this.peer.onClose(() => this.disconnect());
     const { bytes: rootfsBytes, entries: rootfsEntries } = directorySize(this.deps.runtime.store.rootfs(this.request.name));
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);
@@ -252,9 +241,8 @@ export class MigrationSource {
       sockets,
     });
     this.offered = true;
-    const accept = await this.peer.expect('accept', 60_000, 'preflight');
-    this.peerMemoryTracking = accept.destination.memoryTracking;
-    this.peerFreeBytes = accept.destination.freeBytes;
+    const accept = await this.peer.inbox.expect('accept', 60_000, 'preflight');
+    this.accepted = accept.destination;
     const lacking = await this.lackingMemoryTracking();
     if (this.request.options.strategy === 'precopy' && lacking.length) {
       // Asked for by name, so not quietly replaced by a stop-and-copy whose downtime grows with the memory.
@@ -271,7 +259,7 @@ export class MigrationSource {
     ]);
     this.channels = { files, pages };
     this.filesSender = new ChannelSender(files, 'files');
-    this.pagesSender = new ChannelSender(pages, 'pages');
+    this.pages = new PageShipper(new ChannelSender(pages, 'pages'), this.meter.counter('pages'));
   }
 
   /** What cannot move is refused here, before anything is frozen, each socket named. */
@@ -298,7 +286,11 @@ export class MigrationSource {
   /** Everything that can move before the freeze: the rootfs, then memory in pre-dump rounds. */
   private async copyWhileRunning(): Promise<void> {
     await this.sendRootfsWhileRunning();
-    if (await this.choosePrecopy()) await this.preDumpRounds();
+    if (await this.choosePrecopy()) {
+      this.precopy = new PrecopyRounds(this.roundPorts(), this.directory, this.logger);
+      const { maxDowntimeMs, maxRounds } = this.request.options;
+      await this.precopy.run({ maxDowntimeMs, maxRounds });
+    }
     // Test fault: a wide window between the passes, for changes the final pass must carry.
     const pause = faultNumber('pause-before-freeze');
     if (pause) await sleep(pause);
@@ -307,7 +299,7 @@ export class MigrationSource {
   /** The hosts (of the two) whose kernels lack soft-dirty tracking. */
   private async lackingMemoryTracking(): Promise<string[]> {
     const here = await this.criu.memoryTracking();
-    return [here ? undefined : this.deps.runtime.hostName, this.peerMemoryTracking ? undefined : this.peer!.peerName].filter(
+    return [here ? undefined : this.deps.runtime.hostName, this.accepted?.memoryTracking ? undefined : this.peer!.peerName].filter(
       (host): host is string => host !== undefined,
     );
   }
@@ -318,33 +310,44 @@ export class MigrationSource {
     if (strategy === 'stop-and-copy') return false;
     const lacking = await this.lackingMemoryTracking();
     if (!lacking.length) return true;
-    this.strategyNote = `no dirty-memory tracking (soft-dirty) on ${lacking.join(' and ')}: memory moved stop-and-copy, the rootfs in two passes`;
-    this.logger.warn({ strategy }, this.strategyNote);
+    this.facts.strategyNote = `no dirty-memory tracking (soft-dirty) on ${lacking.join(' and ')}: memory moved stop-and-copy, the rootfs in two passes`;
+    this.logger.warn({ strategy }, this.facts.strategyNote);
     return false;
   }
 
-  private roundDirectory(round: number): string {
-    return join(this.directory, 'rounds', String(round));
-  }
-
-  /** Pre-dump rounds while the container runs, until the convergence policy calls the final dump. */
-  private async preDumpRounds(): Promise<void> {
-    const { maxDowntimeMs, maxRounds } = this.request.options;
-    const space = await this.roundSpace();
-    for (;;) {
-      const decision = decide(this.rounds, { maxDowntimeMs, maxRounds, space });
-      const last = this.roundReports.at(-1);
-      if (last && decision.prediction) last.predictedDowntimeMs = decision.prediction.downtimeMs;
-      if (decision.next === 'dump') {
-        this.precopyStop = { reason: decision.reason, ...(decision.prediction ? { prediction: decision.prediction } : {}) };
-        this.logger.info({ reason: decision.reason, prediction: decision.prediction, rounds: this.rounds.length }, 'pre-copy done');
-        return;
-      }
-      if (this.stopReason) throw this.stopReason;
-      // A destination that gave up or died must not cost more rounds (each one freezes the container briefly).
-      this.peer!.ensureAlive('precopy');
-      await this.preDumpRound(this.rounds.length + 1);
-    }
+  /** What the pre-dump rounds use of this migration. */
+  private roundPorts(): ConstructorParameters<typeof PrecopyRounds>[0] {
+    return {
+      preDump: (round, imagesDir) =>
+        this.criu.preDump({
+          pid: this.record.pid,
+          imagesDir,
+          logFile: join(this.directory, `pre-dump-${round}.log`),
+          freezeCgroup: this.deps.runtime.cgroup(this.request.name).path,
+          ...(round > 1 ? { prevImagesDir: `../${round - 1}` } : {}),
+        }),
+      shipPages: (run, imagesDir, round) => this.pages.ship(run, imagesDir, round),
+      sendImages: async (round, imagesDir) => {
+        const digests = new Map<string, string>();
+        const sent = await this.filesSender.sendStream(roundStreamName(round), packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
+          files: () => Object.fromEntries(digests),
+          onBytes: this.meter.counter('images'),
+        });
+        return sent.bytes;
+      },
+      ensureGoing: () => {
+        if (this.stopReason) throw this.stopReason;
+        this.peer!.inbox.ensureAlive('precopy');
+      },
+      space: () => this.roundSpace(),
+      progress: (report) =>
+        this.request.progress({
+          migrationId: this.migrationId,
+          phase: 'precopy',
+          message: `round ${report.round}: ${report.pagesWritten} pages written, ${report.pagesSkippedParent} unchanged`,
+          ...this.meter.snapshot(),
+        }),
+    };
   }
 
   /**
@@ -354,66 +357,8 @@ export class MigrationSource {
   private async roundSpace(): Promise<{ bytes: number; residentBytes: number }> {
     const reserved = 1.2 * (this.needs.rootfsBytes + this.needs.memoryBytes);
     const here = await freeBytes(this.directory);
-    const there = this.peerFreeBytes ?? here;
+    const there = this.accepted?.freeBytes ?? here;
     return { bytes: Math.max(0, Math.min(here, there) - reserved), residentBytes: this.needs.memoryBytes };
-  }
-
-  /** One round: CRIU writes the pages dirtied since the last round, which go out as they are written, then its other images. */
-  private async preDumpRound(round: number): Promise<void> {
-    const imagesDir = this.roundDirectory(round);
-    await mkdir(imagesDir, { recursive: true });
-    const startedMs = performance.now();
-    const run = this.criu.preDump({
-      pid: this.record.pid,
-      imagesDir,
-      logFile: join(this.directory, `pre-dump-${round}.log`),
-      freezeCgroup: this.deps.runtime.cgroup(this.request.name).path,
-      ...(round > 1 ? { prevImagesDir: `../${round - 1}` } : {}),
-    });
-    const shipping = this.shipPages(run, imagesDir, round);
-    let dumpedMs = startedMs;
-    const [stats, pages] = await Promise.all([run.done.finally(() => (dumpedMs = performance.now())), shipping]).catch(
-      async (error: unknown) => {
-        await run.letFinish('the interrupted pre-dump', 'precopy');
-        throw error;
-      },
-    );
-    this.pageImages.push(...pages);
-    const digests = new Map<string, string>();
-    const rest = await this.filesSender.sendStream(roundStreamName(round), packDirectory(imagesDir, { digests, exclude: isPageImageOrParent }), {
-      files: () => Object.fromEntries(digests),
-      onBytes: this.meter.counter('images'),
-    });
-    const sentMs = performance.now();
-    const measurement: RoundMeasurement = {
-      startedMs,
-      dumpedMs,
-      sentMs,
-      pagesWritten: stats?.pagesWritten ?? 0,
-      pagesSkippedParent: stats?.pagesSkippedParent ?? 0,
-      pagesScanned: stats?.pagesScanned ?? 0,
-      bytesSent: rest.bytes + pages.reduce((sum, page) => sum + page.bytes, 0),
-    };
-    this.rounds.push(measurement);
-    const report: RoundReport = {
-      round,
-      pagesWritten: measurement.pagesWritten,
-      pagesSkippedParent: measurement.pagesSkippedParent,
-      pagesScanned: measurement.pagesScanned,
-      bytesSent: measurement.bytesSent,
-      startMs: roundMs(startedMs - (this.rounds[0]?.startedMs ?? startedMs)),
-      criuMs: roundMs(dumpedMs - startedMs),
-      durationMs: roundMs(sentMs - startedMs),
-      frozenMs: roundMs((stats?.frozenTime ?? 0) / 1000),
-    };
-    this.roundReports.push(report);
-    this.logger.info(report, 'pre-dump round');
-    this.request.progress({
-      migrationId: this.migrationId,
-      phase: 'precopy',
-      message: `round ${round}: ${report.pagesWritten} pages written, ${report.pagesSkippedParent} unchanged`,
-      ...this.meter.snapshot(),
-    });
   }
 
   /**
@@ -432,12 +377,12 @@ export class MigrationSource {
       }),
       { files: () => Object.fromEntries(digests), onBytes: this.meter.counter('rootfs') },
     );
-    await this.peer!.expect('staged', 10 * 60_000, 'precopy');
+    await this.peer!.inbox.expect('staged', 10 * 60_000, 'precopy');
     this.request.progress({ migrationId: this.migrationId, phase: 'precopy', message: 'rootfs pass 1 applied on the destination', ...this.meter.snapshot() });
   }
 
   private async freeze(): Promise<void> {
-    this.marks.freezing = performance.now();
+    this.facts.marks.freezing = performance.now();
     await this.deps.runtime.cgroup(this.request.name).freeze();
     // Frozen first (a locked but running process would see its sends fail), then locked:
     // from here no byte reaches the copy here, which may never go on.
@@ -445,7 +390,7 @@ export class MigrationSource {
       this.networkLocked = true;
       await lockNetwork(this.record.pid, 'freeze');
     }
-    this.marks.frozen = performance.now();
+    this.facts.marks.frozen = performance.now();
     // Test fault: the agent dies with the container frozen (and locked); its restart must undo both.
     if (faultActive('die-after-freeze')) process.kill(process.pid, 'SIGKILL');
   }
@@ -458,11 +403,11 @@ export class MigrationSource {
    */
   private async snapshotDumpAndStream(): Promise<void> {
     const cgroup = this.deps.runtime.cgroup(this.request.name);
-    const parent = this.rounds.length ? `../rounds/${this.rounds.length}` : undefined;
+    const parent = this.precopy?.parent;
     // CRIU first: the rootfs walk below is synchronous. The tasks stay stopped
     // throughout (frozen, or held in ptrace-stop by CRIU), so the files cannot
     // change while CRIU runs, and CRIU writes nothing into the rootfs.
-    this.marks.pagesAtDump = this.meter.totals().pages;
+    this.facts.marks.pagesAtDump = this.meter.totals().pages;
     // One pipe per process and a few for shared memory; the tree is frozen, so the count holds.
     const pipes = PagePipes.create(this.imagesDir, (await cgroup.pids()).length + 2);
     const dump = dumpFrozen(this.criu, this.record, cgroup, this.imagesDir, join(this.directory, 'dump.log'), parent);
@@ -470,8 +415,8 @@ export class MigrationSource {
     const dieAfter = faultNumber('die-during-dump');
     if (dieAfter !== undefined) setTimeout(() => process.kill(process.pid, 'SIGKILL'), dieAfter);
     const exited = () => {
-      this.marks.dumped = performance.now();
-      this.marks.pagesAtExit = this.meter.totals().pages;
+      this.facts.marks.dumped = performance.now();
+      this.facts.marks.pagesAtExit = this.meter.totals().pages;
     };
     dump.done.then(exited, () => undefined);
     void dump.done.catch(() => undefined).finally(() => pipes.release());
@@ -499,9 +444,8 @@ export class MigrationSource {
           ),
         ),
       );
-      const [, stats, pages] = await Promise.all([rootfs, dump.done, this.shipPages(dump, this.imagesDir, undefined, pipes), images]);
-      this.dumpStats = stats;
-      this.pageImages.push(...pages);
+      const [, stats] = await Promise.all([rootfs, dump.done, this.pages.ship(dump, this.imagesDir, undefined, pipes), images]);
+      this.facts.dumpStats = stats;
     } catch (error) {
       // What CRIU still writes into the pipes is discarded while it finishes.
       pipes.discard();
@@ -513,47 +457,13 @@ export class MigrationSource {
     }
   }
 
-  /**
-   * Sends each page image of `imagesDir` on the pages channel as CRIU writes
-   * it, until CRIU is done: those of `pipes` first, in CRIU's order, then
-   * any regular page image files.
-   */
-  private async shipPages(run: CriuRun<unknown>, imagesDir: string, round?: number, pipes?: PagePipes): Promise<PageImage[]> {
-    const shipped: PageImage[] = [];
-    const seen = new Set<string>(pipes?.names);
-    for (const file of pipes?.names ?? []) {
-      const name = pageStreamName(file, round);
-      const sent = await this.pagesSender.sendStream(name, pipes!.body(file), { onBytes: this.meter.counter('pages') });
-      shipped.push({ name, ...sent });
-    }
-    let finished = false;
-    run.done.then(
-      () => (finished = true),
-      () => (finished = true),
-    );
-    for (;;) {
-      const wasFinished = finished;
-      const names = await newPageImages(imagesDir, seen);
-      for (const file of names) {
-        seen.add(file);
-        const name = pageStreamName(file, round);
-        const sent = await this.pagesSender.sendStream(name, followImage(join(imagesDir, file), run), {
-          onBytes: this.meter.counter('pages'),
-        });
-        shipped.push({ name, ...sent });
-      }
-      if (!names.length && wasFinished) return shipped;
-      if (!names.length) await sleep(5);
-    }
-  }
-
   private async restoreOnDestination(): Promise<void> {
-    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.pageImages });
-    this.marks.sent = performance.now();
-    const prepared = await this.peer!.expect('prepared', 5 * 60_000, 'restore');
-    this.marks.prepared = performance.now();
-    this.restoreStats = prepared.restoreStats;
-    this.restoreTiming = prepared.timing;
+    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.pages.shipped });
+    this.facts.marks.sent = performance.now();
+    const prepared = await this.peer!.inbox.expect('prepared', 5 * 60_000, 'restore');
+    this.facts.marks.prepared = performance.now();
+    this.facts.restoreStats = prepared.restoreStats;
+    this.facts.restoreTiming = prepared.timing;
   }
 
   /** The decision (commitOnce), here; returns whether the destination confirmed that the copy runs. */
@@ -571,12 +481,12 @@ export class MigrationSource {
         await this.deps.runtime.cgroup(this.request.name).kill();
       },
       awaitDecided: async () => {
-        const decided = await this.peer!.expect('decided', 60_000, 'confirm');
-        this.runningAt = performance.now();
+        const decided = await this.peer!.inbox.expect('decided', 60_000, 'confirm');
+        this.facts.runningAt = performance.now();
         return decided;
       },
     });
-    this.warnings.push(...outcome.warnings);
+    this.facts.warnings.push(...outcome.warnings);
     // Committed but unconfirmed: recovery re-delivers the decision.
     if (!outcome.confirmed) this.logger.error({ err: outcome.unconfirmed }, 'destination did not confirm the commit; will retry');
     if (outcome.stopFailure) this.logger.error({ err: outcome.stopFailure }, 'could not kill the frozen copy; cleanup retries');
@@ -602,7 +512,7 @@ export class MigrationSource {
       await work();
     } catch (error) {
       const message = `could not ${what}: ${toFerryError(error).message}`;
-      this.warnings.push(message);
+      this.facts.warnings.push(message);
       this.logger.warn({ err: error }, message);
       await fallback?.().catch((fallbackError: unknown) => this.logger.error({ err: fallbackError }, 'fallback cleanup failed'));
     }
@@ -646,32 +556,22 @@ export class MigrationSource {
   }
 
   private report(outcome: MigrationReport['outcome']): MigrationReport {
-    const end = this.runningAt ?? performance.now();
-    return {
-      migrationId: this.migrationId,
-      container: this.request.name,
-      source: this.deps.runtime.hostName,
-      destination: this.peer?.peerName ?? this.request.destination.url,
+    const precopy = this.precopy?.report();
+    return buildReport({
+      who: {
+        migrationId: this.migrationId,
+        container: this.request.name,
+        source: this.deps.runtime.hostName,
+        destination: this.peer?.peerName ?? this.request.destination.url,
+      },
       outcome,
-      strategy: this.rounds.length ? 'precopy' : 'stop-and-copy',
-      ...(this.strategyNote ? { strategyNote: this.strategyNote } : {}),
-      downtimeMs: roundMs(end - (this.marks.freezing ?? end)),
-      ...(this.runningAt ? { downtime: downtimeBreakdown(this.marks, this.restoreTiming, this.meter.totals().pages, this.runningAt) } : {}),
-      totalMs: roundMs(performance.now() - this.startedAt),
+      facts: this.facts,
       bytes: this.meter.totals(),
       phases: this.timer.timings,
-      criu: { ...(this.dumpStats ? { dump: this.dumpStats } : {}), ...(this.restoreStats ? { restore: this.restoreStats } : {}) },
-      ...(this.precopyStop
-        ? {
-            precopy: {
-              rounds: this.roundReports,
-              stopReason: this.precopyStop.reason,
-              ...(this.precopyStop.prediction ? { predictedDowntimeMs: this.precopyStop.prediction.downtimeMs } : {}),
-            },
-          }
-        : {}),
-      ...(this.warnings.length ? { warnings: this.warnings } : {}),
-    };
+      rounds: this.precopy?.count ?? 0,
+      ...(precopy ? { precopy } : {}),
+      now: performance.now(),
+    });
   }
 }
 

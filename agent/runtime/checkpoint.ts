@@ -127,7 +127,7 @@ export async function freeze(cgroup: Cgroup): Promise<void> {
 
 /** CRIU dump of a container whose cgroup the caller froze; the tasks stay frozen. With a parent, only pages changed since it are written. */
 export function dumpFrozen(
-  criu: Criu,
+  criu: Pick<Criu, 'dump'>,
   record: ContainerRecord,
   cgroup: Cgroup,
   imagesDir: string,

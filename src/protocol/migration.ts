@@ -188,6 +188,23 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
 ]);
 export type PeerMessage = z.infer<typeof peerMessageSchema>;
 
+/**
+ * The source's steps, in order, and what the destination may send during
+ * each (besides an abort, at any time): the answer to what the source sent
+ * in that step. Anything else is out of order and ends the migration.
+ */
+export const destinationSendsInStep = {
+  preflight: ['accept'],
+  precopy: ['staged'],
+  freeze: [],
+  dump: [],
+  restore: ['prepared'],
+  confirm: ['decided'],
+  cleanup: [],
+} as const satisfies Record<string, ReadonlyArray<PeerMessage['type']>>;
+export type SourceStep = keyof typeof destinationSendsInStep;
+export const sourceSteps = Object.keys(destinationSendsInStep) as SourceStep[];
+
 /** Text frames on a data channel; binary frames between them are the payload. */
 export const dataFrameSchema = z.discriminatedUnion('type', [
   z.object({

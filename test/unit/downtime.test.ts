@@ -1,6 +1,7 @@
-// The downtime breakdown in the report: pure arithmetic on the marks.
+// The downtime breakdown and the report: pure arithmetic on the marks.
 import { describe, expect, it } from 'vitest';
 import { downtimeBreakdown } from '../../agent/migration/timing.ts';
+import { buildReport, type ReportFacts } from '../../agent/migration/report.ts';
 
 const there = { waitMs: 3, checkMs: 4, criuMs: 20, recordMs: 2 };
 const marks = { freezing: 1000, frozen: 1005, dumped: 1040, sent: 1050, prepared: 1090, pagesAtDump: 100, pagesAtExit: 900 };
@@ -45,5 +46,41 @@ describe('downtimeBreakdown', () => {
     for (const missing of ['freezing', 'frozen', 'dumped', 'sent', 'prepared'] as const) {
       expect(downtimeBreakdown({ ...marks, [missing]: undefined }, there, 1000, 1100), missing).toBeUndefined();
     }
+  });
+});
+
+describe('buildReport', () => {
+  const facts = (extra: Partial<ReportFacts> = {}): ReportFacts => ({ startedAt: 0, marks: { ...marks }, warnings: [], ...extra });
+  const input = (extra: Partial<ReportFacts> = {}) => ({
+    who: { migrationId: 'm-0000001', container: 'web', source: 'a', destination: 'b' },
+    bytes: { rootfs: 10, pages: 1000, images: 5 },
+    phases: [],
+    rounds: 0,
+    now: 1500,
+    facts: facts(extra),
+  });
+
+  it('ends the downtime at the confirmation and breaks it down', () => {
+    const report = buildReport({ ...input({ runningAt: 1100, restoreTiming: there }), outcome: 'succeeded' });
+    expect(report.downtimeMs).toBe(100);
+    expect(report.totalMs).toBe(1500);
+    expect(report.downtime?.restoreMs).toBe(20);
+    expect(report.strategy).toBe('stop-and-copy');
+    expect(report.warnings).toBeUndefined();
+  });
+
+  it('in doubt: the downtime runs to now, with no breakdown, and the warnings are kept', () => {
+    const report = buildReport({ ...input({ warnings: ['destination: lock stayed'] }), outcome: 'in-doubt' });
+    expect(report.downtimeMs).toBe(500);
+    expect(report.downtime).toBeUndefined();
+    expect(report.warnings).toEqual(['destination: lock stayed']);
+  });
+
+  it('says pre-copy only when rounds ran, and carries why memory moved stop-and-copy', () => {
+    const precopy = { rounds: [], stopReason: 'within-budget' as const };
+    expect(buildReport({ ...input(), rounds: 2, precopy, outcome: 'succeeded' }).strategy).toBe('precopy');
+    const note = 'no dirty-memory tracking (soft-dirty) on a';
+    const report = buildReport({ ...input({ strategyNote: note }), precopy, outcome: 'succeeded' });
+    expect([report.strategy, report.strategyNote, report.precopy?.stopReason]).toEqual(['stop-and-copy', note, 'within-budget']);
   });
 });
