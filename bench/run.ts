@@ -34,6 +34,9 @@ interface FerryRun {
   downtime: MigrationReport['downtime'];
   /** CPU time of each agent process itself (not CRIU's) over the migration. */
   cpuMs: { source: number; destination: number };
+  postcopy?: MigrationReport['postcopy'];
+  /** The workload's page rewrites from just before the migration to just after it, as a share of its nominal rate. */
+  progress?: number;
 }
 
 /** User + system CPU time of one process so far (clock ticks are 100 Hz on Linux). */
@@ -47,8 +50,8 @@ async function timedMigrate(from: AgentClient, fromAgent: AgentProcess, toAgent:
   const before = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
   const report = await from.request('migrate', { name, destination: { url: toAgent.url, token: toAgent.token }, options });
   const after = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
-  const { downtimeMs, totalMs, phases, bytes, criu, downtime } = report;
-  return { downtimeMs, totalMs, phases, bytes, criu, downtime, cpuMs: { source: after[0]! - before[0]!, destination: after[1]! - before[1]! } };
+  const { downtimeMs, totalMs, phases, bytes, criu, downtime, postcopy } = report;
+  return { downtimeMs, totalMs, phases, bytes, criu, downtime, ...(postcopy ? { postcopy } : {}), cpuMs: { source: after[0]! - before[0]!, destination: after[1]! - before[1]! } };
 }
 
 /**
@@ -62,6 +65,8 @@ interface SizeResult {
   baseline: Array<BaselineResult>;
   median: { ferryDowntimeMs: number; baselineDowntimeMs: number; ferryTotalMs: number; baselineTotalMs: number };
   downtimeRatio: number;
+  /** The same workload moved post-copy, in the same alternation. */
+  postcopy: FerryRun[];
 }
 
 const reps = Number(process.env.FERRY_BENCH_REPS ?? 3);
@@ -73,10 +78,12 @@ function median(values: number[]): number {
   return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
 }
 
+/** Every memory run rewrites this much per second, so that progress during a migration can be measured. */
+const dirtyMiBps = 16;
 const memload = (name: string, mib: number) => ({
   name,
   rootfs,
-  command: ['/bin/memload', '--mib', String(mib)],
+  command: ['/bin/memload', '--mib', String(mib), ...(mib ? ['--dirty-mibps', String(dirtyMiBps)] : [])],
   env: {},
   cwd: '/',
   privateNetwork: false,
@@ -93,12 +100,33 @@ async function waitReady(client: AgentClient, name: string): Promise<void> {
 
 const stopAndCopy: MigrationOptions = { strategy: 'stop-and-copy', maxDowntimeMs: 300, maxRounds: 8, rootfsPrecopy: true, timeoutMs: 600_000 };
 
-async function ferryRun(a: AgentClient, agentA: AgentProcess, agentB: AgentProcess, clientB: AgentClient, mib: number): Promise<FerryRun> {
-  const name = `ferry-${mib}`;
+const postcopy: MigrationOptions = { ...stopAndCopy, strategy: 'postcopy' };
+
+/** memload's generation sum (pages rewritten since it started) and when it said so. */
+async function generations(client: AgentClient, name: string): Promise<{ at: number; sum: number }> {
+  const pid = (await client.request('list', {})).containers.find((container) => container.name === name)!.pid!;
+  const seen = (await client.request('logs', { name })).text.split('\n').length;
+  process.kill(pid, 'SIGUSR1');
+  for (let attempt = 0; attempt < 600; attempt += 1) {
+    const lines = (await client.request('logs', { name })).text.split('\n').slice(seen - 1);
+    const match = lines.map((line) => /^checksum \S+ pages \d+ generation-sum (\d+)/.exec(line)).find(Boolean);
+    if (match) return { at: performance.now(), sum: Number(match[1]) };
+    await sleep(20);
+  }
+  throw new Error(`${name} never answered SIGUSR1`);
+}
+
+async function ferryRun(a: AgentClient, agentA: AgentProcess, agentB: AgentProcess, clientB: AgentClient, mib: number, options = stopAndCopy): Promise<FerryRun> {
+  const name = `ferry-${options.strategy}-${mib}`;
   try {
     await a.request('run', { spec: memload(name, mib) });
     await waitReady(a, name);
-    return await timedMigrate(a, agentA, agentB, name, stopAndCopy);
+    await sleep(1_000);
+    const before = await generations(a, name);
+    const run = await timedMigrate(a, agentA, agentB, name, options);
+    const after = await generations(clientB, name);
+    const nominal = ((after.at - before.at) / 1000) * ((dirtyMiBps * 2 ** 20) / 4096);
+    return { ...run, progress: Math.round(((after.sum - before.sum) / nominal) * 100) / 100 };
   } finally {
     // Wherever it ended up (a failed migration leaves it on A).
     await a.request('remove', { name, force: true }).catch(() => undefined);
@@ -284,11 +312,16 @@ try {
   const results: SizeResult[] = [];
   for (const mib of parts.has('memory') ? sizes : []) {
     const ferry: FerryRun[] = [];
+    const lazy: FerryRun[] = [];
     const baseline: Array<BaselineResult> = [];
     for (let rep = 0; rep < reps; rep += 1) {
       const runFerry = async () => {
         process.stderr.write(`bench: ${mib} MiB: ferry (${rep + 1}/${reps})…\n`);
         ferry.push(await ferryRun(clientA, agents[0]!, agents[1]!, clientB, mib));
+      };
+      const runPostcopy = async () => {
+        process.stderr.write(`bench: ${mib} MiB: ferry post-copy (${rep + 1}/${reps})…\n`);
+        lazy.push(await ferryRun(clientA, agents[0]!, agents[1]!, clientB, mib, postcopy));
       };
       const runBaseline = async () => {
         process.stderr.write(`bench: ${mib} MiB: baseline (${rep + 1}/${reps})…\n`);
@@ -296,9 +329,11 @@ try {
       };
       if (rep % 2 === 0) {
         await runFerry();
+        await runPostcopy();
         await runBaseline();
       } else {
         await runBaseline();
+        await runPostcopy();
         await runFerry();
       }
     }
@@ -308,7 +343,7 @@ try {
       ferryTotalMs: median(ferry.map((run) => run.totalMs)),
       baselineTotalMs: median(baseline.map((run) => run.totalMs)),
     };
-    results.push({ mib, ferry, baseline, median: medians, downtimeRatio: ratio(medians.ferryDowntimeMs, medians.baselineDowntimeMs) });
+    results.push({ mib, ferry, baseline, postcopy: lazy, median: medians, downtimeRatio: ratio(medians.ferryDowntimeMs, medians.baselineDowntimeMs) });
   }
   let stream: Awaited<ReturnType<typeof throughput>> | undefined;
   if (parts.has('stream')) {
@@ -401,6 +436,19 @@ function render(summary: {
           return `| ${size.mib} MiB | ${index + 1} | ${ms(run.downtimeMs)} ${breakdownCells(run)} ${criuMs(run.criu.dump?.frozenTime)} | ${criuMs(run.criu.restore?.restoreTime)} | ${perGiB(run, 'source')} | ${perGiB(run, 'destination')} | ${naive.steps.dump} | ${naive.steps.tar} | ${naive.steps.copy} | ${naive.steps.untar} | ${naive.steps.restore} |`;
         }),
       ),
+      '',
+    );
+    lines.push(
+      `Post-copy against stop-and-copy and the naive baseline, same runs (medians; the workload rewrites ${dirtyMiBps} MiB/s; "progress" is how much of that it managed from just before the migration until just after it ended, last page included):`,
+      '',
+      '| memory | post-copy downtime | stop-and-copy downtime | naive downtime | post-copy total | stop-and-copy total | total ratio | last page after resume | faulted / pushed pages | largest stall | progress post-copy | progress stop-and-copy |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+      ...summary.sizes.map((size) => {
+        const lazy = size.postcopy;
+        const pc = (pick: (run: FerryRun) => number) => median(lazy.map(pick));
+        const tail = pc((run) => (run.postcopy ? run.postcopy.completeMs - run.postcopy.runningMs : 0));
+        return `| ${size.mib} MiB | ${spread(lazy.map((run) => run.downtimeMs))} | ${Math.round(size.median.ferryDowntimeMs)} ms | ${Math.round(size.median.baselineDowntimeMs)} ms | ${Math.round(pc((run) => run.totalMs))} ms | ${Math.round(size.median.ferryTotalMs)} ms | ${ratio(pc((run) => run.totalMs), size.median.ferryTotalMs)} | ${Math.round(tail)} ms | ${Math.round(pc((run) => run.postcopy?.faultedPages ?? 0))} / ${Math.round(pc((run) => run.postcopy?.pushedPages ?? 0))} | ${ms(pc((run) => (run.postcopy?.maxStallUs ?? 0) / 1000))} ms | ${pc((run) => run.progress ?? 0)} | ${median(size.ferry.map((run) => run.progress ?? 0))} |`;
+      }),
       '',
     );
   }

@@ -190,19 +190,21 @@ program
   .requiredOption('--from <host>', 'source agent (name from the config, or URL)')
   .requiredOption('--to <host>', 'destination agent (name from the config, or URL)')
   .option('--to-token <token>', 'token of the destination when --to is a URL (default: --token)')
-  .addOption(new Option('--strategy <strategy>', 'memory transfer').choices(['auto', 'precopy', 'stop-and-copy']).default('auto'))
+  .addOption(new Option('--strategy <strategy>', 'memory transfer').choices(['auto', 'precopy', 'stop-and-copy', 'postcopy']).default('auto'))
+  .option('--allow-postcopy', 'let auto pick post-copy when stop-and-copy would outlast --max-downtime (the source host must then stay up until the last page)', false)
   .option('--max-downtime <ms>', 'downtime budget for pre-copy', (value) => Number(value), 300)
   .option('--max-rounds <n>', 'pre-copy rounds at most', (value) => Number(value), 8)
   .option('--timeout <ms>', 'give up and roll back after this long', (value) => Number(value), 600_000)
   .action(
     async (
       name: string,
-      options: { from: string; to: string; toToken?: string; strategy: string; maxDowntime: number; maxRounds: number; timeout: number },
+      options: { from: string; to: string; toToken?: string; strategy: string; allowPostcopy: boolean; maxDowntime: number; maxRounds: number; timeout: number },
     ) => {
       const destinationEndpoint = resolveHost(loadConfig(globals().config), options.to, options.toToken ?? globals().token);
       const ca = readPem(destinationEndpoint.ca)?.toString();
       const migrationOptions = migrationOptionsSchema.parse({
         strategy: options.strategy,
+        ...(options.allowPostcopy ? { allowPostcopy: true } : {}),
         maxDowntimeMs: options.maxDowntime,
         maxRounds: options.maxRounds,
         timeoutMs: options.timeout,

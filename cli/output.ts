@@ -59,6 +59,14 @@ export function reportText(report: MigrationReport): string {
     table(['PHASE', 'TIME'], report.phases.map((phase) => [phase.phase, ms(phase.ms)])),
   ];
   for (const warning of report.warnings ?? []) lines.push(`  warning: ${warning}`);
+  if (report.postcopy) {
+    const p = report.postcopy;
+    lines.push(
+      '',
+      `Post-copy: running on ${report.destination} ${ms(p.runningMs)} after the start, last page ${ms(p.completeMs)} after the start (${ms(p.completeMs - p.runningMs)} later); ` +
+        `${p.faultedPages} pages faulted on demand (${p.faults} faults), ${p.pushedPages} pushed; largest stall ${ms(Math.round(p.maxStallUs / 1000))}; ${formatBytes(p.pageBytes)} of pages`,
+    );
+  }
   if (report.precopy) {
     const { rounds, stopReason, predictedDowntimeMs } = report.precopy;
     const predicted = predictedDowntimeMs === undefined ? 'no prediction' : `predicted downtime ${ms(predictedDowntimeMs)}, actual ${ms(report.downtimeMs)}`;

@@ -18,6 +18,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--host <name=url,token[,memory=BYTES]>', 'an agent to manage (repeatable; more can be registered via the API)', collect, [])
     .option('--heartbeat-ms <ms>', 'interval of the info polls; 3 missed mark a host down', (value) => Number(value), 2_000)
     .option('--margin-mib <MiB>', 'memory a target must have free beyond the container', (value) => Number(value), 16)
+    .option('--allow-postcopy', 'let migrations pick post-copy when stop-and-copy would outlast the downtime budget (the source host must then stay up until the last page)', false)
     .parse(argv, { from: 'user' });
 
   const options = program.opts<{
@@ -28,6 +29,7 @@ export async function main(argv: string[]): Promise<void> {
     host: string[];
     heartbeatMs: number;
     marginMib: number;
+    allowPostcopy: boolean;
   }>();
 
   const logger = createLogger('coordinator');
@@ -44,6 +46,7 @@ export async function main(argv: string[]): Promise<void> {
     hosts: options.host.map(parseHost),
     heartbeatMs: options.heartbeatMs,
     marginBytes: options.marginMib * 1024 * 1024,
+    allowPostcopy: options.allowPostcopy,
   });
   await service.start();
   logger.info({ url: service.url }, 'coordinator listening');

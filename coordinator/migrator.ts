@@ -37,6 +37,7 @@ export type MoveOutcome =
 export interface MigratorOptions {
   marginBytes: number;
   migrationTimeoutMs: number;
+  allowPostcopy: boolean;
 }
 
 const SETTLE_POLL_MS = 500;
@@ -217,7 +218,7 @@ export class Migrator {
           {
             name: row.container,
             destination: { url: destination.url, token: destination.token },
-            options: migrationOptionsSchema.parse({ timeoutMs: this.options.migrationTimeoutMs }),
+            options: migrationOptionsSchema.parse({ timeoutMs: this.options.migrationTimeoutMs, ...(this.options.allowPostcopy ? { allowPostcopy: true } : {}) }),
           },
           (event) => {
             // Phase changes always, byte counts at most twice a second.

@@ -24,6 +24,8 @@ export interface ServiceOptions {
   heartbeatMs?: number;
   marginBytes?: number;
   migrationTimeoutMs?: number;
+  /** Migrations may move memory post-copy where stop-and-copy would outlast the downtime budget (off by default). */
+  allowPostcopy?: boolean;
 }
 
 export class Service {
@@ -50,6 +52,7 @@ export class Service {
     this.migrator = new Migrator(deps, {
       marginBytes: options.marginBytes ?? 16 * 1024 * 1024,
       migrationTimeoutMs: options.migrationTimeoutMs ?? 10 * 60_000,
+      allowPostcopy: options.allowPostcopy ?? false,
     });
     this.evacuator = new Evacuator({ ...deps, migrator: this.migrator });
     this.server = createApiServer(this, options.logger);

@@ -60,6 +60,7 @@ build_addon() {
 
 trap 'rm -f "$out"/.*.tmp.$$' EXIT
 build ferry-helper native/ferry-helper.c no
+build ferry-lazy-guard native/lazy-guard.c no
 build_addon fsat.node native/fsat.c
 build memload test/workloads/memload.c yes
 build netload test/workloads/netload.c yes

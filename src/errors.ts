@@ -13,6 +13,7 @@ export const phases = [
   'dump',
   'stream',
   'restore',
+  'postcopy',
   'confirm',
   'cleanup',
   'rollback',

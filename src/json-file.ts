@@ -1,4 +1,5 @@
 import { mkdir, open, readFile, rename } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
 import { dirname } from 'node:path';
 import type { z } from 'zod';
 
@@ -17,8 +18,9 @@ export async function writeJsonFile(path: string, value: unknown, mode = 0o644, 
   // A private file lives in a private directory.
   const directory = dirname(path);
   await mkdir(directory, { recursive: true, mode: mode & 0o077 ? 0o755 : 0o700 });
-  const temporary = `${path}.tmp`;
-  const file = await open(temporary, 'w', mode);
+  // Its own temporary per write: two writers of one file (an abort meeting a decision) must not share one.
+  const temporary = `${path}.${randomBytes(6).toString('hex')}.tmp`;
+  const file = await open(temporary, 'wx', mode);
   try {
     // A temporary left by a crash keeps its old mode through open: narrow it before anything is written.
     await file.chmod(mode);

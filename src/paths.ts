@@ -9,6 +9,11 @@ export function helperPath(): string {
   return process.env.FERRY_HELPER ?? join(projectRoot, '.build', 'bin', 'ferry-helper');
 }
 
+/** The destination's post-copy guard (native/lazy-guard.c). */
+export function lazyGuardPath(): string {
+  return join(dirname(helperPath()), 'ferry-lazy-guard');
+}
+
 export function helperExists(): boolean {
   return existsSync(helperPath());
 }

@@ -48,6 +48,8 @@ interface CutCase {
   options?: Partial<MigrationOptions>;
   /** Options of the destination's agent. */
   destination?: AgentOptions;
+  /** Options of the source's agent. */
+  source?: AgentOptions;
   /** Runs on the source before the migration (e.g. to grow the rootfs). */
   prepare?: (a: Node, name: string) => Promise<void>;
   /** The progress event (of the source) at which the link is cut... */
@@ -74,7 +76,7 @@ interface CutResult {
  * checks the migration's own result and says where the container must be.
  */
 async function cutAndCheck(c: CutCase, expectOutcome: (result: CutResult) => 'source' | 'destination'): Promise<CutResult> {
-  const test = await startNodes(2, (index) => (index === 1 ? (c.destination ?? {}) : {}));
+  const test = await startNodes(2, (index) => (index === 1 ? (c.destination ?? {}) : (c.source ?? {})));
   try {
     const [a, b] = test.nodes as [Node, Node];
     await runContainer(a, memloadSpec(c.name, c.mib, c.seed));
@@ -278,6 +280,21 @@ describe('a cut of the destination link', { timeout: 150_000 }, () => {
         expect(['succeeded', 'in-doubt']).toContain(outcome.report!.outcome);
         return 'destination';
       },
+    );
+  });
+
+  it('mid-post-copy: B stops its running copy, A thaws only once B says so, one copy, then migrates', async () => {
+    await cutAndCheck(
+      {
+        name: 'cut-postcopy',
+        mib: 128,
+        seed: 5106,
+        options: { strategy: 'postcopy' },
+        // Slow pages, so that the cut lands while they still arrive.
+        source: { env: { FERRY_FAULTS: 'postcopy-slow:2' } },
+        atDestinationLog: (line) => line.msg === 'post-copy: running here; pages follow',
+      },
+      (result) => expectFailedIn(['postcopy'])(result),
     );
   });
 });

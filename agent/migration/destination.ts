@@ -20,7 +20,9 @@ type Channel = 'files' | 'pages';
 export const destinationTransitions = {
   preflight: ['receiving', 'aborting'],
   receiving: ['restoring', 'aborting'],
-  restoring: ['prepared', 'aborting'],
+  restoring: ['prepared', 'postcopy', 'aborting'],
+  // Post-copy: the copy runs here while its pages arrive; prepared once the last one is in.
+  postcopy: ['prepared', 'aborting'],
   prepared: ['committing', 'aborting'],
   // From committing, aborted only when the committed copy could not be resumed.
   committing: ['done', 'aborted'],
@@ -289,7 +291,13 @@ export class DestinationSession<S extends Terminable> {
     if (!this.filesDone || !this.channels.has('pages')) return this.refuse('transfer-complete before both data channels opened');
     this.transition('restoring');
     try {
-      const prepared = await this.track(this.copy.restore(this.filesDone, pages));
+      const prepared = await this.track(
+        this.copy.restore(this.filesDone, pages, (facts) => {
+          if (!this.live) return;
+          this.transition('postcopy');
+          this.peer.sendPeer({ type: 'running', migrationId: this.migrationId, ...facts });
+        }),
+      );
       if (!this.live) return;
       this.transition('prepared');
       this.peer.sendPeer({ type: 'prepared', migrationId: this.migrationId, ...prepared });
@@ -340,13 +348,13 @@ export class DestinationSession<S extends Terminable> {
   async refuse(reason: string): Promise<void> {
     this.logger.warn({ state: this.state, reason }, 'out-of-order message refused');
     if (this.prepared) return;
-    await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.state === 'restoring' ? 'restore' : 'stream' }));
+    await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.state === 'restoring' ? 'restore' : this.state === 'postcopy' ? 'postcopy' : 'stream' }));
   }
 
   /** Our own failure: the source hears why, then everything here goes. */
   private async fail(error: unknown): Promise<void> {
     if (!this.live || this.prepared) return;
-    const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : 'stream');
+    const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : this.state === 'postcopy' ? 'postcopy' : 'stream');
     this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
     this.peer.sendPeer({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
     await this.abort(failure.message);
@@ -361,12 +369,13 @@ export class DestinationSession<S extends Terminable> {
 
   private async discard(reason: string): Promise<void> {
     this.transition('aborting');
-    this.parts.forget();
     this.stopWriters.abort();
     this.closeChannels();
     await Promise.all(this.writers);
     await this.copy.discard(reason);
     this.transition('aborted');
+    // Forgotten only now: a decision that arrives meanwhile waits for this abort instead of racing it from the journal.
+    this.parts.forget();
     if (this.accepted) this.parts.onOutcome?.('rolled-back');
     this.logger.warn({ reason }, 'incoming migration discarded');
   }

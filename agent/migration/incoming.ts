@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
 import { mkdir, open, symlink, writeFile } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from 'pino';
@@ -17,6 +18,8 @@ import { faultActive } from '../../src/faults.ts';
 import { freeBytes } from '../../src/host/capacity.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';
+import { LazyGuard } from '../../src/criu/lazy-guard.ts';
+import { relay } from '../../src/transport/relay.ts';
 import { probeAddress, requireBridge } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
@@ -25,6 +28,7 @@ import { roundMs } from './timing.ts';
 
 export type Offer = Extract<PeerMessage, { type: 'offer' }>;
 type Prepared = Extract<PeerMessage, { type: 'prepared' }>;
+type Running = Extract<PeerMessage, { type: 'running' }>;
 export type AcceptFacts = Extract<PeerMessage, { type: 'accept' }>['destination'];
 export type PageList = Array<{ name: string; digest: string }>;
 
@@ -42,8 +46,12 @@ export interface IncomingCopy<S> {
   receiveFiles(socket: S, staged: () => void): Promise<void>;
   /** Page images, each written as it arrives. */
   receivePages(socket: S): Promise<void>;
-  /** Once the files and every listed page image are here: `criu restore`, stopped, recorded as prepared. */
-  restore(files: Promise<void>, pages: PageList): Promise<Omit<Prepared, 'type' | 'migrationId'>>;
+  /**
+   * Once the files and every listed page image are here: `criu restore`,
+   * stopped, recorded as prepared. Post-copy: restored and resumed at once
+   * (`running` is told so), then prepared once the last page is in.
+   */
+  restore(files: Promise<void>, pages: PageList, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>>;
   /** The prepared copy runs (recorded as done). */
   resume(warn: (message: string) => void): Promise<void>;
   /** The committed copy could not resume: it goes, recorded as lost. */
@@ -75,6 +83,9 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
   /** Where the files channel is, for a timeout's message. */
   private filesAt = 'waiting for the rootfs stream';
   private filesFinished = false;
+  /** Post-copy: the pages channel, joined to the lazy-pages daemon once it runs. */
+  private lazyChannel: WebSocket | undefined;
+  private guard: LazyGuard | undefined;
 
   constructor(deps: LocalCopyDependencies, offer: Offer, signal: AbortSignal, logger: Logger) {
     this.deps = deps;
@@ -226,6 +237,11 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
   }
 
   async receivePages(socket: WebSocket): Promise<void> {
+    if (this.offer.lazyPages) {
+      // Nothing arrives on it before the lazy-pages daemon asks: it is joined to the daemon at the restore.
+      this.lazyChannel = socket;
+      return;
+    }
     try {
       await this.writePages(socket);
     } catch (error) {
@@ -266,7 +282,8 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     }
   }
 
-  async restore(files: Promise<void>, pages: PageList): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
+  async restore(files: Promise<void>, pages: PageList, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
+    if (this.offer.lazyPages) return this.restoreLazily(files, running);
     const asked = performance.now();
     await withTimeout(Promise.all([files, this.allPages(pages)]), 60_000, 'receiving the images', 'stream').catch((error: unknown) => {
       const failure = toFerryError(error, 'stream');
@@ -281,15 +298,7 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     // (Deleting it made CRIU 4.1 crash with SIGSEGV, leaving no error line to report.)
     if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
     const started = performance.now();
-    const { restoreStats, timing } = await restoreContainer(this.deps.runtime, this.criu, {
-      spec: this.offer.spec,
-      history: this.offer.history,
-      imagesDir: this.imagesDir,
-      rootfs: this.deps.runtime.store.rootfs(this.name),
-      leaveStopped: true,
-      logFile: join(this.directory, 'restore.log'),
-      migrationId: this.migrationId,
-    });
+    const { restoreStats, timing } = await this.restoreStopped(false);
     this.ensureLive();
     const restored = performance.now();
     await this.deps.journal.update(this.migrationId, 'prepared');
@@ -301,17 +310,93 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     };
   }
 
+  /** `criu restore` of the received images, the tasks left stopped; lazily: memory from the lazy-pages daemon. */
+  private restoreStopped(lazyPages: boolean): ReturnType<typeof restoreContainer> {
+    return restoreContainer(this.deps.runtime, this.criu, {
+      spec: this.offer.spec,
+      history: this.offer.history,
+      imagesDir: this.imagesDir,
+      rootfs: this.deps.runtime.store.rootfs(this.name),
+      leaveStopped: true,
+      logFile: join(this.directory, 'restore.log'),
+      migrationId: this.migrationId,
+      ...(lazyPages ? { lazyPages: true } : {}),
+    });
+  }
+
+  /**
+   * Post-copy: the lazy-pages daemon (under its guard) listens, CRIU
+   * restores the tasks stopped, the guard takes their userfaultfds, and the
+   * container runs while its pages come from the source through the pages
+   * channel. Resolves once every page is here; rejects (the copy stopped,
+   * never run on a missing page) when the supply broke.
+   */
+  private async restoreLazily(files: Promise<void>, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
+    const asked = performance.now();
+    await withTimeout(files, 60_000, 'receiving the images', 'stream');
+    this.ensureLive();
+    const channel = this.lazyChannel;
+    if (!channel) throw new FerryError('BAD_MESSAGE', 'post-copy without a pages channel', { phase: 'restore' });
+    const started = performance.now();
+    const cgroup = this.deps.runtime.cgroup(this.name);
+    this.guard = await LazyGuard.start({
+      cgroupDir: cgroup.path,
+      marker: join(this.directory, 'pages-complete'),
+      daemon: this.criu.lazyPagesCommand(this.imagesDir, join(this.directory, 'lazy-pages.log')),
+    });
+    const guard = this.guard;
+    this.signal.addEventListener('abort', () => void guard.stop(), { once: true });
+    const pages = relay(channel, guard.socket, 'postcopy');
+    // The channel closing ends the guard's stream: it stops the copy itself.
+    void pages.done.catch(() => guard.socket.destroy());
+    let restored = started;
+    try {
+      const { restoreStats, timing } = await this.restoreStopped(true);
+      const afterRestore = performance.now();
+      this.ensureLive();
+      const uffds = await guard.seal();
+      this.ensureLive();
+      this.logger.info({ uffds, guard: guard.pid }, 'post-copy: userfaultfds held; resuming');
+      await resumeContainer(this.deps.runtime, this.name, (message) => this.logger.error(message));
+      restored = performance.now();
+      running({
+        restoreMs: Math.round(restored - started),
+        ...(restoreStats ? { restoreStats } : {}),
+        timing: { waitMs: roundMs(started - asked), checkMs: timing.checkMs, criuMs: timing.criuMs, recordMs: roundMs(timing.afterMs + restored - afterRestore) },
+      });
+      this.logger.info({ phase: 'postcopy' }, 'post-copy: running here; pages follow');
+    } catch (error) {
+      // A copy its guard stopped fails for the guard's reason, not for what that did to the restore or the resume.
+      throw await Promise.race([guard.settled.then(() => error, (guardError: unknown) => guardError), sleep(1_000).then(() => error)]);
+    }
+    const stats = await guard.settled;
+    this.ensureLive();
+    await this.deps.journal.update(this.migrationId, 'prepared');
+    this.logger.info({ phase: 'postcopy', ...stats }, 'post-copy: every page is here');
+    return { restoreMs: Math.round(restored - started), postcopy: stats };
+  }
+
   async resume(warn: (message: string) => void): Promise<void> {
+    // A post-copy copy runs already.
+    if (this.offer.lazyPages) {
+      const { migrationId: _, ...running } = await this.deps.runtime.get(this.name);
+      await this.deps.runtime.store.write(running);
+      await this.deps.journal.update(this.migrationId, 'done');
+      return;
+    }
     await resumeContainer(this.deps.runtime, this.name, warn);
     await this.deps.journal.update(this.migrationId, 'done');
   }
 
   async dropCommitted(reason: string): Promise<void> {
+    await this.guard?.stop();
     await this.deps.runtime.destroy(this.name).catch(() => undefined);
     await this.deps.journal.update(this.migrationId, 'aborted', reason).catch(() => undefined);
   }
 
   async discard(reason: string): Promise<void> {
+    // A post-copy copy is stopped by its guard, which holds the uffds until no task is left to fault.
+    await this.guard?.stop();
     // Only a claimed name has anything of this migration under it.
     if (this.releaseName) {
       await this.deps.runtime.destroy(this.name).catch((error: unknown) => this.logger.error({ err: error }, 'cleanup failed'));

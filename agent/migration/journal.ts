@@ -17,8 +17,8 @@ const entryBase = {
   error: z.string().optional(),
 };
 
-/** started → committed → done, or → aborted. The source alone decides. */
-export const sourceStates = ['started', 'committed', 'aborted', 'done'] as const;
+/** started → (postcopy →) committed → done, or → aborted. The source alone decides. postcopy: the destination may run its copy. */
+export const sourceStates = ['started', 'postcopy', 'committed', 'aborted', 'done'] as const;
 /** started → prepared → done, or → aborted, as the source decided. */
 export const destinationStates = ['started', 'prepared', 'aborted', 'done'] as const;
 

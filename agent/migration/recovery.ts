@@ -40,19 +40,17 @@ async function recoverSource(deps: RecoveryDependencies, entry: SourceEntry, log
   const cgroup = deps.runtime.cgroup(entry.container);
   const imagesDir = join(deps.journal.directory(entry.migrationId), 'images');
   if (!(await drainOrphanedPipes(imagesDir, () => cgroup.pids()))) logger.error('the tasks are still traced after 60 s (a CRIU of the dead agent?)');
+  if (entry.state === 'postcopy') {
+    // The destination may run its copy (post-copy): this one thaws only once it says that copy is gone.
+    void deliverDecision(deps, entry, 'abort', logger).then(async (gone) => {
+      if (!gone) return logger.error('post-copy in doubt: the destination never confirmed its copy is gone; the container stays frozen here');
+      await thawAborted(deps, entry, logger);
+      await deps.journal.removeImages(entry.migrationId).catch(() => undefined);
+    });
+    return;
+  }
   if (decision === 'abort') {
-    const record = await deps.runtime.store.read(entry.container);
-    if (record) {
-      // Locked at the freeze (a container with its own address): unlocked before the thaw, as in a rollback.
-      if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch((error: unknown) => logger.error({ err: error }, 'network unlock failed'));
-      await cgroup.thaw().catch(() => undefined);
-      // The destination may have announced the address before the source went down.
-      if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch((error: unknown) => logger.warn({ err: error }, 'address announcement failed'));
-      const { migrationId: _, ...rest } = record;
-      await deps.runtime.store.write(rest);
-    }
-    await deps.journal.update(entry.migrationId, 'aborted', 'source agent restarted before the decision');
-    logger.warn('interrupted outgoing migration rolled back: container thawed here');
+    await thawAborted(deps, entry, logger);
   } else {
     await deps.runtime.destroy(entry.container);
     logger.warn('interrupted outgoing migration was committed: local copy removed');
@@ -60,6 +58,22 @@ async function recoverSource(deps: RecoveryDependencies, entry: SourceEntry, log
   // Images and pre-dump rounds can be as large as the container's memory.
   await deps.journal.removeImages(entry.migrationId).catch((error: unknown) => logger.warn({ err: error }, 'could not remove images'));
   void deliverDecision(deps, entry, decision, logger);
+}
+
+async function thawAborted(deps: RecoveryDependencies, entry: SourceEntry, logger: Logger): Promise<void> {
+  const cgroup = deps.runtime.cgroup(entry.container);
+  const record = await deps.runtime.store.read(entry.container);
+  if (record) {
+    // Locked at the freeze (a container with its own address): unlocked before the thaw, as in a rollback.
+    if (record.spec.network) await unlockNetwork(record.pid, 'rollback').catch((error: unknown) => logger.error({ err: error }, 'network unlock failed'));
+    await cgroup.thaw().catch(() => undefined);
+    // The destination may have announced the address before the source went down.
+    if (record.spec.network) await announceAddress(record.pid, record.spec.network).catch((error: unknown) => logger.warn({ err: error }, 'address announcement failed'));
+    const { migrationId: _, ...rest } = record;
+    await deps.runtime.store.write(rest);
+  }
+  await deps.journal.update(entry.migrationId, 'aborted', 'source agent restarted before the decision');
+  logger.warn('interrupted outgoing migration rolled back: container thawed here');
 }
 
 async function recoverDestination(deps: RecoveryDependencies, entry: DestinationEntry, logger: Logger): Promise<void> {
@@ -73,14 +87,15 @@ async function recoverDestination(deps: RecoveryDependencies, entry: Destination
   logger.warn('interrupted incoming migration discarded');
 }
 
-/** Retries until the destination acknowledges the decision (bounded: about 10 minutes). */
+/** Retries until the destination acknowledges the decision (bounded: about 10 minutes); whether it did. */
 export async function deliverDecision(
   deps: RecoveryDependencies,
   entry: SourceEntry,
   decision: 'commit' | 'abort',
   logger: Logger,
-): Promise<void> {
-  for (let attempt = 0; attempt < 120; attempt += 1) {
+  attempts = 120,
+): Promise<boolean> {
+  for (let attempt = 0; attempt < attempts; attempt += 1) {
     try {
       const link = await PeerLink.connect(entry.destination, deps.identity);
       try {
@@ -89,13 +104,14 @@ export async function deliverDecision(
         const decided = await link.inbox.expect('decided', 30_000, 'confirm');
         if (decision === 'commit') await deps.journal.update(entry.migrationId, 'done');
         logger.info({ decision, outcome: decided.decision }, 'decision delivered');
-        return;
+        return true;
       } finally {
         link.close();
       }
     } catch (error) {
       logger.warn({ err: error, attempt }, 'could not deliver the decision yet');
-      await sleep(5_000);
+      if (attempt + 1 < attempts) await sleep(5_000);
     }
   }
+  return false;
 }

@@ -1,5 +1,5 @@
 import type { DumpStats, RestoreStats } from '../../src/criu/stats.ts';
-import type { MigrationReport, RestoreTiming } from '../../src/protocol/migration.ts';
+import type { MigrationReport, PostcopyStats, RestoreTiming } from '../../src/protocol/migration.ts';
 import type { Part } from './meter.ts';
 import { downtimeBreakdown, roundMs, type DowntimeMarks } from './timing.ts';
 
@@ -8,6 +8,8 @@ export interface ReportFacts {
   startedAt: number;
   /** Points of the downtime, for the breakdown. */
   marks: DowntimeMarks;
+  /** Memory moved post-copy (set at the choice, so a failed one reports it too). */
+  lazy?: boolean;
   /** Why memory moved stop-and-copy although pre-copy was allowed. */
   strategyNote?: string | undefined;
   dumpStats?: DumpStats | undefined;
@@ -17,6 +19,8 @@ export interface ReportFacts {
   /** When the destination confirmed that the container runs there: the end of downtime. */
   runningAt?: number | undefined;
   warnings: string[];
+  /** Post-copy: the destination's figures, and when (source clock) the last page was in. */
+  postcopy?: { stats: PostcopyStats; completeAt: number; pageBytes: number } | undefined;
 }
 
 export interface ReportInput {
@@ -42,7 +46,7 @@ export function buildReport(input: ReportInput): MigrationReport {
   return {
     ...input.who,
     outcome: input.outcome,
-    strategy: input.rounds ? 'precopy' : 'stop-and-copy',
+    strategy: facts.postcopy || facts.lazy ? 'postcopy' : input.rounds ? 'precopy' : 'stop-and-copy',
     ...(facts.strategyNote ? { strategyNote: facts.strategyNote } : {}),
     downtimeMs: roundMs(end - (facts.marks.freezing ?? end)),
     ...(facts.runningAt ? { downtime: downtimeBreakdown(facts.marks, facts.restoreTiming, input.bytes.pages, facts.runningAt) } : {}),
@@ -51,6 +55,16 @@ export function buildReport(input: ReportInput): MigrationReport {
     phases: input.phases,
     criu: { ...(facts.dumpStats ? { dump: facts.dumpStats } : {}), ...(facts.restoreStats ? { restore: facts.restoreStats } : {}) },
     ...(input.precopy ? { precopy: input.precopy } : {}),
+    ...(facts.postcopy && facts.runningAt
+      ? {
+          postcopy: {
+            ...facts.postcopy.stats,
+            runningMs: roundMs(facts.runningAt - facts.startedAt),
+            completeMs: roundMs(facts.postcopy.completeAt - facts.startedAt),
+            pageBytes: facts.postcopy.pageBytes,
+          },
+        }
+      : {}),
     ...(facts.warnings.length ? { warnings: facts.warnings } : {}),
   };
 }

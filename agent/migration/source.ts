@@ -29,9 +29,14 @@ import { residentBytes } from '../runtime/process.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
+import type { LazyDump } from '../../src/criu/criu.ts';
+import { relay, type Relay } from '../../src/transport/relay.ts';
+import { withTimeout } from '../../src/timeout.ts';
+import { lazyPipeBytes, readPipeMaxSize } from '../../src/host/pipe-size.ts';
 import { PeerLink, type PeerIdentity, type SourcePeer } from './peer.ts';
 import { PageShipper } from './pages.ts';
 import { PrecopyRounds } from './precopy.ts';
+import { choosePostcopy } from '../../src/precopy/strategy.ts';
 import { commitOnce } from './decisions.ts';
 import { deliverDecision } from './recovery.ts';
 import { lockNetwork, unlockNetwork } from '../../src/net/lock.ts';
@@ -44,7 +49,7 @@ import { TransferMeter } from './meter.ts';
 
 /** What an outgoing migration uses of the agent's runtime and of CRIU. */
 export type SourceRuntime = Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'forget' | 'get' | 'hold' | 'hostName' | 'status' | 'store'>;
-export type SourceCriu = Pick<Criu, 'cpuinfoDump' | 'dump' | 'memoryTracking' | 'preDump' | 'socketCheckpoint' | 'version'>;
+export type SourceCriu = Pick<Criu, 'cpuinfoDump' | 'dump' | 'lazyDump' | 'memoryTracking' | 'preDump' | 'socketCheckpoint' | 'version'>;
 
 export interface SourceDependencies {
   runtime: SourceRuntime;
@@ -100,6 +105,12 @@ export class MigrationSource {
   private offered = false;
   /** Whether the container's network namespace was locked here (from the freeze). */
   private networkLocked = false;
+  /** Post-copy: memory moves after the destination resumed, served from the frozen tasks here. */
+  private lazy = false;
+  /** Post-copy: from transfer-complete on, the destination's copy may run, so this one thaws only once it is known gone. */
+  private remoteMayRun = false;
+  private lazyDump: LazyDump | undefined;
+  private lazyRelay: Relay | undefined;
 
   constructor(deps: SourceDependencies, request: MigrateRequest) {
     this.deps = deps;
@@ -148,6 +159,7 @@ export class MigrationSource {
       // A stop that lands between steps (say, while connecting) is honoured before the next one.
       for (const [phase, step] of this.steps()) {
         if (this.stopReason) throw this.stopReason;
+        if (phase === 'postcopy' && !this.lazy) continue;
         this.peer?.inbox.enter(phase);
         await this.timer.run(phase, step);
       }
@@ -179,8 +191,9 @@ export class MigrationSource {
       ['preflight', () => this.preflight()],
       ['precopy', () => this.copyWhileRunning()],
       ['freeze', () => this.freeze()],
-      ['dump', () => this.snapshotDumpAndStream()],
+      ['dump', () => (this.lazy ? this.lazyDumpAndStream() : this.snapshotDumpAndStream())],
       ['restore', () => this.restoreOnDestination()],
+      ['postcopy', () => this.serveRemainingPages()],
     ];
   }
 
@@ -230,6 +243,8 @@ export class MigrationSource {
     const memoryBytes = await residentBytes(await this.deps.runtime.cgroup(this.request.name).pids());
     this.meter.expect(rootfsBytes + memoryBytes);
     this.needs = { rootfsBytes, memoryBytes };
+    this.lazy = await this.choosePostcopy();
+    this.facts.lazy = this.lazy;
     this.peer.send({
       type: 'offer',
       migrationId: this.migrationId,
@@ -239,6 +254,7 @@ export class MigrationSource {
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
       needs: { rootfsBytes, memoryBytes, rootfsEntries },
       sockets,
+      ...(this.lazy ? { lazyPages: true } : {}),
     });
     this.offered = true;
     const accept = await this.peer.inbox.expect('accept', 60_000, 'preflight');
@@ -307,12 +323,24 @@ export class MigrationSource {
   /** Pre-copy needs soft-dirty tracking on both kernels; under auto, without it memory moves stop-and-copy, and the report says why. */
   private async choosePrecopy(): Promise<boolean> {
     const { strategy } = this.request.options;
-    if (strategy === 'stop-and-copy') return false;
+    if (strategy === 'stop-and-copy' || this.lazy) return false;
     const lacking = await this.lackingMemoryTracking();
     if (!lacking.length) return true;
     this.facts.strategyNote = `no dirty-memory tracking (soft-dirty) on ${lacking.join(' and ')}: memory moved stop-and-copy, the rootfs in two passes`;
     this.logger.warn({ strategy }, this.facts.strategyNote);
     return false;
+  }
+
+  /** Post-copy when choosePostcopy says so and this host can serve lazy pages. */
+  private async choosePostcopy(): Promise<boolean> {
+    const choice = choosePostcopy({ ...this.request.options, memoryBytes: this.needs.memoryBytes, softDirty: await this.criu.memoryTracking() });
+    if (!choice.postcopy) return false;
+    const pipeMax = await readPipeMaxSize();
+    if (pipeMax < lazyPipeBytes) {
+      throw new FerryError('INCOMPATIBLE', `post-copy needs fs.pipe-max-size >= ${lazyPipeBytes} here (it is ${pipeMax}); the agent raises it at start unless FERRY_PIPE_MAX_SIZE=0`, { phase: 'preflight' });
+    }
+    if (choice.note) this.facts.strategyNote = choice.note;
+    return true;
   }
 
   /** What the pre-dump rounds use of this migration. */
@@ -420,16 +448,7 @@ export class MigrationSource {
     };
     dump.done.then(exited, () => undefined);
     void dump.done.catch(() => undefined).finally(() => pipes.release());
-    const root = this.deps.runtime.store.rootfs(this.request.name);
-    const rootfs = this.timer.run('snapshot', async () => {
-      const delta = diffRootfs(root, this.rootfsManifest);
-      const digests = new Map<string, string>();
-      await this.filesSender.sendStream(filesStreams.rootfsDelta, packDirectory(root, { digests, include: (path) => delta.changed.has(path) }), {
-        files: () => Object.fromEntries(digests),
-        onBytes: this.meter.counter('rootfs'),
-        deleted: delta.deleted,
-      });
-    });
+    const rootfs = this.sendRootfsDelta();
     const progress = setInterval(() => this.emit('stream'), 250);
     try {
       // The other images are complete once CRIU exits: they go on the files channel
@@ -457,9 +476,84 @@ export class MigrationSource {
     }
   }
 
+  /**
+   * Post-copy's final pass: the rootfs delta and CRIU's dump without the
+   * pages; once CRIU has written the rest it serves the pages from the
+   * frozen tasks, on a socket joined to the pages channel. The tasks stay
+   * alive (frozen) whatever happens to CRIU: this copy is the safety net.
+   */
+  private async lazyDumpAndStream(): Promise<void> {
+    const cgroup = this.deps.runtime.cgroup(this.request.name);
+    const dump = this.criu.lazyDump({
+      pid: this.record.pid,
+      imagesDir: this.imagesDir,
+      logFile: join(this.directory, 'dump.log'),
+      freezeCgroup: cgroup.path,
+      leaveRunning: true,
+      privateNetwork: this.record.spec.privateNetwork,
+    });
+    this.lazyDump = dump;
+    dump.socket.on('error', () => undefined);
+    dump.run.done.catch(() => undefined);
+    const rootfs = this.sendRootfsDelta();
+    await Promise.all([rootfs, dump.ready]);
+    this.facts.marks.dumped = performance.now();
+    this.lazyRelay = relay(this.channels!.pages, dump.socket, 'postcopy', undefined, faultNumber('postcopy-slow'));
+    const imageDigests = new Map<string, string>();
+    await this.timer.run('stream', () =>
+      this.filesSender.sendStream(filesStreams.images, packDirectory(this.imagesDir, { digests: imageDigests, exclude: isLazyDumpArtifact }), {
+        files: () => Object.fromEntries(imageDigests),
+        onBytes: this.meter.counter('images'),
+      }),
+    );
+  }
+
+  /** Post-copy: pages go to the destination until it says every one is there (prepared). */
+  private async serveRemainingPages(): Promise<void> {
+    const prepared = await this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy');
+    const pageBytes = this.lazyRelay?.sent ?? 0;
+    this.meter.counter('pages')(pageBytes);
+    if (prepared.postcopy) this.facts.postcopy = { stats: prepared.postcopy, completeAt: performance.now(), pageBytes };
+    // The daemon said goodbye to CRIU's page server, which exits; its tasks stay frozen until the commit.
+    const stats = await withTimeout(this.lazyDump!.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch((error: unknown) => {
+      this.facts.warnings.push(`the source's page server did not exit cleanly: ${toFerryError(error).message}`);
+      this.lazyDump!.run.kill();
+      return undefined;
+    });
+    this.facts.dumpStats = stats;
+  }
+
+  /** The rootfs final pass (the snapshot): what changed since pass 1, and the deletions; the container is frozen. */
+  private sendRootfsDelta(): Promise<void> {
+    const root = this.deps.runtime.store.rootfs(this.request.name);
+    return this.timer.run('snapshot', async () => {
+      const delta = diffRootfs(root, this.rootfsManifest);
+      const digests = new Map<string, string>();
+      await this.filesSender.sendStream(filesStreams.rootfsDelta, packDirectory(root, { digests, include: (path) => delta.changed.has(path) }), {
+        files: () => Object.fromEntries(digests),
+        onBytes: this.meter.counter('rootfs'),
+        deleted: delta.deleted,
+      });
+    });
+  }
+
   private async restoreOnDestination(): Promise<void> {
-    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.pages.shipped });
+    if (this.lazy) {
+      // From here the destination may resume its copy: a failure no longer thaws this one before the destination says its copy is gone.
+      await this.deps.journal.update(this.migrationId, 'postcopy');
+      this.remoteMayRun = true;
+    }
+    this.peer!.send({ type: 'transfer-complete', migrationId: this.migrationId, pages: this.lazy ? [] : this.pages.shipped });
     this.facts.marks.sent = performance.now();
+    if (this.lazy) {
+      const running = await this.peer!.inbox.expect('running', 5 * 60_000, 'restore');
+      this.facts.marks.prepared = performance.now();
+      this.facts.runningAt = this.facts.marks.prepared;
+      this.facts.restoreStats = running.restoreStats;
+      this.facts.restoreTiming = running.timing;
+      this.request.progress({ migrationId: this.migrationId, phase: 'postcopy', message: `running on ${this.peer!.peerName}; its pages follow`, ...this.meter.snapshot() });
+      return;
+    }
     const prepared = await this.peer!.inbox.expect('prepared', 5 * 60_000, 'restore');
     this.facts.marks.prepared = performance.now();
     this.facts.restoreStats = prepared.restoreStats;
@@ -482,7 +576,7 @@ export class MigrationSource {
       },
       awaitDecided: async () => {
         const decided = await this.peer!.inbox.expect('decided', 60_000, 'confirm');
-        this.facts.runningAt = performance.now();
+        this.facts.runningAt ??= performance.now();
         return decided;
       },
     });
@@ -518,7 +612,12 @@ export class MigrationSource {
     }
   }
 
-  /** Before the decision: the container thaws here, the destination drops its copy. */
+  /**
+   * Before the decision: the destination drops its copy, the container thaws
+   * here. Once a post-copy destination may have resumed its copy, this one
+   * thaws only after the destination confirmed that copy is gone; until then
+   * it stays frozen (in doubt), and the agent keeps asking.
+   */
   private async rollback(error: FerryError): Promise<void> {
     this.logger.error({ code: error.code, phase: error.phase, err: error }, 'migration failed; rolling back');
     this.peer?.send({
@@ -527,6 +626,35 @@ export class MigrationSource {
       error: { code: error.code, message: error.message, ...(error.phase ? { phase: error.phase } : {}) },
     });
     this.disconnect();
+    // CRIU's page server ends with its socket; the tasks it served stay alive and frozen.
+    if (this.lazyDump) {
+      this.lazyRelay?.end();
+      this.lazyDump.socket.destroy();
+      await withTimeout(this.lazyDump.run.done.catch(() => undefined), 30_000, 'the lazy dump to exit', 'rollback').catch(() => this.lazyDump!.run.kill());
+    }
+    const entry = this.offered ? await this.deps.journal.read(this.migrationId).catch(() => undefined) : undefined;
+    this.peer?.close();
+    if (this.remoteMayRun && entry?.role === 'source') {
+      const where = this.peer?.peerName ?? this.request.destination.url;
+      if (!(await deliverDecision(this.deps, entry, 'abort', this.logger, 6))) {
+        error.details.push(
+          `in doubt: ${where} did not confirm that its copy is gone, so the container stays frozen here (never two copies running); the agent keeps asking and thaws it once ${where} answers`,
+        );
+        void deliverDecision(this.deps, entry, 'abort', this.logger).then((gone) => (gone ? this.thawHere(error) : undefined));
+        return;
+      }
+      error.details.push(`the container runs here again from its state at the freeze: what it did on ${where} since it resumed there was discarded`);
+      await this.thawHere(error);
+      return;
+    }
+    await this.thawHere(error);
+    // The abort above may never arrive (a cut link), and a prepared copy waits for a decision:
+    // it is delivered again on a new connection until the destination acknowledges it.
+    if (entry?.role === 'source') void deliverDecision(this.deps, entry, 'abort', this.logger);
+  }
+
+  /** The container goes on here: unlocked, thawed, announced, and the migration recorded as aborted. */
+  private async thawHere(error: FerryError): Promise<void> {
     const cgroup = this.deps.runtime.cgroup(this.request.name);
     const network = this.record.spec.network;
     if (network && this.networkLocked) {
@@ -544,11 +672,6 @@ export class MigrationSource {
     await this.deps.runtime.store.write(record);
     await this.deps.journal.update(this.migrationId, 'aborted', `${error.code}: ${error.message}`).catch(() => undefined);
     await this.deps.journal.removeImages(this.migrationId).catch(() => undefined);
-    this.peer?.close();
-    // The abort above may never arrive (a cut link), and a prepared copy waits for a decision:
-    // it is delivered again on a new connection until the destination acknowledges it.
-    const entry = this.offered ? await this.deps.journal.read(this.migrationId).catch(() => undefined) : undefined;
-    if (entry?.role === 'source') void deliverDecision(this.deps, entry, 'abort', this.logger);
   }
 
   private emit(phase: Phase): void {
@@ -574,6 +697,12 @@ export class MigrationSource {
     });
   }
 }
+
+/** A lazy dump's images all go on the files channel (its few page images hold what cannot be lazy). */
+function isLazyDumpArtifact(path: string): boolean {
+  return path === 'parent';
+}
+
 
 /** Page images travel on the pages channel; the `parent` link is remade by the destination. */
 function isPageImageOrParent(path: string): boolean {

@@ -156,6 +156,8 @@ export interface RestoreRequest {
   /** An incoming migration holds the restored container until its commit. */
   migrationId?: string;
   logFile: string;
+  /** Post-copy: memory comes from the lazy-pages daemon already listening in imagesDir. */
+  lazyPages?: boolean;
 }
 
 export interface RestoreResult {
@@ -204,6 +206,7 @@ export async function restoreContainer(
         leaveStopped: request.leaveStopped || !!network,
         privateNetwork: request.spec.privateNetwork,
         external,
+        ...(request.lazyPages ? { lazyPages: true } : {}),
       },
       cgroup.procsFile,
     );

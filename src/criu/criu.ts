@@ -8,8 +8,12 @@ import { faultActive } from '../faults.ts';
 import { helperPath } from '../paths.ts';
 import { withTimeout } from '../timeout.ts';
 import { readErrorLines } from './log.ts';
+import type { Duplex } from 'node:stream';
 import {
   dumpArguments,
+  lazyPagesArguments,
+  lazySocketFd,
+  lazyStatusFd,
   preDumpArguments,
   restoreArguments,
   type DumpOptions,
@@ -107,6 +111,30 @@ export class Criu {
   }
 
   /**
+   * Post-copy's dump of the frozen container: every image but the pages,
+   * then CRIU serves the pages on `socket` until the lazy-pages daemon at the
+   * other end closes. `ready` resolves once the images are written. The tasks
+   * are left alive (frozen), so this copy can go on if the destination's fails.
+   */
+  lazyDump(options: DumpOptions): LazyDump {
+    const run = this.start(dumpArguments({ ...options, lazyPages: true }), options.logFile, 'dump', { extraPipes: 2 });
+    const child = run.process;
+    const socket = child.stdio[lazySocketFd] as Duplex;
+    const status = child.stdio[lazyStatusFd] as Duplex;
+    const ready = new Promise<void>((resolve, reject) => {
+      status.once('data', () => resolve());
+      run.done.then(() => reject(new FerryError('CRIU_FAILED', 'criu dump --lazy-pages exited before its page server started', { phase: 'dump' })), reject);
+    });
+    ready.catch(() => undefined);
+    return { run: run.map(() => readDumpStats(options.imagesDir)), socket, ready };
+  }
+
+  /** The argument list of the destination's lazy-pages daemon (run by ferry-lazy-guard). */
+  lazyPagesCommand(imagesDir: string, logFile: string): string[] {
+    return [this.path, ...lazyPagesArguments({ imagesDir, logFile })];
+  }
+
+  /**
    * Restores with the criu process placed in `cgroupProcsFile` first, so the
    * restored tasks are born inside the container's cgroup.
    */
@@ -160,10 +188,11 @@ export class Criu {
     criuArgs: string[],
     logFile: string | undefined,
     phase: Phase,
-    options: { cgroupProcsFile?: string } = {},
+    options: { cgroupProcsFile?: string; extraPipes?: number } = {},
   ): CriuRun<void> {
     const [file, args] = this.command(criuArgs, options.cgroupProcsFile);
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], env: criuEnvironment() });
+    const extra = Array.from({ length: options.extraPipes ?? 0 }, () => 'pipe' as const);
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', ...extra], env: criuEnvironment() });
     const output = new BoundedOutput();
     child.stdout?.on('data', (chunk: Buffer) => output.add(chunk));
     child.stderr?.on('data', (chunk: Buffer) => output.add(chunk));
@@ -238,6 +267,10 @@ export class CriuRun<T> {
     return this.child.pid;
   }
 
+  get process(): ChildProcess {
+    return this.child;
+  }
+
   get exited(): boolean {
     return this.child.exitCode !== null || this.child.signalCode !== null;
   }
@@ -255,6 +288,13 @@ export class CriuRun<T> {
   async letFinish(what: string, phase: Phase): Promise<void> {
     await withTimeout(this.done, 60_000, what, phase).catch(() => this.kill());
   }
+}
+
+/** A lazy dump under way: its run, the page server's socket, and when its images are complete. */
+export interface LazyDump {
+  run: CriuRun<DumpStats | undefined>;
+  socket: Duplex;
+  ready: Promise<void>;
 }
 
 async function failure(

@@ -16,6 +16,8 @@ export interface DumpOptions extends CommonOptions {
   privateNetwork?: boolean;
   /** The last pre-dump round, relative to imagesDir: only pages changed since then are written. */
   prevImagesDir?: string;
+  /** Post-copy: no page images; once the rest is written CRIU serves the pages on `--ps-socket` (fd 3) and says so on `--status-fd` (fd 4). */
+  lazyPages?: boolean;
 }
 
 /** A pre-copy round: CRIU freezes the cgroup, collects the dirty pages, thaws, then writes them. */
@@ -34,6 +36,17 @@ export interface RestoreOptions extends CommonOptions {
   privateNetwork?: boolean;
   /** --external resources to reconnect, e.g. the veth's host end on a bridge. */
   external?: string[];
+  /** Post-copy: memory comes from the lazy-pages daemon listening in imagesDir. */
+  lazyPages?: boolean;
+}
+
+/** Where a lazy dump and the lazy-pages daemon find their page socket and their status pipe. */
+export const lazySocketFd = 3;
+export const lazyStatusFd = 4;
+
+/** `criu lazy-pages` for the destination: its page server is the source, over `--ps-socket`. */
+export function lazyPagesArguments(options: CommonOptions): string[] {
+  return ['lazy-pages', ...common(options), '--page-server', '--ps-socket', String(lazySocketFd), '--status-fd', String(lazyStatusFd)];
 }
 
 // CRIU locks a dumped network namespace with iptables by default; current
@@ -51,6 +64,7 @@ export function dumpArguments(options: DumpOptions): string[] {
   // The whole namespace moves, so its established connections can move too.
   if (options.privateNetwork) args.push(...networkLock, '--tcp-established');
   if (options.prevImagesDir) args.push('--track-mem', '--prev-images-dir', options.prevImagesDir);
+  if (options.lazyPages) args.push('--lazy-pages', '--ps-socket', String(lazySocketFd), '--status-fd', String(lazyStatusFd));
   args.push('--file-locks');
   return args;
 }
@@ -66,6 +80,7 @@ export function restoreArguments(options: RestoreOptions): string[] {
   const args = ['restore', ...common(options), '--root', options.root, '--restore-detached'];
   args.push('--pidfile', options.pidFile, '--manage-cgroups=ignore', '--file-locks');
   if (options.leaveStopped) args.push('--leave-stopped');
+  if (options.lazyPages) args.push('--lazy-pages');
   if (options.privateNetwork) args.push(...networkLock, '--tcp-established');
   for (const resource of options.external ?? []) args.push('--external', resource);
   return args;

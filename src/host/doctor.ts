@@ -18,6 +18,8 @@ export interface DoctorReport {
   blockers: Capability[];
 }
 
+import { lazyPipeBytes, readPipeMaxSize } from './pipe-size.ts';
+
 /** Probes what this host can do for ferry; every check is a real call, nothing assumed. */
 export async function examineHost(stateDir: string, criuPath?: string): Promise<DoctorReport> {
   const capabilities: Capability[] = [];
@@ -67,6 +69,14 @@ export async function examineHost(stateDir: string, criuPath?: string): Promise<
     });
     const lazy = await criu.check('uffd-noncoop');
     add({ name: 'userfaultfd (lazy pages)', ok: !lazy, value: lazy ? 'absent' : 'present', required: false });
+    const pipeMax = await readPipeMaxSize();
+    add({
+      name: 'fs.pipe-max-size (post-copy)',
+      ok: pipeMax >= lazyPipeBytes,
+      value: String(pipeMax),
+      required: false,
+      ...(pipeMax >= lazyPipeBytes ? {} : { hint: `post-copy needs >= ${lazyPipeBytes}; the agent raises it at start (FERRY_PIPE_MAX_SIZE=0 stops that)` }),
+    });
   }
 
   const mounts = await readCgroupMounts();

@@ -11,7 +11,9 @@ import { wireErrorSchema } from './errors.ts';
 export const maxRoundNumber = 32;
 
 export const migrationOptionsSchema = z.object({
-  strategy: z.enum(['auto', 'precopy', 'stop-and-copy']).default('auto'),
+  strategy: z.enum(['auto', 'precopy', 'stop-and-copy', 'postcopy']).default('auto'),
+  /** Whether auto may pick post-copy (its failure window differs: the source host must stay up until the last page). */
+  allowPostcopy: z.boolean().optional(),
   /** Downtime budget for the pre-copy convergence policy. */
   maxDowntimeMs: z.number().int().positive().default(300),
   maxRounds: z.number().int().min(0).max(maxRoundNumber).default(8),
@@ -80,13 +82,29 @@ export const downtimeBreakdownSchema = z.object({
 });
 export type DowntimeBreakdown = z.infer<typeof downtimeBreakdownSchema>;
 
+/** The destination's account of post-copy: how the pages came once the container ran there. */
+export const postcopyStatsSchema = z.object({
+  /** Page requests the lazy-pages daemon sent. */
+  requests: count,
+  /** Requests for one page, which the daemon sends when a task faults on it. */
+  faults: count,
+  faultedPages: count,
+  /** Pages sent in ranges, ahead of any fault. */
+  pushedPages: count,
+  /** The longest a faulting task waited for its page, in microseconds. */
+  maxStallUs: z.number().int().nonnegative(),
+  /** From the lazy-pages daemon's start to its last page. */
+  lastPageMs: milliseconds,
+});
+export type PostcopyStats = z.infer<typeof postcopyStatsSchema>;
+
 export const migrationReportSchema = z.object({
   migrationId: z.string(),
   container: z.string(),
   source: z.string(),
   destination: z.string(),
   outcome: z.enum(['succeeded', 'rolled-back', 'in-doubt']),
-  strategy: z.enum(['precopy', 'stop-and-copy']),
+  strategy: z.enum(['precopy', 'stop-and-copy', 'postcopy']),
   strategyNote: z.string().optional(),
   /** From the freeze on the source to the container running on the destination. */
   downtimeMs: milliseconds,
@@ -102,6 +120,10 @@ export const migrationReportSchema = z.object({
       stopReason: z.enum(stopReasons),
       predictedDowntimeMs: milliseconds.optional(),
     })
+    .optional(),
+  /** Post-copy: the container ran on the destination from runningMs (after the start), its last page arrived at lastPageMs. */
+  postcopy: postcopyStatsSchema
+    .extend({ runningMs: milliseconds, completeMs: milliseconds, pageBytes: byteCount })
     .optional(),
   error: wireErrorSchema.optional(),
   /** Cleanup trouble after the commit: the migration succeeded, something was left to tidy. */
@@ -143,6 +165,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     needs: z.object({ rootfsBytes: byteCount, memoryBytes: byteCount, rootfsEntries: count.optional() }),
     /** The sockets the container holds: the destination refuses what its CRIU cannot restore. */
     sockets: socketSummarySchema.optional(),
+    /** Post-copy: memory pages are not sent as images; the destination's lazy-pages daemon asks for them on the pages channel. */
+    lazyPages: z.boolean().optional(),
   }),
   z.object({
     type: z.literal('accept'),
@@ -168,7 +192,17 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
      */
     pages: z.array(z.object({ name: z.string(), bytes: byteCount, digest: digestHex })),
   }),
-  z.object({ type: z.literal('prepared'), migrationId, restoreStats: restoreStatsSchema.optional(), restoreMs: milliseconds, timing: restoreTimingSchema.optional() }),
+  z.object({
+    type: z.literal('prepared'),
+    migrationId,
+    restoreStats: restoreStatsSchema.optional(),
+    restoreMs: milliseconds,
+    timing: restoreTimingSchema.optional(),
+    /** Post-copy: every page is on the destination, whose copy runs; it waits for the decision like a stopped one. */
+    postcopy: postcopyStatsSchema.optional(),
+  }),
+  /** Post-copy: the destination restored the container and it runs there, its pages still arriving. */
+  z.object({ type: z.literal('running'), migrationId, restoreMs: milliseconds, restoreStats: restoreStatsSchema.optional(), timing: restoreTimingSchema.optional() }),
   /** The source's decision, sent in the session or again after a restart until acknowledged. */
   z.object({ type: z.literal('decision'), migrationId, decision: z.enum(['commit', 'abort']) }),
   /** Acknowledges a decision: the destination's copy runs (commit) or is gone (abort). */
@@ -198,7 +232,8 @@ export const destinationSendsInStep = {
   precopy: ['staged'],
   freeze: [],
   dump: [],
-  restore: ['prepared'],
+  restore: ['prepared', 'running'],
+  postcopy: ['prepared'],
   confirm: ['decided'],
   cleanup: [],
 } as const satisfies Record<string, ReadonlyArray<PeerMessage['type']>>;

@@ -38,6 +38,14 @@ describe('writeJsonFile', () => {
     expect(await readJsonFile(path, schema)).toEqual({ state: 'done', round: 1 });
   });
 
+  it('survives writers of one file at once: each rename lands, and the file is one of them whole', async () => {
+    const path = join(directory, 'racing', 'journal.json');
+    await Promise.all(Array.from({ length: 20 }, (_, round) => writeJsonFile(path, { state: 'started', round }, 0o600, { durable: true })));
+    const written = await readJsonFile(path, schema);
+    expect(written?.state).toBe('started');
+    expect(await readdir(join(directory, 'racing'))).toEqual(['journal.json']);
+  });
+
   it('reads a missing file as undefined and a malformed one as an error', async () => {
     expect(await readJsonFile(join(directory, 'none.json'), schema)).toBeUndefined();
     const path = join(directory, 'bad.json');

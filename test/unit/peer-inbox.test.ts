@@ -17,13 +17,15 @@ const text = (message: PeerMessage | object) => JSON.stringify(message);
 
 describe('what the destination may send in each step', () => {
   it('is the one answer to what the source sent in that step, and nothing during freeze, dump or cleanup', () => {
-    expect(sourceSteps).toEqual(['preflight', 'precopy', 'freeze', 'dump', 'restore', 'confirm', 'cleanup']);
+    expect(sourceSteps).toEqual(['preflight', 'precopy', 'freeze', 'dump', 'restore', 'postcopy', 'confirm', 'cleanup']);
     expect(destinationSendsInStep).toEqual({
       preflight: ['accept'],
       precopy: ['staged'],
       freeze: [],
       dump: [],
-      restore: ['prepared'],
+      // Post-copy: running once the copy runs there, prepared once its last page is in.
+      restore: ['prepared', 'running'],
+      postcopy: ['prepared'],
       confirm: ['decided'],
       cleanup: [],
     });

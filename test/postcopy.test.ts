@@ -1,0 +1,194 @@
+// Post-copy between two netns hosts with real CRIU: the container runs on
+// the destination before its memory is there, pages come over the pages
+// channel on demand and in the background, and when the page supply breaks
+// mid-way the destination's copy is stopped (its guard holds the
+// userfaultfds, so no task ever sees a zero page for a missing one) and the
+// frozen copy on the source goes on, memory intact.
+import { readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import {
+  containerPid,
+  failureOf,
+  isAlive,
+  logsOf,
+  memloadSpec,
+  migrate,
+  removeQuietly,
+  requestChecksum,
+  requestVerify,
+  runContainer,
+  startNodes,
+  waitForMemload,
+  waitUntilClean,
+  type Node,
+  type TestCluster,
+} from './helpers/migration.ts';
+import { poll } from './helpers/workloads.ts';
+
+let test: TestCluster;
+
+beforeAll(async () => {
+  test = await startNodes(2);
+});
+
+afterAll(async () => {
+  await test?.close();
+});
+
+/** The destination's guard, once the container runs there on lazy pages. */
+async function guardOnceRunning(node: Node, name: string): Promise<number> {
+  const entry = await node.agent.waitForLog((line) => line.json?.msg === 'post-copy: userfaultfds held; resuming' && line.json?.container === name, 60_000);
+  await node.agent.waitForLog((line) => line.json?.msg === 'post-copy: running here; pages follow' && line.json?.container === name, 10_000);
+  return Number(entry.json?.guard);
+}
+
+/** The lazy-pages daemon: the guard's only child. */
+async function daemonOf(guard: number): Promise<number> {
+  const children = (await readFile(`/proc/${guard}/task/${guard}/children`, 'utf8')).trim().split(/\s+/).map(Number);
+  expect(children).toHaveLength(1);
+  expect(await readFile(`/proc/${children[0]}/cmdline`, 'utf8')).toContain('lazy-pages');
+  return children[0]!;
+}
+
+it('moves a 256 MiB memory workload post-copy, memory intact', async () => {
+  const [a, b] = test.nodes as [Node, Node];
+  const name = 'pc-move';
+  await runContainer(a, memloadSpec(name, 256));
+  await waitForMemload(a, name);
+  const checksum = await requestChecksum(a, name);
+  const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
+  expect(report.outcome).toBe('succeeded');
+  expect(report.strategy).toBe('postcopy');
+  const postcopy = report.postcopy!;
+  expect(postcopy).toBeDefined();
+  // The memory went as pages over the channel, not as images: at least the 256 MiB the workload wrote.
+  expect(postcopy.pageBytes).toBeGreaterThan(256 * 2 ** 20);
+  expect(postcopy.faultedPages + postcopy.pushedPages).toBeGreaterThanOrEqual(65_536);
+  expect(report.bytes.images).toBeLessThan(32 * 2 ** 20);
+  expect(postcopy.completeMs).toBeGreaterThanOrEqual(postcopy.runningMs);
+  expect(await requestChecksum(b, name)).toBe(checksum);
+  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await waitUntilClean(a, name);
+  await b.client.request('remove', { name, force: true });
+});
+
+it('auto picks post-copy only where allowed and stop-and-copy would outlast the budget, and says why', async () => {
+  const [a, b] = test.nodes as [Node, Node];
+  const name = 'pc-auto';
+  await runContainer(a, memloadSpec(name, 128));
+  await waitForMemload(a, name);
+  const checksum = await requestChecksum(a, name);
+  const there = await migrate(a, b, name, undefined, { strategy: 'auto', allowPostcopy: true, maxDowntimeMs: 50 });
+  expect(there.strategy).toBe('postcopy');
+  expect(there.strategyNote).toMatch(/post-copy \(allowed\).*over the 50 ms budget/);
+  // Not allowed: the same move back is stop-and-copy.
+  const back = await migrate(b, a, name, undefined, { strategy: 'auto', maxDowntimeMs: 50 });
+  expect(back.strategy).toBe('stop-and-copy');
+  expect(await requestChecksum(a, name)).toBe(checksum);
+  await removeQuietly(a, name);
+});
+
+it('stops the destination copy when its lazy-pages daemon dies, and the source goes on', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-daemon';
+  await runContainer(a, memloadSpec(name, 256));
+  await waitForMemload(a, name);
+  const pid = await containerPid(a, name);
+  const checksum = await requestChecksum(a, name);
+  const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+  const daemon = await daemonOf(await guardOnceRunning(b, name));
+  process.kill(daemon, 'SIGKILL');
+  const error = await moving;
+  expect(error.phase).toBe('postcopy');
+  expect(error.message).toMatch(/lazy-pages daemon was killed by signal 9/);
+  expect(error.message).toMatch(/stopped before it could run on missing pages/);
+  expect(error.details.join('\n')).toMatch(/runs here again from its state at the freeze/);
+  await waitUntilClean(b, name);
+  expect(await containerPid(a, name)).toBe(pid);
+  expect(await isAlive(pid)).toBe(true);
+  expect(await requestChecksum(a, name)).toBe(checksum);
+  expect(await requestVerify(a, name)).toMatch(/^verify ok /);
+  await removeQuietly(a, name);
+});
+
+// What the guard prevents, shown with its kill delayed 4 s after the daemon died: holding the
+// uffds, the copy's next read of a missing page waits (and dies with the copy); without
+// them (test fault no-hold) the same read gets a zero page and memload reports the mismatch.
+for (const hold of [true, false]) {
+  it(`a copy whose page supply broke ${hold ? 'waits on a missing page, never reading a zero' : 'reads zero pages when nobody holds its uffds (the guard disabled)'}`, async () => {
+    const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+    const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:4000${hold ? '' : ',no-hold'}` } });
+    const name = hold ? 'pc-held' : 'pc-unheld';
+    await runContainer(a, memloadSpec(name, 256));
+    await waitForMemload(a, name);
+    const checksum = await requestChecksum(a, name);
+    const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+    const daemon = await daemonOf(await guardOnceRunning(b, name));
+    process.kill(daemon, 'SIGKILL');
+    // The copy on B, still there for 4 s, is asked to check every page against its pattern.
+    const before = (await logsOf(b, name)).split('\n').length - 1;
+    process.kill(await containerPid(b, name), 'SIGUSR2');
+    await sleep(2_000);
+    const after = (await logsOf(b, name)).split('\n').slice(before).join('\n');
+    if (hold) expect(after).not.toMatch(/^verify /m);
+    else expect(after).toMatch(/^verify mismatch page \d+/m);
+    const error = await moving;
+    expect(error.phase).toBe('postcopy');
+    await waitUntilClean(b, name);
+    expect(await requestChecksum(a, name)).toBe(checksum);
+    expect(await requestVerify(a, name)).toMatch(/^verify ok /);
+    await removeQuietly(a, name);
+    await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
+  });
+}
+
+it('resumes the source when the destination agent is SIGKILLed mid-post-copy', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const name = 'pc-agent';
+  await runContainer(a, memloadSpec(name, 256));
+  await waitForMemload(a, name);
+  const pid = await containerPid(a, name);
+  const checksum = await requestChecksum(a, name);
+  const moving = failureOf(migrate(a, test.nodes[1]!, name, undefined, { strategy: 'postcopy' }));
+  const guard = await guardOnceRunning(test.nodes[1]!, name);
+  await test.nodes[1]!.agent.kill('SIGKILL');
+  // The guard outlives its agent just long enough to stop the copy, uffds held.
+  await poll('the guard to stop the copy and exit', 30_000, async () => ((await isAlive(guard)) ? undefined : true));
+  const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
+  const error = await moving;
+  expect(['restore', 'postcopy']).toContain(error.phase);
+  await waitUntilClean(b, name);
+  await poll('the source to thaw its copy', 60_000, async () => {
+    const verdict = await requestVerify(a, name).catch(() => undefined);
+    return verdict?.startsWith('verify ok ') ? true : undefined;
+  });
+  expect(await containerPid(a, name)).toBe(pid);
+  expect(await requestChecksum(a, name)).toBe(checksum);
+  await removeQuietly(a, name);
+});
+
+it('resumes the source when the source agent is SIGKILLed mid-post-copy and restarts', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-source';
+  await runContainer(a, memloadSpec(name, 256));
+  await waitForMemload(a, name);
+  const pid = await containerPid(a, name);
+  const checksum = await requestChecksum(a, name);
+  const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+  await guardOnceRunning(b, name);
+  await a.agent.kill('SIGKILL');
+  await moving;
+  // Its page supply gone, the destination stops its copy; the source's stays frozen until the restarted agent hears that.
+  await waitUntilClean(b, name);
+  const restarted = await test.restartAgent(0);
+  await poll('the restarted source to thaw its copy', 60_000, async () => {
+    const verdict = await requestVerify(restarted, name).catch(() => undefined);
+    return verdict?.startsWith('verify ok ') ? true : undefined;
+  });
+  expect(await containerPid(restarted, name)).toBe(pid);
+  expect(await requestChecksum(restarted, name)).toBe(checksum);
+  await removeQuietly(restarted, name);
+});
