@@ -131,7 +131,9 @@ export class Criu {
 
   /** The argument list of the destination's lazy-pages daemon (run by ferry-lazy-guard). */
   lazyPagesCommand(imagesDir: string, logFile: string): string[] {
-    return [this.path, ...lazyPagesArguments({ imagesDir, logFile })];
+    // Through criu-exec where it gives CRIU its kernel probe cache: the daemon's start is downtime.
+    const [file, args] = this.command(lazyPagesArguments({ imagesDir, logFile }));
+    return [file, ...args];
   }
 
   /**
