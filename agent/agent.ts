@@ -137,11 +137,11 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       return true;
     },
   });
-  await endpoint.listen();
   // Post-copy needs it (src/host/pipe-size.ts); said in the log, and `ferry doctor` shows it.
   const pipes = await ensurePipeMaxSize();
   if (pipes.raised) logger.warn({ before: pipes.before, after: pipes.after }, 'raised fs.pipe-max-size for post-copy (CRIU\'s lazy page server)');
   else if (pipes.after < lazyPipeBytes) logger.warn({ pipeMaxSize: pipes.after }, 'fs.pipe-max-size is below what post-copy needs; post-copy migrations from here will be refused');
+  await endpoint.listen();
   // The socket probe (a real CRIU dump, ~1 s) runs now rather than in the first migration's preflight.
   void criu().then((found) => found.socketCheckpoint()).catch(() => undefined);
   void recoverMigrations({ runtime, journal, logger, identity });

@@ -128,6 +128,34 @@ describe('a web server with its own address', () => {
   });
 });
 
+describe('a web server with its own address, moved post-copy', () => {
+  it('runs on B at once with its address and connection; the client sees no reset, no lost or repeated answer', async () => {
+    const name = 'web-pc';
+    const network = nextAddress();
+    await runContainer(a, netloadSpec(name, ['http', '8080'], network));
+    try {
+      poller = startPoller(client, 'http', network.address, 8080, 10);
+      expect((await poller.waitForAnswers(50)).errors).toEqual([]);
+      const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
+      expect(report.outcome).toBe('succeeded');
+      expect(report.strategy).toBe('postcopy');
+      const afterMove = (await poller.waitForMore(100)).answers;
+      const summary = await poller.stop();
+      poller = undefined;
+      expectUnbroken(summary);
+      expect(summary.answers).toBeGreaterThanOrEqual(afterMove);
+      expect(Number(/served=(\d+)/.exec(summary.last)?.[1])).toBe(summary.answers);
+      console.log(`web post-copy: client-visible stall ${summary.maxGapMs} ms, ferry downtime ${report.downtimeMs} ms`);
+      await expectOnlyOn(b, a, name);
+      expect(await hasVeth(b.host, name)).toBe(true);
+      expect(await hasVeth(a.host, name)).toBe(false);
+    } finally {
+      await removeQuietly(b, name);
+      await removeQuietly(a, name);
+    }
+  });
+});
+
 describe('the segment learns the new place at once', () => {
   it("the destination's announcement moves the container's MAC to host b's switch port, with no traffic of its own", async () => {
     const name = 'quiet';
