@@ -415,6 +415,7 @@ int main(int argc, char **argv)
 	struct buffer to_agent = { malloc(BUF_SIZE), 0, 0 }, to_daemon = { malloc(BUF_SIZE), 0, 0 };
 	struct parser requests_parser = { 0 }, replies_parser = { 0 };
 	int status_open = 1, ready = 0, daemon_open = 1, agent_open = 1;
+	long long last_capture_us = 0;
 
 	for (;;) {
 		if (seal_asked && !sealed && daemon_spoke) {
@@ -446,8 +447,11 @@ int main(int argc, char **argv)
 		int ready_count = poll(fds, n, daemon_spoke ? 20 : 1000);
 		if (ready_count < 0 && errno != EINTR)
 			fail("poll failed");
-		if (daemon_spoke)
+		/* At most every 20 ms: a busy page stream wakes the loop thousands of times a second. */
+		if (daemon_spoke && now_us() - last_capture_us >= 20000) {
 			capture_uffds();
+			last_capture_us = now_us();
+		}
 		if (fds[i_ctl].revents)
 			control(0);
 		if (i_status >= 0 && fds[i_status].revents) {
