@@ -73,6 +73,21 @@ it('moves a 256 MiB memory workload post-copy, memory intact', async () => {
   await b.client.request('remove', { name, force: true });
 });
 
+it('moves a container whose pages are all in before it was to run (a small one, the seal late)', async () => {
+  const a = test.nodes[0]!;
+  const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_FAULTS: 'postcopy-seal-delay:3000' } });
+  const name = 'pc-small';
+  await runContainer(a, memloadSpec(name, 8));
+  await waitForMemload(a, name);
+  const checksum = await requestChecksum(a, name);
+  const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
+  expect(report.outcome).toBe('succeeded');
+  expect(await requestChecksum(b, name)).toBe(checksum);
+  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await b.client.request('remove', { name, force: true });
+  await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
+});
+
 it('auto picks post-copy only where allowed and stop-and-copy would outlast the budget, and says why', async () => {
   const [a, b] = test.nodes as [Node, Node];
   const name = 'pc-auto';

@@ -14,7 +14,7 @@ import { bulkWriteBuffer, compareDigests } from '../../src/rootfs/digest.ts';
 import { removeInside, unpackInto } from '../../src/rootfs/unpack.ts';
 import { ChannelReceiver, type IncomingStream } from '../../src/transport/channel.ts';
 import { idleGuard } from '../../src/transport/idle.ts';
-import { faultActive } from '../../src/faults.ts';
+import { faultActive, faultNumber } from '../../src/faults.ts';
 import { freeBytes } from '../../src/host/capacity.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';
@@ -354,6 +354,9 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
       const { restoreStats, timing } = await this.restoreStopped(true);
       const afterRestore = performance.now();
       this.ensureLive();
+      // Test fault: the seal comes late, so a small container's pages are all in before it.
+      const sealDelay = faultNumber('postcopy-seal-delay');
+      if (sealDelay) await sleep(sealDelay);
       const uffds = await guard.seal();
       this.ensureLive();
       this.logger.info({ uffds, guard: guard.pid }, 'post-copy: userfaultfds held; resuming');

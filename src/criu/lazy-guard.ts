@@ -29,6 +29,8 @@ export class LazyGuard {
   readonly settled: Promise<PostcopyStats>;
   private readonly child: ChildProcess;
   private readonly events: GuardEvent[] = [];
+  /** complete or failed: the guard's last word, which answers every wait from then on. */
+  private end: GuardEvent | undefined;
   private readonly waiters = new Set<() => void>();
   private exited = false;
   private readonly log: string[] = [];
@@ -40,7 +42,8 @@ export class LazyGuard {
     this.socket.on('error', () => undefined);
     createInterface({ input: child.stdout! }).on('line', (line) => {
       const parsed = guardEventSchema.safeParse(safeJson(line));
-      if (parsed.success) this.events.push(parsed.data);
+      if (parsed.success && (parsed.data.event === 'complete' || parsed.data.event === 'failed')) this.end ??= parsed.data;
+      else if (parsed.success) this.events.push(parsed.data);
       this.wakeAll();
     });
     child.stderr!.on('data', (chunk: Buffer) => {
@@ -53,7 +56,7 @@ export class LazyGuard {
       this.wakeAll();
     });
     this.settled = (async () => {
-      const end = await this.next((event) => event.event === 'complete' || event.event === 'failed', Infinity, 'post-copy');
+      const end = await this.next(() => false, Infinity, 'post-copy');
       if (end.event === 'complete') return postcopyStatsSchema.parse(end);
       if (end.event !== 'failed') throw new FerryError('INTERNAL', `unexpected guard event ${end.event}`);
       throw new FerryError(
@@ -75,8 +78,14 @@ export class LazyGuard {
     });
     child.stdin!.on('error', () => undefined);
     const guard = new LazyGuard(child);
-    const ready = await guard.next((event) => event.event === 'ready', 30_000, 'restore');
-    if (ready.event !== 'ready') throw await guard.settled.then(() => new FerryError('INTERNAL', 'the guard completed before the restore'), (error: unknown) => error);
+    try {
+      const ready = await guard.next((event) => event.event === 'ready', 30_000, 'restore');
+      if (ready.event !== 'ready') throw await guard.settled.then(() => new FerryError('INTERNAL', 'the guard completed before the restore'), (error: unknown) => error);
+    } catch (error) {
+      // Not handed to anyone yet: nobody else would stop it (and the daemon it started).
+      await guard.stop();
+      throw error;
+    }
     return guard;
   }
 
@@ -84,7 +93,9 @@ export class LazyGuard {
   async seal(): Promise<number> {
     this.child.stdin!.write('seal\n');
     const sealed = await this.next((event) => event.event === 'sealed', 30_000, 'restore');
-    if (sealed.event !== 'sealed') throw await this.settled.then(() => new FerryError('INTERNAL', 'the guard completed before it sealed'), (error: unknown) => error);
+    // A small container's pages may all be in before it runs: nothing left to hold.
+    if (sealed.event === 'complete') return 0;
+    if (sealed.event !== 'sealed') throw await this.settled.then(() => new FerryError('INTERNAL', `the guard said ${sealed.event} before it sealed`), (error: unknown) => error);
     return sealed.uffds;
   }
 
@@ -107,9 +118,8 @@ export class LazyGuard {
     for (;;) {
       const index = this.events.findIndex(match);
       if (index >= 0) return this.events.splice(index, 1)[0]!;
-      const failed = this.events.find((event) => event.event === 'failed');
-      if (failed) return failed;
-      // A failure answers every wait: whoever waits for something else hears it from settled.
+      // The guard's end answers every wait: each caller tells complete from failed (settled has the error).
+      if (this.end) return this.end;
       if (this.exited) {
         throw new FerryError('TRANSFER_FAILED', `the post-copy guard ended unexpectedly: ${this.log.join('').trim().split('\n').slice(-3).join(' | ')}`, {
           phase: phase === 'post-copy' ? 'postcopy' : phase,
