@@ -1,7 +1,7 @@
 /*
  * ferry-lazy-guard: the destination's side of a post-copy migration.
  *
- *   ferry-lazy-guard --cgroup DIR --marker FILE -- CRIU lazy-pages ARGS...
+ *   ferry-lazy-guard --cgroup DIR -- CRIU lazy-pages ARGS...
  *
  * It runs CRIU's lazy-pages daemon as its child, with one end of a socket
  * pair as the daemon's --ps-socket (fd 3) and a pipe as its --status-fd
@@ -16,9 +16,8 @@
  * before the last page is in, the guard kills the container's cgroup while
  * still holding them (a fault waits, killably, and never sees a zero page),
  * waits until the cgroup is empty, and only then lets go. When the daemon
- * exits 0 every page is in: the guard writes the marker file (fsynced), drops
- * its duplicates at once (a page the workload discards later must fault
- * normally again) and exits.
+ * exits 0 every page is in: the guard drops its duplicates at once (a page
+ * the workload discards later must fault normally again), says so and exits.
  *
  * stdin:  lines from the agent: "seal" (report once the uffds are held), "stop"
  * stdout: one JSON line per event: ready, sealed, complete, failed
@@ -73,7 +72,7 @@ struct pending {
 	uint64_t pages;
 };
 
-static const char *cgroup_dir, *marker;
+static const char *cgroup_dir;
 static pid_t daemon_pid = -1;
 static int pidfd = -1;
 static int uffds[MAX_UFFDS];
@@ -82,7 +81,7 @@ static int seal_asked, sealed, daemon_spoke;
 static struct pending pending[MAX_PENDING];
 static size_t pending_head, pending_tail;
 static uint64_t faulted_pages, pushed_pages, faults, requests;
-static long long max_stall_us, started_us, first_request_us;
+static long long max_stall_us, started_us;
 /* Test faults (FERRY_GUARD_FAULTS): "no-hold" takes no uffds, "kill-after:MS" waits before it kills. */
 static int fault_no_hold;
 static long fault_kill_after_ms;
@@ -212,12 +211,6 @@ static void fail(const char *why)
 static void complete(void)
 {
 	char stats[512];
-	int fd = open(marker, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0 || fsync(fd) < 0) {
-		fprintf(stderr, "ferry-lazy-guard: marker %s: %s\n", marker, strerror(errno));
-		fail("could not record that every page arrived");
-	}
-	close(fd);
 	release_uffds();
 	stats_json(stats, sizeof(stats));
 	event("{\"event\":\"complete\",%s}", stats);
@@ -233,7 +226,6 @@ static void on_request(const unsigned char *iov)
 	if (!daemon_spoke) {
 		/* The daemon asks the page server only after it received every task's uffd. */
 		daemon_spoke = 1;
-		first_request_us = now_us();
 		capture_uffds();
 	}
 	if ((cmd & 0xffff) != PS_IOV_GET)
@@ -346,7 +338,7 @@ static void control(int fd)
 
 static void usage(const char *message)
 {
-	fprintf(stderr, "ferry-lazy-guard: %s\nusage: ferry-lazy-guard --cgroup DIR --marker FILE -- CRIU ARGS...\n", message);
+	fprintf(stderr, "ferry-lazy-guard: %s\nusage: ferry-lazy-guard --cgroup DIR -- CRIU ARGS...\n", message);
 	exit(2);
 }
 
@@ -359,14 +351,12 @@ int main(int argc, char **argv)
 			break;
 		} else if (strcmp(argv[i], "--cgroup") == 0 && i + 1 < argc) {
 			cgroup_dir = argv[++i];
-		} else if (strcmp(argv[i], "--marker") == 0 && i + 1 < argc) {
-			marker = argv[++i];
 		} else {
 			usage("unknown option");
 		}
 	}
-	if (!cgroup_dir || !marker || i >= argc)
-		usage("--cgroup, --marker and a command are required");
+	if (!cgroup_dir || i >= argc)
+		usage("--cgroup and a command are required");
 	signal(SIGPIPE, SIG_IGN);
 	started_us = now_us();
 	const char *faults = getenv("FERRY_GUARD_FAULTS");

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type WebSocket from 'ws';
 import type { Criu } from '../../src/criu/criu.ts';
-import { FerryError, toFerryError } from '../../src/errors.ts';
+import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
@@ -232,6 +232,11 @@ export class DestinationSession<S extends Terminable> {
     return this.state !== 'aborting' && this.state !== 'aborted';
   }
 
+  /** The phase a failure in this state is reported in. */
+  private get phase(): Phase {
+    return this.state === 'restoring' ? 'restore' : this.state === 'postcopy' ? 'postcopy' : 'stream';
+  }
+
   /** From `prepared` on, the source may have committed: nothing here may drop the copy on its own. */
   private get prepared(): boolean {
     return this.state === 'prepared' || this.state === 'committing' || this.state === 'done';
@@ -348,13 +353,13 @@ export class DestinationSession<S extends Terminable> {
   async refuse(reason: string): Promise<void> {
     this.logger.warn({ state: this.state, reason }, 'out-of-order message refused');
     if (this.prepared) return;
-    await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.state === 'restoring' ? 'restore' : this.state === 'postcopy' ? 'postcopy' : 'stream' }));
+    await this.fail(new FerryError('BAD_MESSAGE', `refused: ${reason}`, { phase: this.phase }));
   }
 
   /** Our own failure: the source hears why, then everything here goes. */
   private async fail(error: unknown): Promise<void> {
     if (!this.live || this.prepared) return;
-    const failure = toFerryError(error, this.state === 'restoring' ? 'restore' : this.state === 'postcopy' ? 'postcopy' : 'stream');
+    const failure = toFerryError(error, this.phase);
     this.logger.error({ code: failure.code, phase: failure.phase, err: failure }, 'incoming migration failed');
     this.peer.sendPeer({ type: 'abort', migrationId: this.migrationId, error: failure.toJSON() });
     await this.abort(failure.message);

@@ -341,7 +341,6 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     const cgroup = this.deps.runtime.cgroup(this.name);
     this.guard = await LazyGuard.start({
       cgroupDir: cgroup.path,
-      marker: join(this.directory, 'pages-complete'),
       daemon: this.criu.lazyPagesCommand(this.imagesDir, join(this.directory, 'lazy-pages.log')),
     });
     const guard = this.guard;
@@ -380,14 +379,8 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
   }
 
   async resume(warn: (message: string) => void): Promise<void> {
-    // A post-copy copy runs already.
-    if (this.offer.lazyPages) {
-      const { migrationId: _, ...running } = await this.deps.runtime.get(this.name);
-      await this.deps.runtime.store.write(running);
-      await this.deps.journal.update(this.migrationId, 'done');
-      return;
-    }
-    await resumeContainer(this.deps.runtime, this.name, warn);
+    // A post-copy copy runs already (resumed, and recorded as running, by restoreLazily).
+    if (!this.offer.lazyPages) await resumeContainer(this.deps.runtime, this.name, warn);
     await this.deps.journal.update(this.migrationId, 'done');
   }
 

@@ -46,7 +46,7 @@ export function buildReport(input: ReportInput): MigrationReport {
   return {
     ...input.who,
     outcome: input.outcome,
-    strategy: facts.postcopy || facts.lazy ? 'postcopy' : input.rounds ? 'precopy' : 'stop-and-copy',
+    strategy: facts.lazy ? 'postcopy' : input.rounds ? 'precopy' : 'stop-and-copy',
     ...(facts.strategyNote ? { strategyNote: facts.strategyNote } : {}),
     downtimeMs: roundMs(end - (facts.marks.freezing ?? end)),
     ...(facts.runningAt ? { downtime: downtimeBreakdown(facts.marks, facts.restoreTiming, input.bytes.pages, facts.runningAt) } : {}),

@@ -498,7 +498,7 @@ export class MigrationSource {
     const rootfs = this.sendRootfsDelta();
     await Promise.all([rootfs, dump.ready]);
     this.facts.marks.dumped = performance.now();
-    this.lazyRelay = relay(this.channels!.pages, dump.socket, 'postcopy', undefined, faultNumber('postcopy-slow'));
+    this.lazyRelay = relay(this.channels!.pages, dump.socket, 'postcopy', faultNumber('postcopy-slow'));
     const imageDigests = new Map<string, string>();
     await this.timer.run('stream', () =>
       this.filesSender.sendStream(filesStreams.images, packDirectory(this.imagesDir, { digests: imageDigests, exclude: isLazyDumpArtifact }), {

@@ -69,8 +69,8 @@ export class LazyGuard {
   }
 
   /** Starts the guard and its daemon, and waits until the daemon listens for the restore. */
-  static async start(options: { cgroupDir: string; marker: string; daemon: string[] }): Promise<LazyGuard> {
-    const child = spawn(lazyGuardPath(), ['--cgroup', options.cgroupDir, '--marker', options.marker, '--', ...options.daemon], {
+  static async start(options: { cgroupDir: string; daemon: string[] }): Promise<LazyGuard> {
+    const child = spawn(lazyGuardPath(), ['--cgroup', options.cgroupDir, '--', ...options.daemon], {
       stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
       env: criuEnvironment(),
       // Its own process group: a signal to the agent's group must not take the copy's guard with it.

@@ -8,9 +8,8 @@ const inFlightLimit = 4 * 1024 * 1024;
 export interface Relay {
   /** Resolves when either side ends; rejects when the data channel died first. */
   done: Promise<void>;
-  /** Bytes from the local side to the channel, and back. */
+  /** Bytes from the local side to the channel. */
   readonly sent: number;
-  readonly received: number;
   end(): void;
 }
 
@@ -20,9 +19,8 @@ export interface Relay {
  * lazy-pages daemon's requests one way, the source's pages the other, on the
  * channel the peers authenticated.
  */
-export function relay(socket: WebSocket, local: Duplex, phase: Phase, onBytes?: (bytes: number) => void, delayMs?: number): Relay {
+export function relay(socket: WebSocket, local: Duplex, phase: Phase, delayMs?: number): Relay {
   let sent = 0;
-  let received = 0;
   let finished = false;
   let settle: (error?: FerryError) => void = () => undefined;
   const done = new Promise<void>((resolve, reject) => {
@@ -50,9 +48,8 @@ export function relay(socket: WebSocket, local: Duplex, phase: Phase, onBytes?: 
   };
   const onMessage = (data: WebSocket.RawData, isBinary: boolean) => {
     if (!isBinary) return settle(new FerryError('BAD_MESSAGE', 'a text frame on a post-copy page channel', { phase }));
-    const chunk = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as Buffer);
-    received += chunk.length;
-    onBytes?.(chunk.length);
+    // ws hands over Buffers (its default binaryType), fragmented frames as a list: no copy of each chunk.
+    const chunk = Array.isArray(data) ? Buffer.concat(data) : (data as Buffer);
     if (!local.write(chunk)) {
       socket.pause();
       local.once('drain', () => socket.resume());
@@ -68,9 +65,6 @@ export function relay(socket: WebSocket, local: Duplex, phase: Phase, onBytes?: 
     done,
     get sent() {
       return sent;
-    },
-    get received() {
-      return received;
     },
     end: () => {
       settle();
