@@ -2,7 +2,8 @@
 // frozen on A (running nowhere), B drops its partial copy, and the restarted
 // source agent reads its journal, finds no commit, and thaws the container,
 // which goes on with its memory intact. Never both, never neither for good.
-import { readdir, readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import {
@@ -100,4 +101,25 @@ it('completes on the destination after the source agent died between writing the
   expect(await requestChecksum(b, name)).toBe(checksum);
   expect(await requestVerify(b, name)).toMatch(/^verify ok /);
   await b.client.request('remove', { name, force: true });
+});
+
+it('removes the images of a finished migration that outlived an agent killed before it removed them', async () => {
+  const [a, b] = test.nodes as [TestCluster['nodes'][0], TestCluster['nodes'][0]];
+  const name = 'leftover';
+  await runContainer(a, memloadSpec(name, 16));
+  await waitForMemload(a, name);
+  const report = await migrate(a, b, name);
+  expect(report.outcome).toBe('succeeded');
+  await b.agent.kill('SIGKILL');
+  // What a kill between the journal's `done` and the removal leaves: the images, next to a final journal.
+  const directory = join(b.host.stateDir, 'migrations', report.migrationId);
+  expect(JSON.parse(await readFile(join(directory, 'journal.json'), 'utf8')).state).toBe('done');
+  await mkdir(join(directory, 'images'), { recursive: true });
+  await writeFile(join(directory, 'images', 'pages-1.img'), Buffer.alloc(4096));
+  const restarted = await test.restartAgent(1);
+  await poll('the leftover images removed', 15_000, async () => !existsSync(join(directory, 'images')) || undefined);
+  expect(await readdir(directory)).toContain('journal.json');
+  const list = await restarted.client.request('list', {});
+  expect(list.containers.map((container) => [container.name, container.status])).toEqual([[name, 'running']]);
+  await restarted.client.request('remove', { name, force: true });
 });

@@ -38,6 +38,10 @@ export type DestinationEntry = Extract<JournalEntry, { role: 'destination' }>;
 export type JournalState = JournalEntry['state'];
 type Unstamped<T> = T extends unknown ? Omit<T, 'updatedAt'> : never;
 
+export function isFinal(state: JournalState): boolean {
+  return state === 'done' || state === 'aborted';
+}
+
 export class MigrationJournal {
   readonly root: string;
 
@@ -68,13 +72,11 @@ export class MigrationJournal {
     if (entry) await this.write({ ...entry, state, ...(error ? { error } : {}) } as Unstamped<JournalEntry>);
   }
 
-  /** Entries whose migration has not reached a final state. */
-  async unfinished(): Promise<JournalEntry[]> {
+  /** Every readable entry. */
+  async entries(): Promise<JournalEntry[]> {
     const names = await readdir(this.root).catch(() => []);
     const entries = await Promise.all(names.map((name) => this.read(name).catch(() => undefined)));
-    return entries.filter(
-      (entry): entry is JournalEntry => !!entry && entry.state !== 'done' && entry.state !== 'aborted',
-    );
+    return entries.filter((entry): entry is JournalEntry => !!entry);
   }
 
   /** Drops the bulky images, keeping the journal and CRIU's logs. */

@@ -5,7 +5,7 @@ import { drainOrphanedPipes } from '../../src/criu/pipes.ts';
 import { unlockNetwork } from '../../src/net/lock.ts';
 import { announceAddress } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
-import type { DestinationEntry, MigrationJournal, SourceEntry } from './journal.ts';
+import { isFinal, type DestinationEntry, type MigrationJournal, type SourceEntry } from './journal.ts';
 import { destinationRecovery, sourceRecovery } from './decisions.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 
@@ -23,7 +23,12 @@ export interface RecoveryDependencies {
  * commit. A destination drops unprepared copies and waits for prepared ones.
  */
 export async function recoverMigrations(deps: RecoveryDependencies): Promise<void> {
-  for (const entry of await deps.journal.unfinished()) {
+  const entries = await deps.journal.entries();
+  // A finished migration's images outlive it when the agent died between its last journal write and their removal.
+  for (const entry of entries.filter((each) => isFinal(each.state))) {
+    await deps.journal.removeImages(entry.migrationId).catch((error: unknown) => deps.logger.warn({ err: error, migrationId: entry.migrationId }, 'could not remove images'));
+  }
+  for (const entry of entries.filter((each) => !isFinal(each.state))) {
     const logger = deps.logger.child({ migrationId: entry.migrationId, container: entry.container });
     try {
       if (entry.role === 'source') await recoverSource(deps, entry, logger);
