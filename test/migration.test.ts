@@ -209,3 +209,25 @@ describe('two migrate requests for one container at once', () => {
     await removeQuietly(b, name);
   });
 });
+
+describe('a container holding an exited child it never reaped (a zombie)', () => {
+  it('moves, zombie and all', async () => {
+    const name = 'zombie';
+    // The subshell exits at once; memload, exec'd as the container's init, never waits for it.
+    await runContainer(a, { ...memloadSpec(name, 16), command: ['/bin/sh', '-c', '(exit 3) & exec /bin/memload --mib 16 --seed 7'] });
+    await waitForMemload(a, name);
+    const zombiesOf = async (node: Node) => {
+      const pid = await containerPid(node, name);
+      const children = (await readFile(`/proc/${pid}/task/${pid}/children`, 'utf8')).trim().split(/\s+/).filter(Boolean);
+      return Promise.all(children.map(async (child) => (await readFile(`/proc/${child}/stat`, 'utf8')).replace(/^.*\) /, '')[0]));
+    };
+    expect(await zombiesOf(a)).toEqual(['Z']);
+    const checksum = await requestChecksum(a, name);
+    const report = await migrate(a, b, name);
+    expectSucceeded(report, a, b);
+    expect(await zombiesOf(b)).toEqual(['Z']);
+    expect(await requestChecksum(b, name)).toBe(checksum);
+    expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+    await removeQuietly(b, name);
+  });
+});

@@ -101,6 +101,8 @@ export interface ThreadCreds {
 /** The images read here describe tasks, not memory: a few KiB each; anything larger is not one of ferry's. */
 const maxImageBytes = 16 * 1024 * 1024;
 const maxTasks = 65_536;
+/** TaskCoreEntry.task_state of an exited task (CRIU's TASK_DEAD). */
+const taskDead = 2;
 
 async function records(imagesDir: string, name: string): Promise<Fields[]> {
   const path = join(imagesDir, name);
@@ -143,6 +145,16 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
   });
   const root = tasks[0];
   if (!root) throw refuse('pstree.img lists no task');
+  // A zombie (exited, not yet reaped) has a core image and nothing else: CRIU restores it as a
+  // task that exits at once, running nothing of the image, so it has no namespaces or credentials to check.
+  const zombies = new Set<number>();
+  for (const task of tasks) {
+    const image = `core-${task.pid}.img`;
+    const [core] = await records(imagesDir, image);
+    if (number(nested(core, 3, image) ?? new Map(), 1) === taskDead) zombies.add(task.pid);
+  }
+  if (zombies.has(root.pid)) throw refuse('the root task is a zombie');
+  const alive = tasks.filter((task) => !zombies.has(task.pid));
   const namespacesOf = async (pid: number) => {
     const [ids] = await records(imagesDir, `ids-${pid}.img`);
     if (!ids) throw refuse(`ids-${pid}.img is empty`);
@@ -150,7 +162,7 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
   };
   const rootNamespaces = await namespacesOf(root.pid);
   // Every task lives in the root task's namespaces: none may sit in the host's.
-  for (const task of tasks.slice(1)) {
+  for (const task of alive.slice(1)) {
     if ((await namespacesOf(task.pid)).some((id, index) => id !== rootNamespaces[index])) {
       throw refuse(`task ${task.pid} is not in the namespaces of the container's init`);
     }
@@ -159,7 +171,7 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
     const id = rootNamespaces[index];
     return id !== undefined && id !== number(hostIds, namespaceFields[namespace]);
   });
-  const threads = tasks.flatMap((task) => (task.threads.length ? task.threads : [task.pid]));
+  const threads = alive.flatMap((task) => (task.threads.length ? task.threads : [task.pid]));
   if (threads.length > maxTasks) throw refuse(`pstree.img lists more than ${maxTasks} threads`);
   const creds = new Map<number, ThreadCreds>();
   for (const thread of threads) {
