@@ -77,6 +77,8 @@ static pid_t daemon_pid = -1;
 static int pidfd = -1;
 static int uffds[MAX_UFFDS];
 static int nr_uffds;
+/* Every uffd held so far (forks included), for the report: released ones too. */
+static int held_total;
 static int seal_asked, sealed, daemon_spoke;
 static struct pending pending[MAX_PENDING];
 static size_t pending_head, pending_tail;
@@ -122,7 +124,7 @@ static void stats_json(char *out, size_t size)
 		 "\"requests\":%llu,\"faults\":%llu,\"faultedPages\":%llu,\"pushedPages\":%llu,\"maxStallUs\":%lld,"
 		 "\"lastPageMs\":%lld,\"uffds\":%d",
 		 (unsigned long long)requests, (unsigned long long)faults, (unsigned long long)faulted_pages,
-		 (unsigned long long)pushed_pages, max_stall_us, (now_us() - started_us) / 1000, nr_uffds);
+		 (unsigned long long)pushed_pages, max_stall_us, (now_us() - started_us) / 1000, held_total);
 }
 
 /* Holds a duplicate of every userfaultfd the daemon has that is not held yet (kcmp tells files apart). */
@@ -153,9 +155,10 @@ static void capture_uffds(void)
 		if (known || nr_uffds >= MAX_UFFDS)
 			continue;
 		int fd = syscall(SYS_pidfd_getfd, pidfd, target, 0);
-		if (fd >= 0)
+		if (fd >= 0) {
 			uffds[nr_uffds++] = fd;
-		else
+			held_total++;
+		} else
 			fprintf(stderr, "ferry-lazy-guard: pidfd_getfd %d: %s\n", target, strerror(errno));
 	}
 	closedir(dir);

@@ -24,7 +24,7 @@ import {
   type Node,
   type TestCluster,
 } from './helpers/migration.ts';
-import { poll } from './helpers/workloads.ts';
+import { memloadSpec as memloadWith, poll } from './helpers/workloads.ts';
 
 let test: TestCluster;
 
@@ -104,6 +104,37 @@ it('auto picks post-copy only where allowed and stop-and-copy would outlast the 
   await removeQuietly(a, name);
 });
 
+// Tasks forked on the destination while pages still arrive get userfaultfds of their own (CRIU's
+// daemon is told of each fork): their missing pages must be served too, and the guard must hold
+// those uffds as well, or a broken supply would hand the children zero pages.
+it('serves the pages of tasks forked during post-copy, and holds their uffds', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-fork';
+  await runContainer(a, memloadWith(name, 128, { forkVerifyMs: 100 }));
+  await waitForMemload(a, name);
+  const checksum = await requestChecksum(a, name);
+  const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
+  expect(report.strategy).toBe('postcopy');
+  const forMove = (message: string) => (line: { json?: Record<string, unknown> }) => line.json?.msg === message && line.json?.container === name;
+  const sealed = await b.agent.waitForLog(forMove('post-copy: userfaultfds held; resuming'), 5_000);
+  const complete = await b.agent.waitForLog(forMove('post-copy: every page is here'), 5_000);
+  // More uffds held at the end than at the resume: tasks forked here during post-copy, each held.
+  expect(Number(complete.json?.uffds), JSON.stringify(complete.json)).toBeGreaterThan(Number(sealed.json?.uffds));
+  console.log(`post-copy with forks: uffds held at the resume ${sealed.json?.uffds}, by the last page ${complete.json?.uffds}, last page ${complete.json?.lastPageMs} ms`);
+  const verified = (log: string) => log.split('\n').filter((line) => line.startsWith('fork verify'));
+  const atMove = verified(await logsOf(b, name)).length;
+  // Children forked since then on B verify their copies too; none saw a page it should not.
+  const log = await poll('three more children verified on B', 30_000, async () => {
+    const text = await logsOf(b, name);
+    return verified(text).length >= atMove + 3 ? text : undefined;
+  });
+  expect(verified(log).filter((line) => !line.startsWith('fork verify ok '))).toEqual([]);
+  expect(await requestChecksum(b, name)).toBe(checksum);
+  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await removeQuietly(b, name);
+});
+
 it('stops the destination copy when its lazy-pages daemon dies, and the source goes on', async () => {
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
@@ -145,10 +176,15 @@ for (const hold of [true, false]) {
     // The copy on B, still there for 4 s, is asked to check every page against its pattern.
     const before = (await logsOf(b, name)).split('\n').length - 1;
     process.kill(await containerPid(b, name), 'SIGUSR2');
-    await sleep(2_000);
-    const after = (await logsOf(b, name)).split('\n').slice(before).join('\n');
-    if (hold) expect(after).not.toMatch(/^verify /m);
-    else expect(after).toMatch(/^verify mismatch page \d+/m);
+    const after = async () => (await logsOf(b, name)).split('\n').slice(before).join('\n');
+    if (hold) {
+      await sleep(2_000);
+      expect(await after()).not.toMatch(/^verify /m);
+    } else {
+      // Before the guard's delayed kill (4 s); a loaded machine may take a while to print it.
+      const answer = await poll('memload to answer the verify', 3_500, async () => (/^verify /m.test(await after()) ? after() : undefined));
+      expect(answer).toMatch(/^verify mismatch page \d+/m);
+    }
     const error = await moving;
     expect(error.phase).toBe('postcopy');
     await waitUntilClean(b, name);

@@ -374,7 +374,7 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     const stats = await guard.settled;
     this.ensureLive();
     await this.deps.journal.update(this.migrationId, 'prepared');
-    this.logger.info({ phase: 'postcopy', ...stats }, 'post-copy: every page is here');
+    this.logger.info({ phase: 'postcopy', ...stats, uffds: guard.heldUffds }, 'post-copy: every page is here');
     return { restoreMs: Math.round(restored - started), postcopy: stats };
   }
 

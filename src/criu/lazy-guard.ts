@@ -35,6 +35,11 @@ export class LazyGuard {
   private exited = false;
   private readonly log: string[] = [];
 
+  /** How many userfaultfds the guard held at its end (one per task it saw, forks included). */
+  get heldUffds(): number | undefined {
+    return this.end && 'uffds' in this.end ? this.end.uffds : undefined;
+  }
+
   private constructor(child: ChildProcess) {
     this.child = child;
     this.socket = child.stdio[3] as Duplex;

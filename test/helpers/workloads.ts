@@ -37,6 +37,8 @@ export interface MemloadOptions {
   seed?: number;
   /** MiB per second rewritten after the fill; default 0 (memory stays as filled). */
   dirtyMibps?: number;
+  /** Every this many ms, a forked child verifies its copy of the memory; default 0 (never). */
+  forkVerifyMs?: number;
 }
 
 /**
@@ -46,6 +48,7 @@ export interface MemloadOptions {
 export function memloadSpec(name: string, mib: number, options: MemloadOptions = {}): ContainerSpec {
   const command = ['/bin/memload', '--mib', String(mib), '--seed', String(options.seed ?? 7)];
   if (options.dirtyMibps) command.push('--dirty-mibps', String(options.dirtyMibps));
+  if (options.forkVerifyMs) command.push('--fork-verify-ms', String(options.forkVerifyMs));
   return containerSpecSchema.parse({ name, rootfs: busyboxRootfs, command });
 }
 

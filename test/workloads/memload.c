@@ -1,12 +1,16 @@
 /*
  * memload: a memory workload for migration tests.
  *
- *   memload --mib N [--seed S] [--dirty-mibps D]
+ *   memload --mib N [--seed S] [--dirty-mibps D] [--fork-verify-ms F]
  *
  * Allocates N MiB (MAP_POPULATE: first-touch faults are slow in VMs), fills
  * every page with a pattern derived from (seed, page, generation) and keeps a
  * per-page generation array. With D > 0 it rewrites
  * about D MiB per second (every 10 ms, pages round-robin, generation + 1).
+ * With F > 0, every F ms (one at a time) it forks a child that verifies 64
+ * pages spread over its copy of the memory (another set each time) and prints
+ * "fork verify ok pages <n>" or "fork verify mismatch page <i>": tasks forked
+ * while pages still arrive.
  *
  *   start:   "memload ready mib <N> seed <S> checksum <hex64>"
  *   SIGUSR1: "checksum <hex64> pages <n> generation-sum <g>"
@@ -30,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -111,7 +116,7 @@ static void on_signal(int sig)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: memload --mib N [--seed S] [--dirty-mibps D]\n");
+	fprintf(stderr, "usage: memload --mib N [--seed S] [--dirty-mibps D] [--fork-verify-ms F]\n");
 	exit(2);
 }
 
@@ -142,10 +147,25 @@ static int64_t now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* Checks pages from, from + stride, ...; prints "<what> ok pages <n>" or "<what> mismatch page <i>". */
+static void report_verify(const char *what, size_t from, size_t stride)
+{
+	size_t checked = 0;
+	for (size_t p = from; p < npages; p += stride, checked++)
+		if (!page_ok(p)) {
+			printf("%s mismatch page %zu\n", what, p);
+			fflush(stdout);
+			return;
+		}
+	printf("%s ok pages %zu\n", what, checked);
+	fflush(stdout);
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t mib = 0;
 	double dirty_mibps = 0;
+	uint64_t fork_ms = 0;
 	int have_mib = 0;
 
 	for (int i = 1; i < argc; i++) {
@@ -158,6 +178,8 @@ int main(int argc, char **argv)
 			seed = parse_u64(argv[++i]);
 		} else if (strcmp(argv[i], "--dirty-mibps") == 0) {
 			dirty_mibps = parse_rate(argv[++i]);
+		} else if (strcmp(argv[i], "--fork-verify-ms") == 0) {
+			fork_ms = parse_u64(argv[++i]);
 		} else {
 			usage();
 		}
@@ -198,8 +220,26 @@ int main(int argc, char **argv)
 	double owed = 0;
 	size_t cursor = 0;
 	int64_t last = now_ns();
+	int64_t last_fork = last;
+	pid_t child = 0;
+	size_t forks = 0;
 
 	for (;;) {
+		if (child > 0 && waitpid(child, NULL, WNOHANG) == child)
+			child = 0;
+		if (fork_ms > 0 && child == 0 && now_ns() - last_fork >= (int64_t)fork_ms * 1000000LL) {
+			last_fork = now_ns();
+			child = fork();
+			forks++;
+			if (child == 0) {
+				/* 64 pages spread over the memory, a different set each time: quick, so forks keep coming. */
+				size_t stride = npages > 64 ? npages / 64 : 1;
+				report_verify("fork verify", forks % stride, stride);
+				_exit(0);
+			}
+			if (child < 0)
+				child = 0;
+		}
 		if (want_checksum) {
 			want_checksum = 0;
 			printf("checksum %016" PRIx64 " pages %zu generation-sum %" PRIu64 "\n", checksum(), npages,
@@ -208,17 +248,7 @@ int main(int argc, char **argv)
 		}
 		if (want_verify) {
 			want_verify = 0;
-			size_t bad = npages;
-			for (size_t p = 0; p < npages; p++)
-				if (!page_ok(p)) {
-					bad = p;
-					break;
-				}
-			if (bad == npages)
-				printf("verify ok pages %zu\n", npages);
-			else
-				printf("verify mismatch page %zu\n", bad);
-			fflush(stdout);
+			report_verify("verify", 0, 1);
 		}
 
 		if (pages_per_ns > 0) {
@@ -237,7 +267,7 @@ int main(int argc, char **argv)
 			}
 		}
 
-		struct timespec ts = { 0, pages_per_ns > 0 ? STEP_NS : IDLE_NS };
+		struct timespec ts = { 0, pages_per_ns > 0 || fork_ms > 0 ? STEP_NS : IDLE_NS };
 		nanosleep(&ts, NULL); /* EINTR on a signal: handled at the top */
 	}
 }
