@@ -36,6 +36,19 @@ afterAll(async () => {
   await test?.close();
 });
 
+/** Runs a memload on `node`; its checksum once it has filled its memory. */
+async function startMemload(node: Node, spec: Parameters<typeof runContainer>[1]): Promise<string> {
+  await runContainer(node, spec);
+  await waitForMemload(node, spec.name);
+  return requestChecksum(node, spec.name);
+}
+
+/** The memload on `node` has the memory it had: the same checksum, and every page as written. */
+async function expectIntact(node: Node, name: string, checksum: string): Promise<void> {
+  expect(await requestChecksum(node, name)).toBe(checksum);
+  expect(await requestVerify(node, name)).toMatch(/^verify ok /);
+}
+
 /** The destination's guard, once the container runs there on lazy pages. */
 async function guardOnceRunning(node: Node, name: string): Promise<number> {
   const entry = await node.agent.waitForLog((line) => line.json?.msg === 'post-copy: userfaultfds held; resuming' && line.json?.container === name, 60_000);
@@ -54,9 +67,7 @@ async function daemonOf(guard: number): Promise<number> {
 it('moves a 256 MiB memory workload post-copy, memory intact', async () => {
   const [a, b] = test.nodes as [Node, Node];
   const name = 'pc-move';
-  await runContainer(a, memloadSpec(name, 256));
-  await waitForMemload(a, name);
-  const checksum = await requestChecksum(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 256));
   const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
   expect(report.outcome).toBe('succeeded');
   expect(report.strategy).toBe('postcopy');
@@ -67,8 +78,7 @@ it('moves a 256 MiB memory workload post-copy, memory intact', async () => {
   expect(postcopy.faultedPages + postcopy.pushedPages).toBeGreaterThanOrEqual(65_536);
   expect(report.bytes.images).toBeLessThan(32 * 2 ** 20);
   expect(postcopy.completeMs).toBeGreaterThanOrEqual(postcopy.runningMs);
-  expect(await requestChecksum(b, name)).toBe(checksum);
-  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await expectIntact(b, name, checksum);
   await waitUntilClean(a, name);
   await b.client.request('remove', { name, force: true });
 });
@@ -77,13 +87,10 @@ it('moves a container whose pages are all in before it was to run (a small one, 
   const a = test.nodes[0]!;
   const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_FAULTS: 'postcopy-seal-delay:3000' } });
   const name = 'pc-small';
-  await runContainer(a, memloadSpec(name, 8));
-  await waitForMemload(a, name);
-  const checksum = await requestChecksum(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 8));
   const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
   expect(report.outcome).toBe('succeeded');
-  expect(await requestChecksum(b, name)).toBe(checksum);
-  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await expectIntact(b, name, checksum);
   await b.client.request('remove', { name, force: true });
   await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
 });
@@ -91,9 +98,7 @@ it('moves a container whose pages are all in before it was to run (a small one, 
 it('auto picks post-copy only where allowed and stop-and-copy would outlast the budget, and says why', async () => {
   const [a, b] = test.nodes as [Node, Node];
   const name = 'pc-auto';
-  await runContainer(a, memloadSpec(name, 128));
-  await waitForMemload(a, name);
-  const checksum = await requestChecksum(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 128));
   const there = await migrate(a, b, name, undefined, { strategy: 'auto', allowPostcopy: true, maxDowntimeMs: 50 });
   expect(there.strategy).toBe('postcopy');
   expect(there.strategyNote).toMatch(/post-copy \(allowed\).*over the 50 ms budget/);
@@ -111,9 +116,7 @@ it('serves the pages of tasks forked during post-copy, and holds their uffds', a
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
   const name = 'pc-fork';
-  await runContainer(a, memloadWith(name, 128, { forkVerifyMs: 100 }));
-  await waitForMemload(a, name);
-  const checksum = await requestChecksum(a, name);
+  const checksum = await startMemload(a, memloadWith(name, 128, { forkVerifyMs: 100 }));
   const report = await migrate(a, b, name, undefined, { strategy: 'postcopy' });
   expect(report.strategy).toBe('postcopy');
   const forMove = (message: string) => (line: { json?: Record<string, unknown> }) => line.json?.msg === message && line.json?.container === name;
@@ -130,8 +133,7 @@ it('serves the pages of tasks forked during post-copy, and holds their uffds', a
     return verified(text).length >= atMove + 3 ? text : undefined;
   });
   expect(verified(log).filter((line) => !line.startsWith('fork verify ok '))).toEqual([]);
-  expect(await requestChecksum(b, name)).toBe(checksum);
-  expect(await requestVerify(b, name)).toMatch(/^verify ok /);
+  await expectIntact(b, name, checksum);
   await removeQuietly(b, name);
 });
 
@@ -139,10 +141,8 @@ it('stops the destination copy when its lazy-pages daemon dies, and the source g
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
   const name = 'pc-daemon';
-  await runContainer(a, memloadSpec(name, 256));
-  await waitForMemload(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 256));
   const pid = await containerPid(a, name);
-  const checksum = await requestChecksum(a, name);
   const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
   const daemon = await daemonOf(await guardOnceRunning(b, name));
   process.kill(daemon, 'SIGKILL');
@@ -154,8 +154,7 @@ it('stops the destination copy when its lazy-pages daemon dies, and the source g
   await waitUntilClean(b, name);
   expect(await containerPid(a, name)).toBe(pid);
   expect(await isAlive(pid)).toBe(true);
-  expect(await requestChecksum(a, name)).toBe(checksum);
-  expect(await requestVerify(a, name)).toMatch(/^verify ok /);
+  await expectIntact(a, name, checksum);
   await removeQuietly(a, name);
 });
 
@@ -167,9 +166,7 @@ for (const hold of [true, false]) {
     const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
     const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:4000${hold ? '' : ',no-hold'}` } });
     const name = hold ? 'pc-held' : 'pc-unheld';
-    await runContainer(a, memloadSpec(name, 256));
-    await waitForMemload(a, name);
-    const checksum = await requestChecksum(a, name);
+    const checksum = await startMemload(a, memloadSpec(name, 256));
     const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
     const daemon = await daemonOf(await guardOnceRunning(b, name));
     process.kill(daemon, 'SIGKILL');
@@ -188,8 +185,7 @@ for (const hold of [true, false]) {
     const error = await moving;
     expect(error.phase).toBe('postcopy');
     await waitUntilClean(b, name);
-    expect(await requestChecksum(a, name)).toBe(checksum);
-    expect(await requestVerify(a, name)).toMatch(/^verify ok /);
+    await expectIntact(a, name, checksum);
     await removeQuietly(a, name);
     await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
   });
@@ -198,10 +194,8 @@ for (const hold of [true, false]) {
 it('resumes the source when the destination agent is SIGKILLed mid-post-copy', async () => {
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const name = 'pc-agent';
-  await runContainer(a, memloadSpec(name, 256));
-  await waitForMemload(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 256));
   const pid = await containerPid(a, name);
-  const checksum = await requestChecksum(a, name);
   const moving = failureOf(migrate(a, test.nodes[1]!, name, undefined, { strategy: 'postcopy' }));
   const guard = await guardOnceRunning(test.nodes[1]!, name);
   await test.nodes[1]!.agent.kill('SIGKILL');
@@ -224,10 +218,8 @@ it('resumes the source when the source agent is SIGKILLed mid-post-copy and rest
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
   const name = 'pc-source';
-  await runContainer(a, memloadSpec(name, 256));
-  await waitForMemload(a, name);
+  const checksum = await startMemload(a, memloadSpec(name, 256));
   const pid = await containerPid(a, name);
-  const checksum = await requestChecksum(a, name);
   const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
   await guardOnceRunning(b, name);
   await a.agent.kill('SIGKILL');
