@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the native pieces into .build/bin/: ferry-helper (the container
-# launcher the agent calls), fsat.node (the N-API addon through which the
+# launcher the agent calls), ferry-lazy-guard and ferry-frame-send (post-copy
+# guard, native stream sender), fsat.node (the N-API addon through which the
 # agent resolves paths inside a rootfs), memload and netload (static test
 # workloads, memory and network, that run inside the busybox rootfs).
 # Idempotent: a binary newer than its source is left alone.
@@ -61,6 +62,7 @@ build_addon() {
 trap 'rm -f "$out"/.*.tmp.$$' EXIT
 build ferry-helper native/ferry-helper.c no
 build ferry-lazy-guard native/lazy-guard.c no
+build ferry-frame-send native/frame-send.c no
 build_addon fsat.node native/fsat.c
 build memload test/workloads/memload.c yes
 build netload test/workloads/netload.c yes

@@ -90,7 +90,7 @@ fi
 
 # --- 3. apt packages --------------------------------------------------------
 step "apt packages"
-need=(busybox-static iproute2 util-linux gcc libc6-dev tar iperf3 socat procps psmisc nftables)
+need=(busybox-static iproute2 util-linux gcc libc6-dev libxxhash-dev tar iperf3 socat procps psmisc nftables)
 missing=()
 for p in "${need[@]}"; do pkg_installed "$p" || missing+=("$p"); done
 if ((${#missing[@]})); then

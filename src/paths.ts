@@ -25,3 +25,8 @@ export function helperExists(): boolean {
  * the agents' peak RSS during a 1 GiB migration fell from ~210 to ~135 MiB.
  */
 export const agentNodeFlags = ['--max-semi-space-size=1'];
+
+/** The native stream sender (native/frame-send.c). */
+export function frameSendPath(): string {
+  return join(dirname(helperPath()), 'ferry-frame-send');
+}

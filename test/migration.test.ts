@@ -160,6 +160,10 @@ describe('a 256 MiB memory workload', () => {
     expectSucceeded(report, a, b);
     expect(report.bytes.pages).toBeGreaterThanOrEqual(256 * 1024 * 1024);
     expect(report.criu.dump!.pagesWritten).toBeGreaterThanOrEqual(256 * 256);
+    // The final dump's pages left through ferry-frame-send, not through JavaScript.
+    const shipped = a.agent.logs().filter((line) => line.includes(report.migrationId) && line.includes('page images shipped'));
+    expect(shipped.map((line) => (JSON.parse(line) as { native: number }).native)).toEqual([expect.any(Number)]);
+    expect((JSON.parse(shipped[0]!) as { native: number }).native).toBeGreaterThanOrEqual(1);
 
     await expectRunningOn(b, name);
     expect(await requestChecksum(b, name)).toBe(before);

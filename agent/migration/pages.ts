@@ -1,11 +1,11 @@
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import type { CriuRun } from '../../src/criu/criu.ts';
 import { followImage, newPageImages } from '../../src/criu/follow.ts';
 import type { PagePipes } from '../../src/criu/pipes.ts';
 import { pageStreamName } from '../../src/protocol/migration.ts';
-import type { ChannelSender } from '../../src/transport/channel.ts';
+import type { ChannelSender, FdSource } from '../../src/transport/channel.ts';
 
 export interface PageImage {
   name: string;
@@ -28,6 +28,11 @@ export class PageShipper {
     this.onBytes = onBytes;
   }
 
+  /** Page images whose frames left through the native sender, and its CPU time for them. */
+  get native(): { streams: number; cpuMs: number } {
+    return { streams: this.sender.nativeStreams, cpuMs: this.sender.nativeCpuMs };
+  }
+
   /**
    * Sends each page image of `imagesDir` as CRIU writes it, until `run` is
    * done: those of `pipes` first, in CRIU's order, then any regular page
@@ -35,13 +40,14 @@ export class PageShipper {
    */
   async ship(run: CriuRun<unknown>, imagesDir: string, round?: number, pipes?: PagePipes): Promise<PageImage[]> {
     const shipped: PageImage[] = [];
-    const send = async (file: string, body: Readable) => {
+    const send = async (file: string, body: Readable | FdSource) => {
       const name = pageStreamName(file, round);
-      const sent = await this.sender.sendStream(name, body, { onBytes: this.onBytes });
+      const options = { onBytes: this.onBytes };
+      const sent = body instanceof Readable ? await this.sender.sendStream(name, body, options) : await this.sender.sendFrom(name, body, options);
       shipped.push({ name, ...sent });
     };
     const seen = new Set<string>(pipes?.names);
-    for (const file of pipes?.names ?? []) await send(file, pipes!.body(file));
+    for (const file of pipes?.names ?? []) await send(file, pipes!.source(file));
     let finished = false;
     run.done.then(
       () => (finished = true),

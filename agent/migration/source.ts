@@ -463,8 +463,10 @@ export class MigrationSource {
           ),
         ),
       );
-      const [, stats] = await Promise.all([rootfs, dump.done, this.pages.ship(dump, this.imagesDir, undefined, pipes), images]);
+      const [, stats, shipped] = await Promise.all([rootfs, dump.done, this.pages.ship(dump, this.imagesDir, undefined, pipes), images]);
       this.facts.dumpStats = stats;
+      const native = this.pages.native;
+      this.logger.info({ phase: 'stream', pageImages: shipped.length, native: native.streams, nativeCpuMs: native.cpuMs }, 'page images shipped');
     } catch (error) {
       // What CRIU still writes into the pipes is discarded while it finishes.
       pipes.discard();

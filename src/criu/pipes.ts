@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { Socket } from 'node:net';
 import { PassThrough, type Readable } from 'node:stream';
 import { AT_FDCWD, fsat } from '../rootfs/safe-fs.ts';
+import type { FdSource } from '../transport/channel.ts';
 
 // The final dump's page images are named pipes, made before CRIU starts:
 // CRIU opens pages-N.img with O_CREAT|O_TRUNC, which an existing FIFO
@@ -25,8 +26,10 @@ const bodyBytes = 256 << 10;
 interface PagePipe {
   name: string;
   path: string;
-  socket: Socket;
-  body: PassThrough;
+  fd: number;
+  /** Made when the image is read in the agent (not by the native sender): it owns the fd from then on. */
+  reader: { socket: Socket; body: PassThrough } | undefined;
+  closed: boolean;
 }
 
 export class PagePipes {
@@ -52,15 +55,10 @@ export class PagePipes {
         fsat().mknodat(AT_FDCWD, path, S_IFIFO | 0o600, 0, 0);
         // Non-blocking, or the open would wait for CRIU to open the other end.
         const fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
-        const socket = new Socket({ fd, readable: true, writable: false });
-        const body = new PassThrough({ highWaterMark: bodyBytes });
-        // A read error fails this image's stream (and so the migration), never the agent.
-        socket.on('error', (error) => body.destroy(error));
-        socket.pipe(body);
-        pipes.push({ name, path, socket, body });
+        pipes.push({ name, path, fd, reader: undefined, closed: false });
       }
     } catch (error) {
-      for (const pipe of pipes) pipe.socket.destroy();
+      for (const pipe of pipes) closeSync(pipe.fd);
       throw error;
     }
     return new PagePipes(pipes);
@@ -71,10 +69,21 @@ export class PagePipes {
   }
 
   /** What CRIU writes into page image `name`, ending when CRIU has closed it (or never opened it, once released). */
-  body(name: string): Readable {
+  source(name: string): FdSource {
     const pipe = this.pipes.find((candidate) => candidate.name === name);
     if (!pipe) throw new Error(`no page pipe ${name}`);
-    return pipe.body;
+    return { fd: pipe.fd, readable: () => this.reader(pipe).body };
+  }
+
+  private reader(pipe: PagePipe): { socket: Socket; body: PassThrough } {
+    if (pipe.reader) return pipe.reader;
+    const socket = new Socket({ fd: pipe.fd, readable: true, writable: false });
+    const body = new PassThrough({ highWaterMark: bodyBytes });
+    // A read error fails this image's stream (and so the migration), never the agent.
+    socket.on('error', (error) => body.destroy(error));
+    socket.pipe(body);
+    pipe.reader = { socket, body };
+    return pipe.reader;
   }
 
   /**
@@ -86,7 +95,7 @@ export class PagePipes {
     if (this.released) return;
     this.released = true;
     for (const pipe of this.pipes) {
-      if (pipe.socket.readableEnded || pipe.socket.destroyed) continue;
+      if (pipe.closed || pipe.reader?.socket.readableEnded || pipe.reader?.socket.destroyed) continue;
       try {
         closeSync(openSync(pipe.path, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW));
       } catch {
@@ -101,17 +110,24 @@ export class PagePipes {
    */
   discard(): void {
     for (const pipe of this.pipes) {
-      pipe.socket.unpipe(pipe.body);
-      pipe.body.destroy();
-      pipe.socket.on('data', () => undefined);
-      pipe.socket.on('error', () => undefined);
-      pipe.socket.resume();
+      if (pipe.closed) continue;
+      const { socket, body } = this.reader(pipe);
+      socket.unpipe(body);
+      body.destroy();
+      socket.on('data', () => undefined);
+      socket.on('error', () => undefined);
+      socket.resume();
     }
   }
 
   /** Closes every read end (CRIU has exited). */
   close(): void {
-    for (const pipe of this.pipes) pipe.socket.destroy();
+    for (const pipe of this.pipes) {
+      if (pipe.closed) continue;
+      pipe.closed = true;
+      if (pipe.reader) pipe.reader.socket.destroy();
+      else closeSync(pipe.fd);
+    }
   }
 }
 

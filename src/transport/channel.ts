@@ -1,10 +1,12 @@
 import { PassThrough, type Duplex, type Readable } from 'node:stream';
+import { TLSSocket } from 'node:tls';
 import type WebSocket from 'ws';
 import { FerryError } from '../errors.ts';
 import { checkedMessage, parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
 import { faultNumber } from '../faults.ts';
 import { streamDigest, type StreamDigest } from '../digest.ts';
+import { nativeSendAvailable, sendNative } from './native-send.ts';
 
 /** Bytes handed to ws but not yet written to the socket before the sender waits. */
 const inFlightLimit = 4 * 1024 * 1024;
@@ -24,6 +26,13 @@ export interface StreamResult {
   digest: string;
 }
 
+/** A stream's bytes as an fd (a page pipe), and as a Readable of the same bytes. */
+export interface FdSource {
+  fd: number;
+  /** For a channel whose socket the native sender cannot write (TLS, or no helper). */
+  readable(): Readable;
+}
+
 /**
  * Sending side of a data channel: one stream at a time, binary frames with
  * backpressure (at most `inFlightLimit` unwritten bytes), then a stream-end
@@ -32,15 +41,52 @@ export interface StreamResult {
 export class ChannelSender {
   private readonly socket: WebSocket;
   private framesSent = 0;
+  /** Streams whose frames ferry-frame-send wrote, and the CPU time it took for them. */
+  nativeStreams = 0;
+  nativeCpuMs = 0;
   private readonly corruptFrame: number | undefined;
   /** The TCP (or TLS) socket under the WebSocket, corked while a burst of frames is queued. */
   private readonly transport: Duplex | undefined;
   private corked = false;
+  /** Settles when the channel closes: a native send in progress is then killed. */
+  private readonly closed: Promise<void>;
 
   constructor(socket: WebSocket, channelName: string) {
     this.socket = socket;
     this.corruptFrame = faultNumber(`corrupt-chunk:${channelName}`);
     this.transport = (socket as unknown as { _socket?: Duplex })._socket;
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  /**
+   * Sends `source` as one stream, its frames written by ferry-frame-send
+   * when this is a plain TCP client socket: the same frames, stream-open
+   * and stream-end as `sendStream`, so the receiver cannot tell the two
+   * apart and checks them the same way.
+   */
+  async sendFrom(name: string, source: FdSource, options: { onBytes?: (bytes: number) => void } = {}): Promise<StreamResult> {
+    const socketFd = this.nativeSocketFd();
+    if (socketFd === undefined) return this.sendStream(name, source.readable(), options);
+    await this.sendWritten({ type: 'stream-open', name });
+    // The helper's frames must follow every byte ws has queued, and nothing ws writes may land among them.
+    await this.waitBelow(1);
+    const first = this.framesSent;
+    const corruptFrame = this.corruptFrame !== undefined && this.corruptFrame > first ? this.corruptFrame - first : 0;
+    const sent = await sendNative(source.fd, socketFd, { frameBytes, corruptFrame, closed: this.closed, ...(options.onBytes ? { onBytes: options.onBytes } : {}) });
+    this.framesSent += sent.frames;
+    this.nativeStreams += 1;
+    this.nativeCpuMs += sent.cpuMs;
+    if (this.socket.readyState !== this.socket.OPEN) throw peerGone();
+    await this.sendWritten({ type: 'stream-end', bytes: sent.bytes, digest: sent.digest });
+    return { bytes: sent.bytes, digest: sent.digest };
+  }
+
+  /** The fd of the TCP socket under a client WebSocket (clients mask: the helper writes client frames). */
+  private nativeSocketFd(): number | undefined {
+    if (!nativeSendAvailable() || !this.socket.url || !this.transport || this.transport instanceof TLSSocket) return undefined;
+    if (this.socket.readyState !== this.socket.OPEN) return undefined;
+    const fd = (this.transport as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return typeof fd === 'number' && fd > 2 ? fd : undefined;
   }
 
   async sendStream(
