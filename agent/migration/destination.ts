@@ -213,6 +213,7 @@ export class DestinationSession<S extends Terminable> {
   private readonly writers: Array<Promise<unknown>> = [];
   private filesDone: Promise<void> | undefined;
   private aborted: Promise<void> | undefined;
+  private committed: Promise<void> | undefined;
   /** Whether the offer was accepted: only those count as migrations in the metrics. */
   private accepted = false;
 
@@ -313,13 +314,19 @@ export class DestinationSession<S extends Terminable> {
 
   /** The source's decision. A commit is only taken once prepared; earlier it is refused and the copy dropped. */
   async decide(decision: 'commit' | 'abort', warnings: string[] = []): Promise<void> {
+    // A decision re-delivered while the commit resumes the copy waits for it, and then finds it applied.
+    if (this.committed) return this.committed;
     if (decision === 'abort') return this.abort('the source decided abort');
     if (this.state !== 'prepared') {
       this.logger.warn({ state: this.state }, 'commit refused: the copy is not prepared');
       return this.abort(`commit arrived while ${this.state}`);
     }
+    this.committed = this.commit(warnings);
+    return this.committed;
+  }
+
+  private async commit(warnings: string[]): Promise<void> {
     this.transition('committing');
-    this.parts.forget();
     try {
       await this.copy.resume((message) => {
         this.logger.error(message);
@@ -337,6 +344,8 @@ export class DestinationSession<S extends Terminable> {
     } finally {
       this.closeChannels();
       this.copy.release();
+      // Forgotten only now, as after an abort: later messages find the journal with the outcome in it.
+      this.parts.forget();
     }
   }
 

@@ -271,6 +271,25 @@ describe('the destination session', { timeout: 5_000 }, () => {
     expect(outcomes).toEqual(['succeeded']);
   });
 
+  it('a commit re-delivered while the first one resumes waits for it; nothing resumes twice', async () => {
+    const { machine, copy, outcomes, forgotten } = await preparedSession();
+    const first = machine.decide('commit');
+    let againDone = false;
+    const again = machine.decide('commit').then(() => (againDone = true));
+    const abort = machine.decide('abort');
+    await settle();
+    // Still in the agent's table: a later delivery must not go to the journal, which says prepared until the resume ends.
+    expect(againDone).toBe(false);
+    expect(forgotten()).toBe(0);
+    copy.resumeDone.resolve();
+    await Promise.all([first, again, abort]);
+    expect(againDone).toBe(true);
+    expect(machine.current).toBe('done');
+    expect(copy.calls.filter((call) => call === 'resume' || call === 'discard')).toEqual(['resume']);
+    expect(forgotten()).toBe(1);
+    expect(outcomes).toEqual(['succeeded']);
+  });
+
   it('a committed copy that cannot resume is dropped and counted, never left claimed', async () => {
     const { machine, copy, outcomes } = await preparedSession();
     const deciding = machine.decide('commit');
