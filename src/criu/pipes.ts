@@ -17,9 +17,9 @@ import type { FdSource } from '../transport/channel.ts';
 
 const S_IFIFO = 0o010000;
 /**
- * Buffered per pipe in the agent. The pipes themselves keep the kernel's
- * default size: CRIU holds the pages it collects in its own pipes, and
- * 1 MiB ones (pipe-max-size here) were no faster in the runs we made.
+ * Buffered per pipe when the agent reads one itself (no native sender). The
+ * native sender enlarges the pipe it reads to 4 MiB; read from JavaScript,
+ * 1 MiB pipes were no faster than the kernel's default in the runs we made.
  */
 const bodyBytes = 256 << 10;
 
