@@ -43,6 +43,8 @@ interface FerryRun {
   downtime: MigrationReport['downtime'];
   /** CPU time of each agent process over the migration, the source's with its native sender (not CRIU's). */
   cpuMs: { source: number; destination: number };
+  /** Each agent's peak RSS during this migration alone (its high-water mark reset just before). */
+  peakRssBytes: { source: number; destination: number };
   postcopy?: MigrationReport['postcopy'];
   /** The workload's page rewrites from just before the migration to just after it, as a share of its nominal rate. */
   progress?: number;
@@ -57,11 +59,14 @@ async function cpuMs(pid: number): Promise<number> {
 /** A migration through agent `from` to `to`, with the CPU each agent spent on it. */
 async function timedMigrate(from: AgentClient, fromAgent: AgentProcess, toAgent: AgentProcess, name: string, options: MigrationOptions): Promise<FerryRun> {
   const before = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
+  await resetPeakRss(fromAgent.pid);
+  await resetPeakRss(toAgent.pid);
   const report = await from.request('migrate', { name, destination: { url: toAgent.url, token: toAgent.token }, options });
   const after = [await cpuMs(fromAgent.pid), await cpuMs(toAgent.pid)];
+  const peakRssBytes = { source: await peakRss(fromAgent.pid), destination: await peakRss(toAgent.pid) };
   const { downtimeMs, totalMs, phases, bytes, criu, downtime, postcopy } = report;
   const source = after[0]! - before[0]! + nativeSendCpuMs(fromAgent, report.migrationId);
-  return { downtimeMs, totalMs, phases, bytes, criu, downtime, ...(postcopy ? { postcopy } : {}), cpuMs: { source, destination: after[1]! - before[1]! } };
+  return { downtimeMs, totalMs, phases, bytes, criu, downtime, ...(postcopy ? { postcopy } : {}), cpuMs: { source, destination: after[1]! - before[1]! }, peakRssBytes };
 }
 
 /** The CPU time of the source's ferry-frame-send runs for a migration, as the agent logged it. */
@@ -208,6 +213,20 @@ async function rootfsRun(a: AgentClient, agentB: AgentProcess, clientB: AgentCli
   } finally {
     await rm(directory, { recursive: true, force: true });
   }
+}
+
+/** The largest VmHWM seen of each process before its mark was reset, so the whole run's peak survives resets. */
+const peaksBeforeReset = new Map<number, number>();
+
+/** Resets a process's VmHWM to its current RSS (clear_refs 5), so the next peak is one migration's. */
+async function resetPeakRss(pid: number): Promise<void> {
+  peaksBeforeReset.set(pid, Math.max(peaksBeforeReset.get(pid) ?? 0, await peakRss(pid)));
+  await writeFile(`/proc/${pid}/clear_refs`, '5');
+}
+
+/** The peak RSS of a process over the whole run. */
+async function runPeakRss(pid: number): Promise<number> {
+  return Math.max(peaksBeforeReset.get(pid) ?? 0, await peakRss(pid));
 }
 
 async function peakRss(pid: number): Promise<number> {
@@ -393,7 +412,7 @@ try {
     process.stderr.write('bench: a small counter, moved back and forth…\n');
     small = await smallRuns(clientA, clientB, agents[0]!, agents[1]!);
   }
-  const rss = { sourceBytes: await peakRss(agents[0]!.pid), destinationBytes: await peakRss(agents[1]!.pid) };
+  const rss = { sourceBytes: await runPeakRss(agents[0]!.pid), destinationBytes: await runPeakRss(agents[1]!.pid) };
   let rootfsPasses: RootfsResult | undefined;
   if (parts.has('rootfs')) {
     process.stderr.write(`bench: rootfs of ${rootfsMiB} MiB, two passes against one…\n`);
@@ -470,6 +489,15 @@ function render(summary: {
         }),
       ),
       '',
+      "Each agent's peak RSS during one migration (its high-water mark reset just before; the largest of the runs):",
+      '',
+      '| memory | stop-and-copy source | destination | post-copy source | destination |',
+      '| --- | --- | --- | --- | --- |',
+      ...summary.sizes.map((size) => {
+        const peak = (runs: FerryRun[], side: 'source' | 'destination') => mib(Math.max(...runs.map((run) => run.peakRssBytes[side])));
+        return `| ${size.mib} MiB | ${peak(size.ferry, 'source')} | ${peak(size.ferry, 'destination')} | ${peak(size.postcopy, 'source')} | ${peak(size.postcopy, 'destination')} |`;
+      }),
+      '',
     );
     lines.push(
       `Post-copy against stop-and-copy and the naive baseline, same runs (medians; the workload rewrites ${dirtyMiBps} MiB/s; "progress" is how much of that it managed from just before the migration until just after it ended, last page included):`,
@@ -512,7 +540,7 @@ function render(summary: {
       '',
     );
   }
-  lines.push(`Peak RSS of the agents over the run: source ${mib(summary.peakRss.sourceBytes)}, destination ${mib(summary.peakRss.destinationBytes)}.`, '');
+  lines.push(`Peak RSS of the agents over the whole run (every part; each moves containers both ways): host A's ${mib(summary.peakRss.sourceBytes)}, host B's ${mib(summary.peakRss.destinationBytes)}.`, '');
   const passes = summary.rootfsPasses;
   if (passes) {
     lines.push(
