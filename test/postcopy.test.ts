@@ -158,19 +158,19 @@ it('stops the destination copy when its lazy-pages daemon dies, and the source g
   await removeQuietly(a, name);
 });
 
-// What the guard prevents, shown with its kill delayed 4 s after the daemon died: holding the
+// What the guard prevents, shown with its kill delayed 8 s after the daemon died: holding the
 // uffds, the copy's next read of a missing page waits (and dies with the copy); without
 // them (test fault no-hold) the same read gets a zero page and memload reports the mismatch.
 for (const hold of [true, false]) {
   it(`a copy whose page supply broke ${hold ? 'waits on a missing page, never reading a zero' : 'reads zero pages when nobody holds its uffds (the guard disabled)'}`, async () => {
     const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
-    const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:4000${hold ? '' : ',no-hold'}` } });
+    const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:8000${hold ? '' : ',no-hold'}` } });
     const name = hold ? 'pc-held' : 'pc-unheld';
     const checksum = await startMemload(a, memloadSpec(name, 256));
     const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
     const daemon = await daemonOf(await guardOnceRunning(b, name));
     process.kill(daemon, 'SIGKILL');
-    // The copy on B, still there for 4 s, is asked to check every page against its pattern.
+    // The copy on B, still there for 8 s, is asked to check every page against its pattern.
     const before = (await logsOf(b, name)).split('\n').length - 1;
     process.kill(await containerPid(b, name), 'SIGUSR2');
     const after = async () => (await logsOf(b, name)).split('\n').slice(before).join('\n');
@@ -178,8 +178,8 @@ for (const hold of [true, false]) {
       await sleep(2_000);
       expect(await after()).not.toMatch(/^verify /m);
     } else {
-      // Before the guard's delayed kill (4 s); a loaded machine may take a while to print it.
-      const answer = await poll('memload to answer the verify', 3_500, async () => (/^verify /m.test(await after()) ? after() : undefined));
+      // Before the guard's delayed kill (8 s); a loaded machine may take a while to print it.
+      const answer = await poll('memload to answer the verify', 7_000, async () => (/^verify /m.test(await after()) ? after() : undefined));
       expect(answer).toMatch(/^verify mismatch page \d+/m);
     }
     const error = await moving;
