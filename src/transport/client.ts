@@ -37,6 +37,8 @@ export function openSocket(options: ConnectOptions, path = '/control', phase: Ph
     perMessageDeflate: false,
     // Masking protects browsers behind proxies; between agents it only costs a copy.
     generateMask: (mask) => mask.fill(0),
+    // A data channel's frames may come from ferry-frame-send: nothing ws writes on its own (a pong) may land among them.
+    ...(path === '/control' ? {} : { autoPong: false }),
     ...(options.ca ? { ca: options.ca } : {}),
     ...(options.cert ? { cert: options.cert } : {}),
     ...(options.key ? { key: options.key } : {}),

@@ -14,6 +14,7 @@ import WebSocket, { WebSocketServer } from 'ws';
 import { digestOf } from '../../src/digest.ts';
 import { FerryError } from '../../src/errors.ts';
 import { nativeSendAvailable } from '../../src/transport/native-send.ts';
+import { openSocket } from '../../src/transport/client.ts';
 
 // Read once, when the fault module loads: before the channel is imported.
 process.env.FERRY_FAULTS = 'corrupt-chunk:spoiled:3';
@@ -167,5 +168,25 @@ describe.skipIf(!nativeSendAvailable())('the native sender', () => {
     expect(got.content.equals(content)).toBe(true);
     expect(await sent).toEqual({ bytes: content.length, digest: digestOf(content) });
     expect(sender.nativeStreams).toBe(0);
+  });
+
+  it("leaves a data channel's pings unanswered, so that ws writes nothing among the helper's frames; the control link answers", async () => {
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await once(wss, 'listening');
+    cleanups.push(() => wss.close());
+    const url = `ws://127.0.0.1:${(wss.address() as AddressInfo).port}`;
+    const pongs = async (path: string): Promise<number> => {
+      const accepted = once(wss, 'connection') as Promise<[WebSocket]>;
+      const client = await openSocket({ url, token: 't' }, path);
+      cleanups.push(() => client.terminate());
+      const [server] = await accepted;
+      let count = 0;
+      server.on('pong', () => (count += 1));
+      server.ping();
+      await sleep(300);
+      return count;
+    };
+    expect(await pongs('/migrations/m-1/pages')).toBe(0);
+    expect(await pongs('/control')).toBe(1);
   });
 });
