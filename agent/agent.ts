@@ -11,7 +11,7 @@ import { ControlConnection } from './control.ts';
 import { AgentMetrics } from './metrics.ts';
 import { DestinationSessions } from './migration/destination.ts';
 import { MigrationJournal } from './migration/journal.ts';
-import { recoverMigrations } from './migration/recovery.ts';
+import { recoverMigrations, tidyFinished } from './migration/recovery.ts';
 import { ensurePipeMaxSize, lazyPipeBytes } from '../src/host/pipe-size.ts';
 import type { PeerIdentity } from './migration/peer.ts';
 import { MigrationSource } from './migration/source.ts';
@@ -145,6 +145,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   // The socket probe (a real CRIU dump, ~1 s) runs now rather than in the first migration's preflight.
   void criu().then((found) => found.socketCheckpoint()).catch(() => undefined);
   void recoverMigrations({ runtime, journal, logger, identity });
+  // A long-running agent drops old finished migrations too, not only at its start.
+  setInterval(() => void tidyFinished({ journal, logger }).catch(() => undefined), 6 * 3600_000).unref();
   return { url: endpoint.url, close: () => endpoint.close() };
 }
 

@@ -123,3 +123,25 @@ it('removes the images of a finished migration that outlived an agent killed bef
   expect(list.containers.map((container) => [container.name, container.status])).toEqual([[name, 'running']]);
   await restarted.client.request('remove', { name, force: true });
 });
+
+it('drops the whole directory of a migration finished over a week ago, and keeps a recent one', async () => {
+  const [a, b] = test.nodes as [TestCluster['nodes'][0], TestCluster['nodes'][0]];
+  const name = 'aged';
+  await runContainer(a, memloadSpec(name, 16));
+  await waitForMemload(a, name);
+  const there = await migrate(a, b, name);
+  const back = await migrate(b, a, name);
+  expect([there.outcome, back.outcome]).toEqual(['succeeded', 'succeeded']);
+  await b.agent.kill('SIGKILL');
+  // B took part in both: destination of the first, source of the second. The first is made 8 days old.
+  const old = join(b.host.stateDir, 'migrations', there.migrationId);
+  const recent = join(b.host.stateDir, 'migrations', back.migrationId);
+  const journal = JSON.parse(await readFile(join(old, 'journal.json'), 'utf8')) as { state: string; updatedAt: string };
+  expect(journal.state).toBe('done');
+  journal.updatedAt = new Date(Date.now() - 8 * 24 * 3600_000).toISOString();
+  await writeFile(join(old, 'journal.json'), JSON.stringify(journal), { mode: 0o600 });
+  await test.restartAgent(1);
+  await poll('the week-old migration dropped', 15_000, async () => !existsSync(old) || undefined);
+  expect(JSON.parse(await readFile(join(recent, 'journal.json'), 'utf8')).state).toBe('done');
+  await a.client.request('remove', { name, force: true });
+});

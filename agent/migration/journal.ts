@@ -42,6 +42,9 @@ export function isFinal(state: JournalState): boolean {
   return state === 'done' || state === 'aborted';
 }
 
+/** How long a finished migration's journal and CRIU's logs stay for whoever wants to see what happened. */
+export const finishedRetentionMs = 7 * 24 * 3600_000;
+
 export class MigrationJournal {
   readonly root: string;
 
@@ -77,6 +80,11 @@ export class MigrationJournal {
     const names = await readdir(this.root).catch(() => []);
     const entries = await Promise.all(names.map((name) => this.read(name).catch(() => undefined)));
     return entries.filter((entry): entry is JournalEntry => !!entry);
+  }
+
+  /** Drops a migration's whole directory: its journal, CRIU's logs, any images. */
+  async remove(migrationId: string): Promise<void> {
+    await rm(this.directory(migrationId), { recursive: true, force: true });
   }
 
   /** Drops the bulky images, keeping the journal and CRIU's logs. */

@@ -5,7 +5,7 @@ import { drainOrphanedPipes } from '../../src/criu/pipes.ts';
 import { unlockNetwork } from '../../src/net/lock.ts';
 import { announceAddress } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
-import { isFinal, type DestinationEntry, type MigrationJournal, type SourceEntry } from './journal.ts';
+import { finishedRetentionMs, isFinal, type DestinationEntry, type JournalEntry, type MigrationJournal, type SourceEntry } from './journal.ts';
 import { destinationRecovery, sourceRecovery } from './decisions.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
 
@@ -24,10 +24,7 @@ export interface RecoveryDependencies {
  */
 export async function recoverMigrations(deps: RecoveryDependencies): Promise<void> {
   const entries = await deps.journal.entries();
-  // A finished migration's images outlive it when the agent died between its last journal write and their removal.
-  for (const entry of entries.filter((each) => isFinal(each.state))) {
-    await deps.journal.removeImages(entry.migrationId).catch((error: unknown) => deps.logger.warn({ err: error, migrationId: entry.migrationId }, 'could not remove images'));
-  }
+  await tidyFinished(deps, entries);
   for (const entry of entries.filter((each) => !isFinal(each.state))) {
     const logger = deps.logger.child({ migrationId: entry.migrationId, container: entry.container });
     try {
@@ -36,6 +33,20 @@ export async function recoverMigrations(deps: RecoveryDependencies): Promise<voi
     } catch (error) {
       logger.error({ err: error }, 'recovery failed');
     }
+  }
+}
+
+/**
+ * Finished migrations: their images go (they outlive one when the agent
+ * died between its last journal write and their removal), and the whole
+ * directory once it is older than `finishedRetentionMs`.
+ */
+export async function tidyFinished(deps: Pick<RecoveryDependencies, 'journal' | 'logger'>, entries?: JournalEntry[], now = Date.now()): Promise<void> {
+  for (const entry of (entries ?? (await deps.journal.entries())).filter((each) => isFinal(each.state))) {
+    const expired = now - Date.parse(entry.updatedAt) > finishedRetentionMs;
+    await (expired ? deps.journal.remove(entry.migrationId) : deps.journal.removeImages(entry.migrationId)).catch((error: unknown) =>
+      deps.logger.warn({ err: error, migrationId: entry.migrationId }, expired ? 'could not remove a finished migration' : 'could not remove images'),
+    );
   }
 }
 
