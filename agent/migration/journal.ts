@@ -4,6 +4,7 @@ import { z } from 'zod';
 import { readJsonFile, writeJsonFile } from '../../src/json-file.ts';
 import { FerryError } from '../../src/errors.ts';
 import { describeIssues, destinationSchema } from '../../src/protocol/messages.ts';
+import { migrationIdSchema } from '../../src/protocol/migration.ts';
 
 // Durable migration records. The source alone decides commit or abort and
 // writes the decision here before telling anyone, so after any crash both
@@ -11,7 +12,8 @@ import { describeIssues, destinationSchema } from '../../src/protocol/messages.t
 // its own states.
 
 const entryBase = {
-  migrationId: z.string(),
+  // It names the entry's directory, which recovery may remove whole: never a path.
+  migrationId: migrationIdSchema,
   container: z.string(),
   updatedAt: z.string(),
   error: z.string().optional(),
