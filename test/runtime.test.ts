@@ -373,6 +373,7 @@ describe('ferry doctor --json', () => {
     expect(capability('nftables (network lock)')?.ok).toBe(true);
     expect(capability('memory dirty tracking')).toMatchObject({ ok: false, value: expect.stringMatching(/^absent/) });
     expect(capability('a freezer')?.ok).toBe(true);
+    expect(capability('ferry-frame-send (page sender)')).toMatchObject({ ok: true, value: expect.stringMatching(/ferry-frame-send$/) });
   });
 });
 

@@ -5,7 +5,8 @@ import { execa } from 'execa';
 import { readCgroupMounts } from '../cgroup/mounts.ts';
 import { Criu, readKernelRelease } from '../criu/criu.ts';
 import { FerryError } from '../errors.ts';
-import { helperExists, helperPath } from '../paths.ts';
+import { frameSendPath, helperExists, helperPath } from '../paths.ts';
+import { nativeSendAvailable } from '../transport/native-send.ts';
 import type { Capability } from '../protocol/host.ts';
 import { formatBytes } from '../format.ts';
 import { freeBytes } from './capacity.ts';
@@ -105,6 +106,15 @@ export async function examineHost(stateDir: string, criuPath?: string): Promise<
     value: helperPath(),
     required: true,
     hint: 'run `bash scripts/setup.sh` to build it',
+  });
+
+  const native = nativeSendAvailable();
+  add({
+    name: 'ferry-frame-send (page sender)',
+    ok: native,
+    value: native ? frameSendPath() : process.env.FERRY_NATIVE_SEND === '0' ? 'off (FERRY_NATIVE_SEND=0)' : 'absent: the agent sends page images itself, slower',
+    required: false,
+    ...(native ? {} : { hint: 'bash scripts/build-native.sh builds it' }),
   });
 
   const free = await freeBytes(stateDir);
