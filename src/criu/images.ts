@@ -148,9 +148,12 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
   // A zombie (exited, not yet reaped) has a core image and nothing else: CRIU restores it as a
   // task that exits at once, running nothing of the image, so it has no namespaces or credentials to check.
   const zombies = new Set<number>();
+  // Kept: a live task's main thread reads its core image again for the credentials below.
+  const cores = new Map<number, Fields | undefined>();
   for (const task of tasks) {
     const image = `core-${task.pid}.img`;
     const [core] = await records(imagesDir, image);
+    cores.set(task.pid, core);
     if (number(nested(core, 3, image) ?? new Map(), 1) === taskDead) zombies.add(task.pid);
   }
   if (zombies.has(root.pid)) throw refuse('the root task is a zombie');
@@ -176,7 +179,7 @@ export async function summarizeImages(imagesDir: string): Promise<ImageSummary> 
   const creds = new Map<number, ThreadCreds>();
   for (const thread of threads) {
     const image = `core-${thread}.img`;
-    const [core] = await records(imagesDir, image);
+    const core = cores.has(thread) ? cores.get(thread) : (await records(imagesDir, image))[0];
     const threadCreds = nested(nested(core, 5, image), 10, image);
     if (!threadCreds) throw refuse(`${image} has no credentials`);
     creds.set(thread, {
