@@ -5,7 +5,14 @@ import type WebSocket from 'ws';
  * ping by the next one is gone (dead process, cut link) and the socket is
  * terminated, which every waiter on it sees as a close.
  */
-export function keepAlive(socket: WebSocket, intervalMs = 2_000, missedLimit = 3): void {
+/**
+ * Pings a peer may leave unanswered. FERRY_HEARTBEAT_MISSED raises it where
+ * time itself runs slow: under the VM lane's emulation (test/vm/lane.ts) a
+ * 6 s window is a few hundred ms of native work on a busy event loop.
+ */
+const defaultMissedLimit = Number(process.env.FERRY_HEARTBEAT_MISSED) || 3;
+
+export function keepAlive(socket: WebSocket, intervalMs = 2_000, missedLimit = defaultMissedLimit): void {
   let missed = 0;
   socket.on('pong', () => {
     missed = 0;

@@ -29,7 +29,8 @@ export interface VmOptions {
   /**
    * Added to the guest command's environment, which is otherwise clean:
    * PATH (the host Node's directory first), HOME=/root, LANG=C.UTF-8, TERM=dumb,
-   * NODE_COMPILE_CACHE (a tmpfs directory), FERRY_TEST_AGENT_READY_MS=120000.
+   * NODE_COMPILE_CACHE (a tmpfs directory), FERRY_TEST_AGENT_READY_MS=120000,
+   * FERRY_HEARTBEAT_MISSED=15.
    */
   env?: Record<string, string>;
   /** Default 2048. */
@@ -141,6 +142,8 @@ function jobScript(options: VmOptions, repo: string): string {
     NODE_COMPILE_CACHE: '/var/tmp/node-compile-cache',
     // the lab's wait for an agent to listen (lab/agents.ts)
     FERRY_TEST_AGENT_READY_MS: '120000',
+    // heartbeats (src/transport/heartbeat.ts): 30 s of silence instead of 6 s before a peer counts as gone
+    FERRY_HEARTBEAT_MISSED: '15',
     ...options.env,
   };
   const assignments = Object.entries(env).map(([key, value]) => {
