@@ -16,7 +16,7 @@ import {
   type RequestType,
 } from '../src/protocol/messages.ts';
 import { peerMessageSchema, type PeerMessage, type ProgressEvent } from '../src/protocol/migration.ts';
-import { keepAlive } from '../src/transport/heartbeat.ts';
+import { keepAlive, type Heartbeat } from '../src/transport/heartbeat.ts';
 
 export interface RequestContext {
   progress: (event: ProgressEvent) => void;
@@ -43,6 +43,8 @@ export const maxInFlight = 64;
 /** One client's control connection: hello first, then requests, replies and progress. */
 export class ControlConnection {
   readonly socket: WebSocket;
+  /** How long the client may stay silent; a post-copy migration on this link raises it to its bound. */
+  readonly heartbeat: Heartbeat;
   private readonly logger: Logger;
   private readonly handlers: RequestHandlers;
   private readonly peer: PeerHandler;
@@ -54,7 +56,7 @@ export class ControlConnection {
     this.logger = logger;
     this.handlers = handlers;
     this.peer = peer;
-    keepAlive(socket);
+    this.heartbeat = keepAlive(socket);
     const helloDeadline = setTimeout(() => this.closeWith('TIMEOUT', `no hello within ${helloTimeoutMs} ms`), helloTimeoutMs);
     helloDeadline.unref();
     socket.on('message', (data, isBinary) => {

@@ -4,7 +4,7 @@ import { examineHost } from '../src/host/doctor.ts';
 import { FerryError } from '../src/errors.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
 import { addressProblem, parseCidr } from '../src/net/address.ts';
-import { migrationOptionsSchema } from '../src/protocol/migration.ts';
+import { defaultPostcopyGraceMs, migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { AgentClient } from '../src/transport/client.ts';
 import { loadConfig, readPem, resolveHost, type Endpoint } from './config.ts';
 import { containersTable, doctorTable, progressPrinter, reportText } from './output.ts';
@@ -194,11 +194,22 @@ program
   .option('--allow-postcopy', 'let auto pick post-copy when stop-and-copy would outlast --max-downtime (the source host must then stay up until the last page)', false)
   .option('--max-downtime <ms>', 'downtime budget for pre-copy', (value) => Number(value), 300)
   .option('--max-rounds <n>', 'pre-copy rounds at most', (value) => Number(value), 8)
+  .option('--postcopy-grace <ms>', 'post-copy: how long a cut link is waited out before the destination\'s copy is stopped and the source\'s resumes', (value) => Number(value), defaultPostcopyGraceMs)
   .option('--timeout <ms>', 'give up and roll back after this long', (value) => Number(value), 600_000)
   .action(
     async (
       name: string,
-      options: { from: string; to: string; toToken?: string; strategy: string; allowPostcopy: boolean; maxDowntime: number; maxRounds: number; timeout: number },
+      options: {
+        from: string;
+        to: string;
+        toToken?: string;
+        strategy: string;
+        allowPostcopy: boolean;
+        maxDowntime: number;
+        maxRounds: number;
+        postcopyGrace: number;
+        timeout: number;
+      },
     ) => {
       const destinationEndpoint = resolveHost(loadConfig(globals().config), options.to, options.toToken ?? globals().token);
       const ca = readPem(destinationEndpoint.ca)?.toString();
@@ -207,6 +218,7 @@ program
         ...(options.allowPostcopy ? { allowPostcopy: true } : {}),
         maxDowntimeMs: options.maxDowntime,
         maxRounds: options.maxRounds,
+        postcopyGraceMs: options.postcopyGrace,
         timeoutMs: options.timeout,
       });
       const progress = progressPrinter(!!globals().json);

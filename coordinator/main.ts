@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { Command } from 'commander';
 import { createLogger } from '../src/log.ts';
 import { registerHostBodySchema, type RegisterHostBody } from '../src/protocol/coordinator.ts';
+import { migrationOptionsSchema } from '../src/protocol/migration.ts';
 import { Service } from './service.ts';
 
 const collect = (value: string, previous: string[]) => [...previous, value];
@@ -19,6 +20,7 @@ export async function main(argv: string[]): Promise<void> {
     .option('--heartbeat-ms <ms>', 'interval of the info polls; 3 missed mark a host down', (value) => Number(value), 2_000)
     .option('--margin-mib <MiB>', 'memory a target must have free beyond the container', (value) => Number(value), 16)
     .option('--allow-postcopy', 'let migrations pick post-copy when stop-and-copy would outlast the downtime budget (the source host must then stay up until the last page)', false)
+    .option('--postcopy-grace <ms>', 'post-copy: how long a cut link is waited out before the destination\'s copy is stopped and the source\'s resumes', (value) => Number(value))
     .parse(argv, { from: 'user' });
 
   const options = program.opts<{
@@ -30,11 +32,15 @@ export async function main(argv: string[]): Promise<void> {
     heartbeatMs: number;
     marginMib: number;
     allowPostcopy: boolean;
+    postcopyGrace?: number;
   }>();
 
   const logger = createLogger('coordinator');
   const token = options.token ?? (options.tokenFile ? readFileSync(options.tokenFile, 'utf8').trim() : process.env.FERRY_COORDINATOR_TOKEN);
   if (!token) fail('a token is required: --token, --token-file or FERRY_COORDINATOR_TOKEN');
+  if (options.postcopyGrace !== undefined && !migrationOptionsSchema.shape.postcopyGraceMs.safeParse(options.postcopyGrace).success) {
+    fail(`--postcopy-grace must be a whole number of ms from 2000 to 600000, not ${options.postcopyGrace}`);
+  }
   const separator = options.listen.lastIndexOf(':');
 
   const service = new Service({
@@ -47,6 +53,7 @@ export async function main(argv: string[]): Promise<void> {
     heartbeatMs: options.heartbeatMs,
     marginBytes: options.marginMib * 1024 * 1024,
     allowPostcopy: options.allowPostcopy,
+    ...(options.postcopyGrace !== undefined ? { postcopyGraceMs: options.postcopyGrace } : {}),
   });
   await service.start();
   logger.info({ url: service.url }, 'coordinator listening');

@@ -38,6 +38,7 @@ export interface MigratorOptions {
   marginBytes: number;
   migrationTimeoutMs: number;
   allowPostcopy: boolean;
+  postcopyGraceMs?: number;
 }
 
 const SETTLE_POLL_MS = 500;
@@ -218,7 +219,11 @@ export class Migrator {
           {
             name: row.container,
             destination: { url: destination.url, token: destination.token },
-            options: migrationOptionsSchema.parse({ timeoutMs: this.options.migrationTimeoutMs, ...(this.options.allowPostcopy ? { allowPostcopy: true } : {}) }),
+            options: migrationOptionsSchema.parse({
+              timeoutMs: this.options.migrationTimeoutMs,
+              ...(this.options.allowPostcopy ? { allowPostcopy: true } : {}),
+              ...(this.options.postcopyGraceMs !== undefined ? { postcopyGraceMs: this.options.postcopyGraceMs } : {}),
+            }),
           },
           (event) => {
             // Phase changes always, byte counts at most twice a second.

@@ -26,6 +26,8 @@ export interface ServiceOptions {
   migrationTimeoutMs?: number;
   /** Migrations may move memory post-copy where stop-and-copy would outlast the downtime budget (off by default). */
   allowPostcopy?: boolean;
+  /** Post-copy: the bound on a cut link (the migration option postcopyGraceMs). */
+  postcopyGraceMs?: number;
 }
 
 export class Service {
@@ -53,6 +55,7 @@ export class Service {
       marginBytes: options.marginBytes ?? 16 * 1024 * 1024,
       migrationTimeoutMs: options.migrationTimeoutMs ?? 10 * 60_000,
       allowPostcopy: options.allowPostcopy ?? false,
+      ...(options.postcopyGraceMs !== undefined ? { postcopyGraceMs: options.postcopyGraceMs } : {}),
     });
     this.evacuator = new Evacuator({ ...deps, migrator: this.migrator });
     this.server = createApiServer(this, options.logger);

@@ -1,7 +1,8 @@
 // The destination's link is cut for 8 s at each phase of a migration, then
 // brought back. Whatever the phase, within 30 s of the link coming back: the
 // migration has ended (failed with a typed error naming the phase, or
-// succeeded if the cut came after the commit), exactly one copy of the
+// succeeded if the cut came after the commit or in post-copy within its
+// bound), exactly one copy of the
 // workload lives (the kernel's process list and both cgroup trees say so, and
 // its memory verifies), the other host keeps nothing (no cgroup, images,
 // state or claim on the name), and a migration back or again succeeds.
@@ -283,14 +284,39 @@ describe('a cut of the destination link', { timeout: 150_000 }, () => {
     );
   });
 
-  it('mid-post-copy: B stops its running copy, A thaws only once B says so, one copy, then migrates', async () => {
+  it('mid-post-copy, within the bound: both wait the cut out, the pages resume, the move succeeds, runs on B only', async () => {
+    await cutAndCheck(
+      {
+        name: 'cut-postcopy-wait',
+        mib: 128,
+        seed: 5107,
+        options: { strategy: 'postcopy', postcopyGraceMs: 30_000 },
+        // Slow pages, so that the cut lands while they still arrive.
+        source: { env: { FERRY_FAULTS: 'postcopy-slow:2' } },
+        atDestinationLog: (line) => line.msg === 'post-copy: running here; pages follow',
+      },
+      ({ outcome, events }) => {
+        expect(outcome.report, `expected a report, got ${describeOutcome(outcome)}`).toBeDefined();
+        const report = outcome.report!;
+        expect(report.outcome).toBe('succeeded');
+        expect(report.postcopy?.graceMs).toBe(30_000);
+        // Longer than the usual window (3 pings 2 s apart), which the cut would have ended in any other phase.
+        expect(report.postcopy?.longestSilenceMs).toBeGreaterThan(6_000);
+        expect(report.warnings?.join('\n')).toMatch(/silent for \d+ ms during post-copy \(bound 30000 ms\); the page transfer resumed/);
+        expect(events.some((event) => /^no word from h1 for \d+ ms; waiting up to 30000 ms/.test(event.message ?? ''))).toBe(true);
+        return 'destination';
+      },
+    );
+  });
+
+  it('mid-post-copy, past the bound: B stops its running copy, A thaws only once B says so, one copy, then migrates', async () => {
     await cutAndCheck(
       {
         name: 'cut-postcopy',
         mib: 128,
         seed: 5106,
-        options: { strategy: 'postcopy' },
-        // Slow pages, so that the cut lands while they still arrive.
+        // The least bound there is: the usual heartbeat window (6 s), shorter than the cut.
+        options: { strategy: 'postcopy', postcopyGraceMs: 2_000 },
         source: { env: { FERRY_FAULTS: 'postcopy-slow:2' } },
         atDestinationLog: (line) => line.msg === 'post-copy: running here; pages follow',
       },

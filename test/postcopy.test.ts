@@ -25,6 +25,7 @@ import {
   type TestCluster,
 } from './helpers/migration.ts';
 import { memloadSpec as memloadWith, poll } from './helpers/workloads.ts';
+import { cutLink, reconnectSoon } from './helpers/faults.ts';
 
 let test: TestCluster;
 
@@ -234,4 +235,31 @@ it('resumes the source when the source agent is SIGKILLed mid-post-copy and rest
   expect(await containerPid(restarted, name)).toBe(pid);
   expect(await requestChecksum(restarted, name)).toBe(checksum);
   await removeQuietly(restarted, name);
+});
+
+it('gives up on a cut longer than the bound: the copy on the destination is stopped, the source resumes', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-cut-long';
+  const checksum = await startMemload(a, memloadSpec(name, 256));
+  const pid = await containerPid(a, name);
+  const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy', postcopyGraceMs: 4_000 }));
+  await guardOnceRunning(b, name);
+  const cut = cutLink(b, 16_000);
+  const error = await moving;
+  expect(error.phase).toBe('postcopy');
+  expect(error.code).toBe('PEER_GONE');
+  // A thaws its copy only once B confirmed that its own is gone: at once if B answers within a few tries, else later.
+  expect(error.details.join('\n')).toMatch(/runs here again from its state at the freeze|in doubt: .* did not confirm that its copy is gone/);
+  expect(await isAlive(pid)).toBe(true);
+  await cut;
+  await reconnectSoon(b);
+  await waitUntilClean(b, name);
+  await poll('the source to thaw its copy once B confirmed', 60_000, async () => {
+    const verdict = await requestVerify(a, name).catch(() => undefined);
+    return verdict?.startsWith('verify ok ') ? true : undefined;
+  });
+  expect(await containerPid(a, name)).toBe(pid);
+  expect(await requestChecksum(a, name)).toBe(checksum);
+  await removeQuietly(a, name);
 });

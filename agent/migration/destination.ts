@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import type WebSocket from 'ws';
 import type { Criu } from '../../src/criu/criu.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
+import type { Heartbeat } from '../../src/transport/heartbeat.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
@@ -45,6 +46,8 @@ export interface DestinationDependencies {
 export interface SessionPeer {
   sendPeer(message: PeerMessage): void;
   readonly open: boolean;
+  /** The link's heartbeat, which post-copy lets wait out a cut up to its bound. */
+  readonly heartbeat?: Pick<Heartbeat, 'tolerate'>;
 }
 
 /** All incoming migrations of this agent, keyed by migration id. */
@@ -123,6 +126,7 @@ export class DestinationSessions implements PeerHandler {
       copy: (signal) => new LocalCopy(this.deps, offer, signal, logger),
       logger,
       forget,
+      ...(offer.postcopyGraceMs ? { postcopyGraceMs: offer.postcopyGraceMs } : {}),
       ...(this.deps.onOutcome ? { onOutcome: this.deps.onOutcome } : {}),
     });
     this.sessions.set(offer.migrationId, session);
@@ -191,6 +195,8 @@ export interface SessionParts<S extends Terminable> {
   /** Drops the session from the agent's table: once decided, later messages find only the journal. */
   forget: () => void;
   onOutcome?: (outcome: 'succeeded' | 'rolled-back') => void;
+  /** Post-copy: how long a silent source is waited for (the offer's bound). */
+  postcopyGraceMs?: number;
 }
 
 /**
@@ -301,15 +307,33 @@ export class DestinationSession<S extends Terminable> {
         this.copy.restore(this.filesDone, pages, (facts) => {
           if (!this.live) return;
           this.transition('postcopy');
+          this.waitOutCuts(true);
           this.peer.sendPeer({ type: 'running', migrationId: this.migrationId, ...facts });
         }),
       );
+      this.waitOutCuts(false);
       if (!this.live) return;
       this.transition('prepared');
       this.peer.sendPeer({ type: 'prepared', migrationId: this.migrationId, ...prepared });
     } catch (error) {
+      this.waitOutCuts(false);
       await this.fail(error);
     }
+  }
+
+  /**
+   * While the copy runs here on pages still to come, a silent source is
+   * waited for up to the bound: the link may only be cut, and the transfer
+   * resumes when it returns. Past the bound the link is dropped (sourceGone).
+   */
+  private waitOutCuts(on: boolean): void {
+    const bound = this.parts.postcopyGraceMs;
+    if (!bound) return;
+    if (!on) return this.peer.heartbeat?.tolerate(undefined);
+    this.peer.heartbeat?.tolerate(bound, {
+      silent: (silentMs) => this.logger.warn({ phase: 'postcopy', silentMs, boundMs: bound }, 'post-copy: the source is silent; waiting for the link up to the bound'),
+      back: (silentMs) => this.logger.info({ phase: 'postcopy', silentMs }, 'post-copy: the source is heard again; pages resume'),
+    });
   }
 
   /** The source's decision. A commit is only taken once prepared; earlier it is refused and the copy dropped. */
@@ -383,6 +407,7 @@ export class DestinationSession<S extends Terminable> {
 
   private async discard(reason: string): Promise<void> {
     this.transition('aborting');
+    this.waitOutCuts(false);
     this.stopWriters.abort();
     this.closeChannels();
     await Promise.all(this.writers);

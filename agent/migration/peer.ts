@@ -4,7 +4,7 @@ import { checkedMessage, parseJsonMessage, type Destination } from '../../src/pr
 import { wireErrorSchema } from '../../src/protocol/errors.ts';
 import { destinationSendsInStep, peerMessageSchema, type DataChannel, type PeerMessage, type SourceStep } from '../../src/protocol/migration.ts';
 import { openSocket, type ConnectOptions } from '../../src/transport/client.ts';
-import { keepAlive } from '../../src/transport/heartbeat.ts';
+import { keepAlive, type Heartbeat } from '../../src/transport/heartbeat.ts';
 import { exchangeHello } from '../../src/transport/hello.ts';
 
 /** Who this agent is when it connects to a peer. */
@@ -143,6 +143,8 @@ export interface SourcePeer {
   openChannel(migrationId: string, channel: DataChannel): Promise<WebSocket>;
   /** Called once when the control link closes (or is cut). */
   onClose(listener: () => void): void;
+  /** The link's heartbeat: how long the destination may stay silent. */
+  readonly heartbeat: Heartbeat;
   /** Cuts the link now, without a closing handshake. */
   terminate(): void;
   close(): void;
@@ -156,13 +158,14 @@ export interface SourcePeer {
 export class PeerLink implements SourcePeer {
   readonly socket: WebSocket;
   readonly inbox: PeerInbox;
+  readonly heartbeat: Heartbeat;
   private readonly connectOptions: ConnectOptions;
 
   private constructor(socket: WebSocket, peerName: string, connectOptions: ConnectOptions) {
     this.socket = socket;
     this.inbox = new PeerInbox(peerName);
     this.connectOptions = connectOptions;
-    keepAlive(socket);
+    this.heartbeat = keepAlive(socket);
     socket.on('message', (data, isBinary) => {
       if (!isBinary) this.inbox.receive(data.toString());
     });

@@ -20,7 +20,7 @@ export interface ReportFacts {
   runningAt?: number | undefined;
   warnings: string[];
   /** Post-copy: the destination's figures, and when (source clock) the last page was in. */
-  postcopy?: { stats: PostcopyStats; completeAt: number; pageBytes: number } | undefined;
+  postcopy?: { stats: PostcopyStats; completeAt: number; pageBytes: number; longestSilenceMs?: number; graceMs?: number } | undefined;
 }
 
 export interface ReportInput {
@@ -62,6 +62,7 @@ export function buildReport(input: ReportInput): MigrationReport {
             runningMs: roundMs(facts.runningAt - facts.startedAt),
             completeMs: roundMs(facts.postcopy.completeAt - facts.startedAt),
             pageBytes: facts.postcopy.pageBytes,
+            ...(facts.postcopy.graceMs ? { graceMs: facts.postcopy.graceMs, longestSilenceMs: facts.postcopy.longestSilenceMs ?? 0 } : {}),
           },
         }
       : {}),

@@ -9,6 +9,7 @@ import { readKernelRelease } from '../../src/criu/criu.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Destination } from '../../src/protocol/messages.ts';
 import {
+  defaultPostcopyGraceMs,
   filesStreams,
   roundStreamName,
   type MigrationOptions,
@@ -254,7 +255,7 @@ export class MigrationSource {
       cpuinfo: (await readFile(join(cpuinfoDir, 'cpuinfo.img'))).toString('base64'),
       needs: { rootfsBytes, memoryBytes, rootfsEntries },
       sockets,
-      ...(this.lazy ? { lazyPages: true } : {}),
+      ...(this.lazy ? { lazyPages: true, postcopyGraceMs: this.graceMs } : {}),
     });
     this.offered = true;
     const accept = await this.peer.inbox.expect('accept', 60_000, 'preflight');
@@ -510,12 +511,41 @@ export class MigrationSource {
     );
   }
 
+  /**
+   * Post-copy: the destination runs the container and the source holds the
+   * pages, so a silent link is waited out up to the bound (TCP carries the
+   * connections over a cut) instead of rolling back what runs there.
+   */
+  private get graceMs(): number {
+    return this.request.options.postcopyGraceMs ?? defaultPostcopyGraceMs;
+  }
+
+  private waitOutCuts(): void {
+    const bound = this.graceMs;
+    const where = this.peer!.peerName;
+    this.peer!.heartbeat.tolerate(bound, {
+      silent: (silentMs) => {
+        this.logger.warn({ phase: 'postcopy', silentMs, boundMs: bound }, 'post-copy: the destination is silent; waiting for the link up to the bound');
+        this.request.progress({ migrationId: this.migrationId, phase: 'postcopy', message: `no word from ${where} for ${silentMs} ms; waiting up to ${bound} ms for the link`, ...this.meter.snapshot() });
+      },
+      back: (silentMs) => {
+        this.logger.info({ phase: 'postcopy', silentMs }, 'post-copy: the destination is heard again; pages resume');
+        this.facts.warnings.push(`the link to ${where} was silent for ${silentMs} ms during post-copy (bound ${bound} ms); the page transfer resumed`);
+      },
+    });
+  }
+
   /** Post-copy: pages go to the destination until it says every one is there (prepared). */
   private async serveRemainingPages(): Promise<void> {
     const prepared = await this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy');
+    const heartbeat = this.peer!.heartbeat;
+    heartbeat.tolerate(undefined);
     const pageBytes = this.lazyRelay?.sent ?? 0;
     this.meter.counter('pages')(pageBytes);
-    if (prepared.postcopy) this.facts.postcopy = { stats: prepared.postcopy, completeAt: performance.now(), pageBytes };
+    if (prepared.postcopy) {
+      const silence = { longestSilenceMs: heartbeat.longestSilenceMs, graceMs: this.graceMs };
+      this.facts.postcopy = { stats: prepared.postcopy, completeAt: performance.now(), pageBytes, ...silence };
+    }
     // The daemon said goodbye to CRIU's page server, which exits; its tasks stay frozen until the commit.
     const stats = await withTimeout(this.lazyDump!.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch((error: unknown) => {
       this.facts.warnings.push(`the source's page server did not exit cleanly: ${toFerryError(error).message}`);
@@ -549,6 +579,7 @@ export class MigrationSource {
     this.facts.marks.sent = performance.now();
     if (this.lazy) {
       const running = await this.peer!.inbox.expect('running', 5 * 60_000, 'restore');
+      this.waitOutCuts();
       this.facts.marks.prepared = performance.now();
       this.facts.runningAt = this.facts.marks.prepared;
       this.facts.restoreStats = running.restoreStats;

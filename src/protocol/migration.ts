@@ -17,12 +17,21 @@ export const migrationOptionsSchema = z.object({
   /** Downtime budget for the pre-copy convergence policy. */
   maxDowntimeMs: z.number().int().positive().default(300),
   maxRounds: z.number().int().min(0).max(maxRoundNumber).default(8),
+  /**
+   * Post-copy: how long either agent waits out a silent link (a cut) before it
+   * gives up on the other. Within it the page transfer resumes and the copy
+   * runs on; past it the destination's copy is stopped and the source's resumes.
+   */
+  postcopyGraceMs: z.number().int().min(2_000).max(10 * 60_000).optional(),
   /** Send the rootfs while the container runs, then only what changed; false sends it all during the freeze (a baseline for benchmarks). */
   rootfsPrecopy: z.boolean().default(true),
   /** Bound on the whole migration; on expiry it rolls back. */
   timeoutMs: z.number().int().positive().default(10 * 60_000),
 });
 export type MigrationOptions = z.infer<typeof migrationOptionsSchema>;
+
+/** The bound on a silent link during post-copy unless the migration says otherwise. */
+export const defaultPostcopyGraceMs = 30_000;
 
 /** One pre-dump round in the report. */
 export const roundReportSchema = z.object({
@@ -123,7 +132,15 @@ export const migrationReportSchema = z.object({
     .optional(),
   /** Post-copy: the container ran on the destination from runningMs (after the start), its last page arrived at lastPageMs. */
   postcopy: postcopyStatsSchema
-    .extend({ runningMs: milliseconds, completeMs: milliseconds, pageBytes: byteCount })
+    .extend({
+      runningMs: milliseconds,
+      completeMs: milliseconds,
+      pageBytes: byteCount,
+      /** The longest the source heard nothing from the destination during post-copy (a cut link waited out). */
+      longestSilenceMs: milliseconds.optional(),
+      /** The bound on such a silence. */
+      graceMs: milliseconds.optional(),
+    })
     .optional(),
   error: wireErrorSchema.optional(),
   /** Cleanup trouble after the commit: the migration succeeded, something was left to tidy. */
@@ -167,6 +184,8 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     sockets: socketSummarySchema.optional(),
     /** Post-copy: memory pages are not sent as images; the destination's lazy-pages daemon asks for them on the pages channel. */
     lazyPages: z.boolean().optional(),
+    /** Post-copy: the bound on a silent link (migration option postcopyGraceMs). */
+    postcopyGraceMs: z.number().int().min(2_000).max(10 * 60_000).optional(),
   }),
   z.object({
     type: z.literal('accept'),
