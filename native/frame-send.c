@@ -2,6 +2,7 @@
  * ferry-frame-send: one stream of a data channel, sent outside JavaScript.
  *
  *   ferry-frame-send FRAME_BYTES [CORRUPT_FRAME]
+ *   ferry-frame-send --rto-max MS USER_TIMEOUT_MS
  *
  * Reads fd 0 (a page pipe CRIU writes, which it enlarges to 4 MiB, or a
  * file) to its end and writes it to fd 3, the TCP socket under the agent's
@@ -25,6 +26,17 @@
  *         (C: this process's own user + system time, which the agent's does not include)
  * Exit: 0 sent; 2 usage; 3 the socket failed (peer gone); 4 reading failed.
  *
+ * --rto-max: caps the retransmission timeout of the TCP socket on fd 3
+ * (TCP_RTO_MAX_MS, Linux 6.15 and later; the socket is shared with the
+ * agent, which cannot set it from Node) and prints the value the kernel
+ * then reports. Post-copy waits out a cut link: with the usual exponential
+ * backoff the next retransmission after a 13 s cut comes at about 25 s, so
+ * a link back within the bound could still be noticed past it. It also sets
+ * TCP_USER_TIMEOUT: without it the kernel gives a connection up after
+ * tcp_retries2 retransmissions modelled with this cap, which at 1 s is
+ * about 13 s of silence, shorter than the bound.
+ * Exit: 0 set; 2 usage; 5 the kernel refused (errno on stderr).
+ *
  * Build: gcc -O2 -static -o ferry-frame-send frame-send.c (xxhash.h, header only)
  */
 #define _GNU_SOURCE
@@ -37,7 +49,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -49,6 +64,33 @@
 #define PIPE_BYTES (4 << 20)
 #define MAX_FRAMES 1024 /* per read: READ_BYTES / the smallest FRAME_BYTES */
 #define SOCKET_FD 3
+#ifndef TCP_RTO_MAX_MS
+#define TCP_RTO_MAX_MS 44
+#endif
+
+static int cap_rto(const char *rto_value, const char *timeout_value) {
+  char *end, *timeout_end;
+  long ms = strtol(rto_value, &end, 10);
+  long timeout = strtol(timeout_value, &timeout_end, 10);
+  if (*end || ms < 1 || ms > 120000 || *timeout_end || timeout < 1 || timeout > 3600000) {
+    fprintf(stderr, "ferry-frame-send: --rto-max MS must be 1..120000, USER_TIMEOUT_MS 1..3600000\n");
+    return 2;
+  }
+  int set = (int)ms, got = 0;
+  unsigned int user_timeout = (unsigned int)timeout;
+  socklen_t length = sizeof(got);
+  if (setsockopt(SOCKET_FD, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout)) < 0) {
+    fprintf(stderr, "ferry-frame-send: TCP_USER_TIMEOUT: %s\n", strerror(errno));
+    return 5;
+  }
+  if (setsockopt(SOCKET_FD, IPPROTO_TCP, TCP_RTO_MAX_MS, &set, sizeof(set)) < 0 ||
+      getsockopt(SOCKET_FD, IPPROTO_TCP, TCP_RTO_MAX_MS, &got, &length) < 0) {
+    fprintf(stderr, "ferry-frame-send: TCP_RTO_MAX_MS: %s\n", strerror(errno));
+    return 5;
+  }
+  printf("%d\n", got);
+  return 0;
+}
 
 static void wait_for(int fd, short events, int failure) {
   struct pollfd pfd = {.fd = fd, .events = events};
@@ -97,6 +139,7 @@ static size_t frame_header(unsigned char *out, size_t length) {
 }
 
 int main(int argc, char **argv) {
+  if (argc == 4 && strcmp(argv[1], "--rto-max") == 0) return cap_rto(argv[2], argv[3]);
   if (argc < 2 || argc > 3) {
     fprintf(stderr, "usage: ferry-frame-send FRAME_BYTES [CORRUPT_FRAME]\n");
     return 2;

@@ -25,7 +25,7 @@ import {
   type TestCluster,
 } from './helpers/migration.ts';
 import { memloadSpec as memloadWith, poll } from './helpers/workloads.ts';
-import { cutLink, reconnectSoon } from './helpers/faults.ts';
+import { cutLink, cutOnSwitch, reconnectSoon } from './helpers/faults.ts';
 
 let test: TestCluster;
 
@@ -262,4 +262,27 @@ it('gives up on a cut longer than the bound: the copy on the destination is stop
   expect(await containerPid(a, name)).toBe(pid);
   expect(await requestChecksum(a, name)).toBe(checksum);
   await removeQuietly(a, name);
+});
+
+// Cut on the switch, both ends' links up: each end's TCP backs off, and after 20 s its next
+// retry would come at about 25 s, past the 24 s bound. The agents cap the retransmission
+// timeout of the migration's connections at 1 s for post-copy, so the link back is noticed.
+it('waits out a 20 s cut on the switch within a 24 s bound: the pages resume soon after, memory intact', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-cut-switch';
+  const checksum = await startMemload(a, memloadSpec(name, 256));
+  const moving = migrate(a, b, name, undefined, { strategy: 'postcopy', postcopyGraceMs: 24_000 });
+  await guardOnceRunning(b, name);
+  const { upAt } = await cutOnSwitch(test.cluster, b, 20_000);
+  const report = await moving;
+  const settled = Date.now();
+  expect(report.outcome).toBe('succeeded');
+  expect(report.postcopy?.longestSilenceMs).toBeGreaterThan(19_000);
+  expect(report.postcopy?.longestSilenceMs).toBeLessThan(24_000);
+  console.log(`switch cut: longest silence ${report.postcopy?.longestSilenceMs} ms; settled ${settled - upAt} ms after the link came back`);
+  await reconnectSoon(b);
+  await expectIntact(b, name, checksum);
+  await waitUntilClean(a, name);
+  await removeQuietly(b, name);
 });

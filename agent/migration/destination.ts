@@ -3,6 +3,7 @@ import type WebSocket from 'ws';
 import type { Criu } from '../../src/criu/criu.ts';
 import { FerryError, toFerryError, type Phase } from '../../src/errors.ts';
 import type { Heartbeat } from '../../src/transport/heartbeat.ts';
+import { quickRetransmits } from '../../src/transport/native-send.ts';
 import type { PeerMessage } from '../../src/protocol/migration.ts';
 import type { ControlConnection, PeerHandler } from '../control.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
@@ -126,7 +127,7 @@ export class DestinationSessions implements PeerHandler {
       copy: (signal) => new LocalCopy(this.deps, offer, signal, logger),
       logger,
       forget,
-      ...(offer.postcopyGraceMs ? { postcopyGraceMs: offer.postcopyGraceMs } : {}),
+      ...(offer.postcopyGraceMs ? postcopyParts(offer.postcopyGraceMs, connection, logger) : {}),
       ...(this.deps.onOutcome ? { onOutcome: this.deps.onOutcome } : {}),
     });
     this.sessions.set(offer.migrationId, session);
@@ -155,6 +156,17 @@ export class DestinationSessions implements PeerHandler {
     // The container already runs: the images go after the source heard so.
     if (outcome === 'commit') await this.deps.journal.removeImages(migrationId).catch(() => undefined);
   }
+}
+
+/** Post-copy's bound, and the migration's links made quick to notice a return (quickRetransmits). */
+function postcopyParts(boundMs: number, connection: ControlConnection, logger: Logger): Pick<SessionParts<WebSocket>, 'postcopyGraceMs' | 'onWaitOutCuts'> {
+  return {
+    postcopyGraceMs: boundMs,
+    onWaitOutCuts: (channels) =>
+      quickRetransmits([connection.socket, ...channels], boundMs, (error) =>
+        logger.warn({ err: error }, 'could not cap the retransmission timeout; a link back after a cut may be noticed late'),
+      ),
+  };
 }
 
 /** Applies a decision for a migration this agent only knows from its journal (after a restart). */
@@ -197,6 +209,8 @@ export interface SessionParts<S extends Terminable> {
   onOutcome?: (outcome: 'succeeded' | 'rolled-back') => void;
   /** Post-copy: how long a silent source is waited for (the offer's bound). */
   postcopyGraceMs?: number;
+  /** Post-copy begins: the links to make quick to notice a returning link (the data channels given). */
+  onWaitOutCuts?: (channels: S[]) => void;
 }
 
 /**
@@ -330,6 +344,7 @@ export class DestinationSession<S extends Terminable> {
     const bound = this.parts.postcopyGraceMs;
     if (!bound) return;
     if (!on) return this.peer.heartbeat?.tolerate(undefined);
+    this.parts.onWaitOutCuts?.([...this.channels.values()]);
     this.peer.heartbeat?.tolerate(bound, {
       silent: (silentMs) => this.logger.warn({ phase: 'postcopy', silentMs, boundMs: bound }, 'post-copy: the source is silent; waiting for the link up to the bound'),
       back: (silentMs) => this.logger.info({ phase: 'postcopy', silentMs }, 'post-copy: the source is heard again; pages resume'),

@@ -145,6 +145,7 @@ export interface SourcePeer {
   onClose(listener: () => void): void;
   /** The link's heartbeat: how long the destination may stay silent. */
   readonly heartbeat: Heartbeat;
+  readonly socket: WebSocket;
   /** Cuts the link now, without a closing handshake. */
   terminate(): void;
   close(): void;

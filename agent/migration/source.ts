@@ -32,6 +32,7 @@ import type { ContainerRecord } from '../runtime/store.ts';
 import { MigrationJournal } from './journal.ts';
 import type { LazyDump } from '../../src/criu/criu.ts';
 import { relay, type Relay } from '../../src/transport/relay.ts';
+import { quickRetransmits } from '../../src/transport/native-send.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { lazyPipeBytes, readPipeMaxSize } from '../../src/host/pipe-size.ts';
 import { PeerLink, type PeerIdentity, type SourcePeer } from './peer.ts';
@@ -523,6 +524,9 @@ export class MigrationSource {
   private waitOutCuts(): void {
     const bound = this.graceMs;
     const where = this.peer!.peerName;
+    quickRetransmits([this.peer!.socket, ...(this.channels ? [this.channels.pages] : [])], bound, (error) =>
+      this.logger.warn({ err: error }, 'could not cap the retransmission timeout; a link back after a cut may be noticed late'),
+    );
     this.peer!.heartbeat.tolerate(bound, {
       silent: (silentMs) => {
         this.logger.warn({ phase: 'postcopy', silentMs, boundMs: bound }, 'post-copy: the destination is silent; waiting for the link up to the bound');

@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import type WebSocket from 'ws';
 import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { z } from 'zod';
@@ -69,4 +70,54 @@ function safeJson(line: string): unknown {
   } catch {
     return undefined;
   }
+}
+
+/** The retransmission timeout cap for connections that wait out a cut (post-copy). */
+export const retransmitCapMs = 1_000;
+
+/** The fd of the TCP socket under a WebSocket, where Node exposes it (plain TCP). */
+function tcpFd(socket: WebSocket): number | undefined {
+  const transport = (socket as unknown as { _socket?: { _handle?: { fd?: number } } })._socket;
+  const fd = transport?._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
+/**
+ * Caps the TCP retransmission timeout of the connection under `socket` at
+ * `ms` (TCP_RTO_MAX_MS, through ferry-frame-send: Node cannot set it), so
+ * that a link back after a cut is noticed within about `ms` instead of at
+ * the next exponentially backed-off retransmission. Resolves to the value
+ * the kernel reports; rejects when there is no helper, no fd or no support.
+ * TCP_USER_TIMEOUT is set to `userTimeoutMs` with it: left to tcp_retries2,
+ * the kernel would give the connection up after ~13 s of retries at 1 s.
+ */
+export function capRetransmitTimeout(socket: WebSocket, ms: number, userTimeoutMs: number): Promise<number> {
+  const fd = tcpFd(socket);
+  if (fd === undefined) return Promise.reject(new FerryError('INCOMPATIBLE', 'no TCP socket fd under this connection (TLS?)'));
+  if (!existsSync(frameSendPath())) return Promise.reject(new FerryError('HELPER_MISSING', `${frameSendPath()} is missing`));
+  return new Promise((resolve, reject) => {
+    const child = spawn(frameSendPath(), ['--rto-max', String(ms), String(userTimeoutMs)], { stdio: ['ignore', 'pipe', 'pipe', fd] });
+    let out = '';
+    let err = '';
+    child.stdout!.setEncoding('utf8').on('data', (text: string) => (out += text.slice(0, 64)));
+    child.stderr!.setEncoding('utf8').on('data', (text: string) => (err += text.slice(0, 512)));
+    child.on('error', (error) => reject(new FerryError('HELPER_MISSING', `ferry-frame-send did not start: ${error.message}`, { cause: error })));
+    child.on('close', (code) => {
+      const value = Number(out.trim());
+      if (code === 0 && Number.isInteger(value)) return resolve(value);
+      reject(new FerryError('INCOMPATIBLE', `could not cap the retransmission timeout: ${err.trim() || `exit ${code}`}`));
+    });
+  });
+}
+
+/**
+ * Post-copy waits out a cut link on these connections; with TCP's backoff a
+ * link back after 13 s is retried only at about 25 s. Capped at 1 s, it is
+ * noticed within about a second. Without the cap (no helper, TLS, an older
+ * kernel) the wait still works, only later: `warn` is told. TCP itself then
+ * waits for acknowledgements until `boundMs` and a margin have passed; the
+ * heartbeat ends the link at the bound.
+ */
+export function quickRetransmits(sockets: WebSocket[], boundMs: number, warn: (error: unknown) => void): void {
+  for (const socket of sockets) capRetransmitTimeout(socket, retransmitCapMs, boundMs + 10_000).catch(warn);
 }

@@ -8,7 +8,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errorCodes, FerryError, phases } from '../../src/errors.ts';
 import type { MigrationReport } from '../../src/protocol/migration.ts';
+import { execa } from 'execa';
 import { readBuildEnv } from '../../lab/agents.ts';
+import type { Cluster } from '../../lab/hosts.ts';
 import { cgroupChildren, reconnect, stagedImages, tracesOf, type Node } from './migration.ts';
 import { poll } from './workloads.ts';
 
@@ -243,4 +245,24 @@ export async function slowRestoreCriu(delayMs: number): Promise<{ path: string; 
   await chmod(dir, 0o755);
   await chmod(path, 0o755);
   return { path, remove: () => rm(dir, { recursive: true, force: true }) };
+}
+
+/**
+ * Cuts `node` off in the middle of the path for `downMs`: the switch drops
+ * every frame to or from its port, while both ends' own links stay up (so
+ * each end's TCP backs off as across a failed switch, unlike cutLink, where
+ * the destination's own sends fail at once and are retried every 0.5 s).
+ */
+export async function cutOnSwitch(cluster: Cluster, node: Node, downMs: number): Promise<{ downAt: number; upAt: number }> {
+  const table = `ferry_cut_${node.host.switchPort.replace(/[^a-zA-Z0-9_]/g, '_')}`;
+  const port = node.host.switchPort;
+  const rules = `table bridge ${table} {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n    iifname "${port}" drop\n    oifname "${port}" drop\n  }\n}\n`;
+  await execa('ip', ['netns', 'exec', cluster.switchNetns, 'nft', '-f', '-'], { input: rules });
+  const downAt = Date.now();
+  try {
+    await sleep(downMs);
+  } finally {
+    await execa('ip', ['netns', 'exec', cluster.switchNetns, 'nft', 'delete', 'table', 'bridge', table]);
+  }
+  return { downAt, upAt: Date.now() };
 }

@@ -190,3 +190,19 @@ describe.skipIf(!nativeSendAvailable())('the native sender', () => {
     expect(await pongs('/control')).toBe(1);
   });
 });
+
+describe('capRetransmitTimeout', () => {
+  it('caps TCP_RTO_MAX_MS on both ends of a real connection, and refuses an out-of-range value', async () => {
+    const { capRetransmitTimeout } = await import('../../src/transport/native-send.ts');
+    const { client, server } = await socketPair();
+    expect(await capRetransmitTimeout(client, 1_000, 30_000)).toBe(1_000);
+    expect(await capRetransmitTimeout(server, 1_500, 30_000)).toBe(1_500);
+    const refused = await capRetransmitTimeout(client, 0, 30_000).catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(FerryError);
+    expect((refused as FerryError).message).toMatch(/must be 1\.\.120000, USER_TIMEOUT_MS/);
+    // The connection is still the agent's: it carries on.
+    const echoed = once(server, 'message');
+    client.send('after');
+    expect(String((await echoed)[0])).toBe('after');
+  });
+});
