@@ -2,6 +2,7 @@ import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { examineHost } from '../src/host/doctor.ts';
 import { FerryError } from '../src/errors.ts';
+import { describeIssues } from '../src/protocol/messages.ts';
 import { containerSpecSchema } from '../src/protocol/container.ts';
 import { addressProblem, parseCidr } from '../src/net/address.ts';
 import { defaultPostcopyGraceMs, migrationOptionsSchema } from '../src/protocol/migration.ts';
@@ -213,7 +214,7 @@ program
     ) => {
       const destinationEndpoint = resolveHost(loadConfig(globals().config), options.to, options.toToken ?? globals().token);
       const ca = readPem(destinationEndpoint.ca)?.toString();
-      const migrationOptions = migrationOptionsSchema.parse({
+      const parsed = migrationOptionsSchema.safeParse({
         strategy: options.strategy,
         ...(options.allowPostcopy ? { allowPostcopy: true } : {}),
         maxDowntimeMs: options.maxDowntime,
@@ -221,6 +222,8 @@ program
         postcopyGraceMs: options.postcopyGrace,
         timeoutMs: options.timeout,
       });
+      if (!parsed.success) throw new FerryError('BAD_REQUEST', `migrate options: ${describeIssues(parsed.error)}`);
+      const migrationOptions = parsed.data;
       const progress = progressPrinter(!!globals().json);
       try {
         const report = await withAgent(options.from, (client) =>

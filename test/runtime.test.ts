@@ -396,6 +396,21 @@ describe('ferry run --ip', () => {
   });
 });
 
+describe('ferry migrate options', () => {
+  it('refuses a post-copy bound out of range with BAD_REQUEST before it contacts an agent', async () => {
+    const migrate = (grace: string) =>
+      execa(join(repoRoot, 'bin/ferry'), ['--token', 'x', 'migrate', 'web', '--from', 'ws://127.0.0.1:1', '--to', 'ws://127.0.0.1:2', '--postcopy-grace', grace], {
+        reject: false,
+        cwd: repoRoot,
+      });
+    for (const grace of ['500', '600001', 'soon']) {
+      const result = await migrate(grace);
+      expect(result.exitCode, grace).toBe(2);
+      expect(result.stderr).toMatch(/BAD_REQUEST: migrate options: postcopyGraceMs/);
+    }
+  });
+});
+
 describe('the end of the run', () => {
   it('leaves nothing behind: no netns, cgroup, mount, process or state of the run', async () => {
     for (const { name } of (await client.request('list', {})).containers) {
