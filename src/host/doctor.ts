@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { access, mkdir, rmdir } from 'node:fs/promises';
 import { cpus, freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -115,6 +116,15 @@ export async function examineHost(stateDir: string, criuPath?: string): Promise<
     value: native ? frameSendPath() : process.env.FERRY_NATIVE_SEND === '0' ? 'off (FERRY_NATIVE_SEND=0)' : 'absent: the agent sends page images itself, slower',
     required: false,
     ...(native ? {} : { hint: 'bash scripts/build-native.sh builds it' }),
+  });
+
+  // The sysctl and the socket option came together (Linux 6.15); the option is what post-copy sets.
+  const rtoCap = existsSync('/proc/sys/net/ipv4/tcp_rto_max_ms');
+  add({
+    name: 'TCP_RTO_MAX_MS (post-copy notices a link back within 1 s)',
+    ok: rtoCap && existsSync(frameSendPath()),
+    value: !rtoCap ? 'not in this kernel: after a cut, post-copy waits for TCP\'s backed-off retry' : existsSync(frameSendPath()) ? 'in the kernel; set through ferry-frame-send' : 'in the kernel, but ferry-frame-send is missing to set it',
+    required: false,
   });
 
   const free = await freeBytes(stateDir);
