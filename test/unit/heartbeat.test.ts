@@ -61,8 +61,9 @@ it('reports the peer back after a silence within the bound, and the longest sile
   const back: number[] = [];
   heartbeat.tolerate(2_000, { back: (ms) => back.push(ms) });
   await sleep(400);
+  const arrived = once(client, 'message');
   peer.send('here');
-  await sleep(50);
+  await arrived;
   expect(back).toHaveLength(1);
   expect(back[0]).toBeGreaterThanOrEqual(350);
   expect(heartbeat.longestSilenceMs).toBeGreaterThanOrEqual(350);
