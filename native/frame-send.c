@@ -30,8 +30,8 @@
  * (TCP_RTO_MAX_MS, Linux 6.15 and later; the socket is shared with the
  * agent, which cannot set it from Node) and prints the value the kernel
  * then reports. Post-copy waits out a cut link: with the usual exponential
- * backoff the next retransmission after a 13 s cut comes at about 25 s, so
- * a link back within the bound could still be noticed past it. It also sets
+ * backoff a link back after a 20 s cut on the path was noticed only past a
+ * 24 s bound (test/postcopy.test.ts), though it came back within it. It also sets
  * TCP_USER_TIMEOUT: without it the kernel gives a connection up after
  * tcp_retries2 retransmissions modelled with this cap, which at 1 s is
  * about 13 s of silence, shorter than the bound.

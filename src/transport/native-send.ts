@@ -111,9 +111,9 @@ export function capRetransmitTimeout(socket: WebSocket, ms: number, userTimeoutM
 }
 
 /**
- * Post-copy waits out a cut link on these connections; with TCP's backoff a
- * link back after 13 s is retried only at about 25 s. Capped at 1 s, it is
- * noticed within about a second. Without the cap (no helper, TLS, an older
+ * Post-copy waits out a cut link on these connections; TCP's retries back
+ * off exponentially, so a link back after 20 s may be retried only seconds
+ * later, past the bound. Capped at 1 s, it is noticed within about a second. Without the cap (no helper, TLS, an older
  * kernel) the wait still works, only later: `warn` is told. TCP itself then
  * waits for acknowledgements until `boundMs` and a margin have passed; the
  * heartbeat ends the link at the bound.
