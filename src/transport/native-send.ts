@@ -75,7 +75,7 @@ function safeJson(line: string): unknown {
 /** The retransmission timeout cap for connections that wait out a cut (post-copy). */
 export const retransmitCapMs = 1_000;
 
-/** The fd of the TCP socket under a WebSocket, where Node exposes it (plain TCP). */
+/** The fd of the TCP socket under a WebSocket (a TLSSocket's handle has it too). */
 function tcpFd(socket: WebSocket): number | undefined {
   const transport = (socket as unknown as { _socket?: { _handle?: { fd?: number } } })._socket;
   const fd = transport?._handle?.fd;
@@ -93,7 +93,7 @@ function tcpFd(socket: WebSocket): number | undefined {
  */
 export function capRetransmitTimeout(socket: WebSocket, ms: number, userTimeoutMs: number): Promise<number> {
   const fd = tcpFd(socket);
-  if (fd === undefined) return Promise.reject(new FerryError('INCOMPATIBLE', 'no TCP socket fd under this connection (TLS?)'));
+  if (fd === undefined) return Promise.reject(new FerryError('INCOMPATIBLE', 'no TCP socket fd under this connection'));
   if (!existsSync(frameSendPath())) return Promise.reject(new FerryError('HELPER_MISSING', `${frameSendPath()} is missing`));
   return new Promise((resolve, reject) => {
     const child = spawn(frameSendPath(), ['--rto-max', String(ms), String(userTimeoutMs)], { stdio: ['ignore', 'pipe', 'pipe', fd] });
@@ -113,10 +113,11 @@ export function capRetransmitTimeout(socket: WebSocket, ms: number, userTimeoutM
 /**
  * Post-copy waits out a cut link on these connections; TCP's retries back
  * off exponentially, so a link back after 20 s may be retried only seconds
- * later, past the bound. Capped at 1 s, it is noticed within about a second. Without the cap (no helper, TLS, an older
- * kernel) the wait still works, only later: `warn` is told. TCP itself then
- * waits for acknowledgements until `boundMs` and a margin have passed; the
- * heartbeat ends the link at the bound.
+ * later, past the bound. Capped at 1 s, it is noticed within about a
+ * second. Without the cap (no helper, an older kernel) the wait still works,
+ * only later: `warn` is told. TCP itself then waits for acknowledgements
+ * until `boundMs` and a margin have passed; the heartbeat ends the link at
+ * the bound.
  */
 export function quickRetransmits(sockets: WebSocket[], boundMs: number, warn: (error: unknown) => void): void {
   for (const socket of sockets) capRetransmitTimeout(socket, retransmitCapMs, boundMs + 10_000).catch(warn);

@@ -205,4 +205,32 @@ describe('capRetransmitTimeout', () => {
     client.send('after');
     expect(String((await echoed)[0])).toBe('after');
   });
+
+  it('reaches the TCP socket under a TLS connection too', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ferry-rto-tls-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    execaSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-subj', '/CN=localhost', '-keyout', 'key.pem', '-out', 'cert.pem'], { cwd: dir });
+    const { createServer } = await import('node:https');
+    const { readFileSync } = await import('node:fs');
+    const https = createServer({ key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) });
+    const wss = new WebSocketServer({ server: https });
+    https.listen(0, '127.0.0.1');
+    await once(https, 'listening');
+    const accepted = once(wss, 'connection') as Promise<[WebSocket]>;
+    const client = new WebSocket(`wss://127.0.0.1:${(https.address() as AddressInfo).port}`, { rejectUnauthorized: false });
+    await once(client, 'open');
+    const [server] = await accepted;
+    cleanups.push(() => {
+      client.terminate();
+      server.terminate();
+      wss.close();
+      https.close();
+    });
+    const { capRetransmitTimeout } = await import('../../src/transport/native-send.ts');
+    expect(await capRetransmitTimeout(client, 1_000, 30_000)).toBe(1_000);
+    expect(await capRetransmitTimeout(server, 1_000, 30_000)).toBe(1_000);
+    const echoed = once(server, 'message');
+    client.send('still');
+    expect(String((await echoed)[0])).toBe('still');
+  });
 });
