@@ -264,9 +264,9 @@ it('gives up on a cut longer than the bound: the copy on the destination is stop
   await removeQuietly(a, name);
 });
 
-// Cut on the switch, both ends' links up: each end's TCP backs off, and after 20 s its next
-// retry would come at about 25 s, past the 24 s bound. The agents cap the retransmission
-// timeout of the migration's connections at 1 s for post-copy, so the link back is noticed.
+// Cut on the switch, both ends' links up: each end's TCP backs off, and without the cap on the
+// retransmission timeout (1 s for post-copy's connections) this move rolled back, the link's
+// return noticed only past the 24 s bound.
 it('waits out a 20 s cut on the switch within a 24 s bound: the pages resume soon after, memory intact', async () => {
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
