@@ -5,6 +5,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { poll } from './helpers/workloads.ts';
 import { sampleValue, scrape } from './helpers/coordinator.ts';
 import type { FerryError } from '../src/errors.ts';
 import type { MigrationReport } from '../src/protocol/migration.ts';
@@ -141,7 +142,12 @@ describe('a container that keeps its state in a file', () => {
     expect(afterMove).toBeGreaterThan(seenOnA);
     const text = await waitForCount(b, name, afterMove + 10);
     expectOneRun(counts(text));
-    const onDisk = Number(await readFile(join(b.host.stateDir, 'containers', name, 'rootfs/data/n'), 'utf8'));
+    // `echo $i > /data/n` truncates before it writes: a read in between finds the file empty.
+    const file = join(b.host.stateDir, 'containers', name, 'rootfs/data/n');
+    const onDisk = await poll('a whole count in /data/n on B', 2_000, async () => {
+      const text = (await readFile(file, 'utf8')).trim();
+      return text ? Number(text) : undefined;
+    });
     expect(onDisk).toBeGreaterThan(afterMove);
     expect(await tracesOf(a, name)).toEqual(noTraces);
   });
