@@ -6,7 +6,7 @@ import { checkedMessage, parseJsonMessage } from '../protocol/messages.ts';
 import { dataFrameSchema, type DataFrame } from '../protocol/migration.ts';
 import { faultNumber } from '../faults.ts';
 import { streamDigest, type StreamDigest } from '../digest.ts';
-import { nativeSendAvailable, sendNative } from './native-send.ts';
+import { nativeSendAvailable, sendNative, tcpFd } from './native-send.ts';
 
 /** Bytes handed to ws but not yet written to the socket before the sender waits. */
 const inFlightLimit = 4 * 1024 * 1024;
@@ -85,8 +85,7 @@ export class ChannelSender {
   private nativeSocketFd(): number | undefined {
     if (!nativeSendAvailable() || !this.socket.url || !this.transport || this.transport instanceof TLSSocket) return undefined;
     if (this.socket.readyState !== this.socket.OPEN) return undefined;
-    const fd = (this.transport as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    return typeof fd === 'number' && fd > 2 ? fd : undefined;
+    return tcpFd(this.socket);
   }
 
   async sendStream(

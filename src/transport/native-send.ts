@@ -76,10 +76,10 @@ function safeJson(line: string): unknown {
 export const retransmitCapMs = 1_000;
 
 /** The fd of the TCP socket under a WebSocket (a TLSSocket's handle has it too). */
-function tcpFd(socket: WebSocket): number | undefined {
+export function tcpFd(socket: WebSocket): number | undefined {
   const transport = (socket as unknown as { _socket?: { _handle?: { fd?: number } } })._socket;
   const fd = transport?._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+  return typeof fd === 'number' && fd > 2 ? fd : undefined;
 }
 
 /**

@@ -2,7 +2,8 @@
 // on loopback, fed by a named pipe as CRIU feeds the final dump's pages.
 import { afterEach, describe, expect, it } from 'vitest';
 import { once } from 'node:events';
-import { closeSync, constants, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { createServer } from 'node:https';
 import { randomBytes } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -26,18 +27,22 @@ afterEach(() => {
   for (const cleanup of cleanups.splice(0).reverse()) cleanup();
 });
 
-/** A connected pair on loopback: the client sends (the native sender writes client frames). */
-async function socketPair(): Promise<{ client: WebSocket; server: WebSocket }> {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  await once(wss, 'listening');
+/** A connected pair on loopback: the client sends (the native sender writes client frames); over TLS with `tls`. */
+async function socketPair(tls?: { key: Buffer; cert: Buffer }): Promise<{ client: WebSocket; server: WebSocket }> {
+  const https = tls ? createServer(tls) : undefined;
+  const wss = https ? new WebSocketServer({ server: https }) : new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  https?.listen(0, '127.0.0.1');
+  await once(https ?? wss, 'listening');
   const accepted = once(wss, 'connection') as Promise<[WebSocket]>;
-  const client = new WebSocket(`ws://127.0.0.1:${(wss.address() as AddressInfo).port}`, { generateMask: (mask) => mask.fill(0) });
+  const port = ((https ?? wss).address() as AddressInfo).port;
+  const client = new WebSocket(`${tls ? 'wss' : 'ws'}://127.0.0.1:${port}`, { generateMask: (mask) => mask.fill(0), rejectUnauthorized: false });
   await once(client, 'open');
   const [server] = await accepted;
   cleanups.push(() => {
     client.terminate();
     server.terminate();
     wss.close();
+    https?.close();
   });
   return { client, server };
 }
@@ -210,22 +215,7 @@ describe('capRetransmitTimeout', () => {
     const dir = mkdtempSync(join(tmpdir(), 'ferry-rto-tls-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     execaSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1', '-subj', '/CN=localhost', '-keyout', 'key.pem', '-out', 'cert.pem'], { cwd: dir });
-    const { createServer } = await import('node:https');
-    const { readFileSync } = await import('node:fs');
-    const https = createServer({ key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) });
-    const wss = new WebSocketServer({ server: https });
-    https.listen(0, '127.0.0.1');
-    await once(https, 'listening');
-    const accepted = once(wss, 'connection') as Promise<[WebSocket]>;
-    const client = new WebSocket(`wss://127.0.0.1:${(https.address() as AddressInfo).port}`, { rejectUnauthorized: false });
-    await once(client, 'open');
-    const [server] = await accepted;
-    cleanups.push(() => {
-      client.terminate();
-      server.terminate();
-      wss.close();
-      https.close();
-    });
+    const { client, server } = await socketPair({ key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) });
     const { capRetransmitTimeout } = await import('../../src/transport/native-send.ts');
     expect(await capRetransmitTimeout(client, 1_000, 30_000)).toBe(1_000);
     expect(await capRetransmitTimeout(server, 1_000, 30_000)).toBe(1_000);
