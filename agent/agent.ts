@@ -144,7 +144,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   await endpoint.listen();
   // The socket probe (a real CRIU dump, ~1 s) runs now rather than in the first migration's preflight.
   void criu().then((found) => found.socketCheckpoint()).catch(() => undefined);
-  void recoverMigrations({ runtime, journal, logger, identity });
+  void recoverMigrations({ runtime, journal, logger, identity, criu });
   // A long-running agent drops old finished migrations too, not only at its start.
   setInterval(() => void tidyFinished({ journal, logger }).catch(() => undefined), 6 * 3600_000).unref();
   return { url: endpoint.url, close: () => endpoint.close() };

@@ -49,6 +49,8 @@ export class ControlConnection {
   private readonly handlers: RequestHandlers;
   private readonly peer: PeerHandler;
   private greeted = false;
+  /** The name the client gave in its hello (another agent's host name); its own word, the token is the proof. */
+  private helloName: string | undefined;
   private readonly inFlight = new Map<string, AbortController>();
 
   constructor(socket: WebSocket, logger: Logger, handlers: RequestHandlers, peer: PeerHandler, hostName: string) {
@@ -74,6 +76,10 @@ export class ControlConnection {
       for (const controller of this.inFlight.values()) controller.abort();
       this.peer.onPeerClosed(this);
     });
+  }
+
+  get peerName(): string | undefined {
+    return this.helloName;
   }
 
   get open(): boolean {
@@ -132,6 +138,7 @@ export class ControlConnection {
       return this.closeWith('PROTOCOL_VERSION', `agent speaks protocol ${protocolVersion}, client ${hello.data.version}`);
     }
     this.greeted = true;
+    this.helloName = hello.data.name;
     this.send({ type: 'hello', version: protocolVersion, peer: 'agent', name: hostName });
   }
 

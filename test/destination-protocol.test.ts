@@ -81,6 +81,30 @@ describe('the destination state machine', () => {
     await expectCleanAndUsable(first);
   });
 
+  it('refuses a rejoin of a migration that is not in post-copy, and of one it does not know; the migration goes on', async () => {
+    const name = uniqueName('rejoin');
+    const source = await greet(b, 'intruder');
+    const other = await greet(b, 'intruder');
+    try {
+      const migrationId = await offerAccepted(source, name);
+      for (const id of [migrationId, randomUUID()]) {
+        other.socket.send(JSON.stringify({ type: 'rejoin', migrationId: id }));
+        const refusal = await other.next((message) => message.type === 'abort' && message.migrationId === id);
+        expect(refusal.error).toMatchObject({ code: 'NOT_FOUND', phase: 'postcopy' });
+        expect(refusal.error?.message).toBe(id === migrationId ? `migration ${id} is receiving here` : `no post-copy of migration ${id} waits here`);
+      }
+      // Still the first connection's: its abort is taken.
+      expect(existsSync(join(b.host.cgroupRoot, name))).toBe(true);
+      abortFrom(source, migrationId);
+      await waitUntilClean(b, name, 15_000);
+      expect(await journalState(migrationId)).toBe('aborted');
+    } finally {
+      source.socket.close();
+      other.socket.close();
+    }
+    await expectCleanAndUsable(name);
+  });
+
   it('refuses a commit before the copy is prepared: decided abort, and nothing is left', async () => {
     const name = uniqueName('early-commit');
     const source = await greet(b, 'intruder');

@@ -215,17 +215,43 @@ it('resumes the source when the destination agent is SIGKILLed mid-post-copy', a
   await removeQuietly(a, name);
 });
 
-it('resumes the source when the source agent is SIGKILLed mid-post-copy and restarts', async () => {
+it('serves the pages again from a source agent SIGKILLed mid-post-copy and restarted within the bound: the move completes', async () => {
   const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
   const b = test.nodes[1]!;
   const name = 'pc-source';
   const checksum = await startMemload(a, memloadSpec(name, 256));
-  const pid = await containerPid(a, name);
   const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+  await guardOnceRunning(b, name);
+  const running = await containerPid(b, name);
+  // Pages under way (the slow link: about 8 s for all), so the kill lands mid-answer.
+  await sleep(1_500);
+  await a.agent.kill('SIGKILL');
+  await moving;
+  await b.agent.waitForLog((line) => line.json?.msg === 'post-copy: the page supply broke; the copy waits for the source to come back' && line.json?.container === name, 10_000);
+  const restarted = await test.restartAgent(0);
+  await b.agent.waitForLog((line) => line.json?.msg === 'the source rejoined' && line.json?.container === name, 30_000);
+  const again = await b.agent.waitForLog((line) => line.json?.msg === 'post-copy: a new page channel from the source; asking again for what is missing' && line.json?.container === name, 30_000);
+  expect(Number(again.json?.pageBytes)).toBeGreaterThan(0);
+  console.log(`rejoin: ${again.json?.pageBytes} page bytes in before the kill; ${again.json?.requests} requests asked again, the first from byte ${again.json?.deliveredOfFirst} of its answer`);
+  await restarted.agent.waitForLog((line) => line.json?.msg === 'post-copy finished after a restart: committed, the container runs on the destination', 120_000);
+  await waitUntilClean(restarted, name);
+  // The same copy, never restarted nor stopped: it ran on through the wait, and every page is as written.
+  expect(await containerPid(b, name)).toBe(running);
+  await expectIntact(b, name, checksum);
+  await removeQuietly(b, name);
+});
+
+it('resumes the source when the source agent is SIGKILLed mid-post-copy and restarts past the bound', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-source-late';
+  const checksum = await startMemload(a, memloadSpec(name, 256));
+  const pid = await containerPid(a, name);
+  const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy', postcopyGraceMs: 3_000 }));
   await guardOnceRunning(b, name);
   await a.agent.kill('SIGKILL');
   await moving;
-  // Its page supply gone, the destination stops its copy; the source's stays frozen until the restarted agent hears that.
+  // Its page supply gone for longer than the bound, the destination stops its copy; the source's stays frozen until the restarted agent hears that.
   await waitUntilClean(b, name);
   const restarted = await test.restartAgent(0);
   await poll('the restarted source to thaw its copy', 60_000, async () => {

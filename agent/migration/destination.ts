@@ -48,7 +48,9 @@ export interface SessionPeer {
   sendPeer(message: PeerMessage): void;
   readonly open: boolean;
   /** The link's heartbeat, which post-copy lets wait out a cut up to its bound. */
-  readonly heartbeat?: Pick<Heartbeat, 'tolerate'>;
+  readonly heartbeat?: Pick<Heartbeat, 'tolerate' | 'expired'>;
+  /** The name the source gave when it connected. */
+  readonly peerName?: string | undefined;
 }
 
 /** All incoming migrations of this agent, keyed by migration id. */
@@ -76,6 +78,8 @@ export class DestinationSessions implements PeerHandler {
         return this.withSession(message.migrationId, connection, (session) =>
           session.abort(`the source aborted: ${message.error.code}: ${message.error.message}`),
         );
+      case 'rejoin':
+        return this.rejoin(message.migrationId, connection);
       default:
         // accept, staged, prepared and decided travel the other way.
         return this.withSession(message.migrationId, connection, (session) => session.refuse(`a source does not send ${message.type}`));
@@ -99,6 +103,15 @@ export class DestinationSessions implements PeerHandler {
       this.deps.logger.warn({ migrationId, channel, reason: refusal }, 'data channel refused');
       socket.close(4004, refusal.slice(0, 100));
     }
+  }
+
+  /** A restarted source agent asks to serve a post-copy's pages again; refused unless the copy still waits for them. */
+  private async rejoin(migrationId: string, connection: ControlConnection): Promise<void> {
+    const session = this.sessions.get(migrationId);
+    const refusal = session ? session.rejoin(connection) : `no post-copy of migration ${migrationId} waits here`;
+    if (!refusal) return;
+    this.deps.logger.warn({ migrationId, reason: refusal }, 'rejoin refused');
+    connection.sendPeer({ type: 'abort', migrationId, error: { code: 'NOT_FOUND', message: refusal, phase: 'postcopy' } });
   }
 
   private async withSession(migrationId: string, connection: ControlConnection, act: (session: DestinationSession<WebSocket>) => Promise<void>): Promise<void> {
@@ -127,7 +140,8 @@ export class DestinationSessions implements PeerHandler {
       copy: (signal) => new LocalCopy(this.deps, offer, signal, logger),
       logger,
       forget,
-      ...(offer.postcopyGraceMs ? postcopyParts(offer.postcopyGraceMs, connection, logger) : {}),
+      sourceHost: offer.source.host,
+      ...(offer.postcopyGraceMs ? postcopyParts(offer.postcopyGraceMs, logger) : {}),
       ...(this.deps.onOutcome ? { onOutcome: this.deps.onOutcome } : {}),
     });
     this.sessions.set(offer.migrationId, session);
@@ -159,11 +173,12 @@ export class DestinationSessions implements PeerHandler {
 }
 
 /** Post-copy's bound, and the migration's links made quick to notice a return (quickRetransmits). */
-function postcopyParts(boundMs: number, connection: ControlConnection, logger: Logger): Pick<SessionParts<WebSocket>, 'postcopyGraceMs' | 'onWaitOutCuts'> {
+function postcopyParts(boundMs: number, logger: Logger): Pick<SessionParts<WebSocket>, 'postcopyGraceMs' | 'onWaitOutCuts'> {
   return {
     postcopyGraceMs: boundMs,
-    onWaitOutCuts: (channels) =>
-      quickRetransmits([connection.socket, ...channels], boundMs, (error) =>
+    // Every peer of an agent's session is a ControlConnection.
+    onWaitOutCuts: (peer, channels) =>
+      quickRetransmits([(peer as ControlConnection).socket, ...channels], boundMs, (error) =>
         logger.warn({ err: error }, 'could not cap the retransmission timeout; a link back after a cut may be noticed late'),
       ),
   };
@@ -209,8 +224,10 @@ export interface SessionParts<S extends Terminable> {
   onOutcome?: (outcome: 'succeeded' | 'rolled-back') => void;
   /** Post-copy: how long a silent source is waited for (the offer's bound). */
   postcopyGraceMs?: number;
-  /** Post-copy begins: the links to make quick to notice a returning link (the data channels given). */
-  onWaitOutCuts?: (channels: S[]) => void;
+  /** Post-copy begins (or a source rejoins): the links to make quick to notice a returning link. */
+  onWaitOutCuts?: (peer: SessionPeer, channels: S[]) => void;
+  /** The host the offer came from: only it may rejoin. */
+  sourceHost?: string;
 }
 
 /**
@@ -222,7 +239,7 @@ export interface SessionParts<S extends Terminable> {
  */
 export class DestinationSession<S extends Terminable> {
   readonly migrationId: string;
-  readonly peer: SessionPeer;
+  private source: SessionPeer;
   private readonly parts: SessionParts<S>;
   private readonly logger: Logger;
   private readonly copy: IncomingCopy<S>;
@@ -236,13 +253,22 @@ export class DestinationSession<S extends Terminable> {
   private committed: Promise<void> | undefined;
   /** Whether the offer was accepted: only those count as migrations in the metrics. */
   private accepted = false;
+  /** Post-copy without its source (the link or the page channel gone): when the wait for its return ends. */
+  private sourceWait: NodeJS.Timeout | undefined;
+  /** A rejoined source's new pages channel is expected. */
+  private awaitingPages = false;
 
   constructor(parts: SessionParts<S>) {
     this.parts = parts;
     this.migrationId = parts.migrationId;
-    this.peer = parts.peer;
+    this.source = parts.peer;
     this.logger = parts.logger;
     this.copy = parts.copy(this.stopWriters.signal);
+  }
+
+  /** The source's control connection: the offer's, or a rejoined source's. */
+  get peer(): SessionPeer {
+    return this.source;
   }
 
   get current(): DestinationState {
@@ -268,6 +294,7 @@ export class DestinationSession<S extends Terminable> {
     if (!allowed.includes(to)) throw new FerryError('BAD_MESSAGE', `migration ${this.migrationId} cannot go from ${this.state} to ${to}`);
     this.logger.debug({ from: this.state, to }, 'state');
     this.state = to;
+    if (to !== 'postcopy') this.stopSourceWait();
   }
 
   /** preflight: the copy's checks, then accept; a refusal tells the source why and leaves nothing here. */
@@ -291,6 +318,15 @@ export class DestinationSession<S extends Terminable> {
 
   /** receiving: each data channel once; returns why it is refused, if it is. */
   attach(channel: Channel, socket: S): string | undefined {
+    if (this.state === 'postcopy' && channel === 'pages' && this.awaitingPages) {
+      this.awaitingPages = false;
+      this.stopSourceWait();
+      this.channels.get('pages')?.terminate();
+      this.channels.set('pages', socket);
+      this.parts.onWaitOutCuts?.(this.source, [socket]);
+      this.copy.rejoinPages(socket);
+      return undefined;
+    }
     if (this.state !== 'receiving') return `migration is ${this.state}, not receiving`;
     if (this.channels.has(channel)) return `the ${channel} channel is already open`;
     this.channels.set(channel, socket);
@@ -318,12 +354,17 @@ export class DestinationSession<S extends Terminable> {
     this.transition('restoring');
     try {
       const prepared = await this.track(
-        this.copy.restore(this.filesDone, pages, (facts) => {
-          if (!this.live) return;
-          this.transition('postcopy');
-          this.waitOutCuts(true);
-          this.peer.sendPeer({ type: 'running', migrationId: this.migrationId, ...facts });
-        }),
+        this.copy.restore(
+          this.filesDone,
+          pages,
+          (facts) => {
+            if (!this.live) return;
+            this.transition('postcopy');
+            this.waitOutCuts(true);
+            this.peer.sendPeer({ type: 'running', migrationId: this.migrationId, ...facts });
+          },
+          (reason) => this.awaitSource(reason),
+        ),
       );
       this.waitOutCuts(false);
       if (!this.live) return;
@@ -340,11 +381,11 @@ export class DestinationSession<S extends Terminable> {
    * waited for up to the bound: the link may only be cut, and the transfer
    * resumes when it returns. Past the bound the link is dropped (sourceGone).
    */
-  private waitOutCuts(on: boolean): void {
+  private waitOutCuts(on: boolean, channels = [...this.channels.values()]): void {
     const bound = this.parts.postcopyGraceMs;
     if (!bound) return;
     if (!on) return this.peer.heartbeat?.tolerate(undefined);
-    this.parts.onWaitOutCuts?.([...this.channels.values()]);
+    this.parts.onWaitOutCuts?.(this.source, channels);
     this.peer.heartbeat?.tolerate(bound, {
       silent: (silentMs) => this.logger.warn({ phase: 'postcopy', silentMs, boundMs: bound }, 'post-copy: the source is silent; waiting for the link up to the bound'),
       back: (silentMs) => this.logger.info({ phase: 'postcopy', silentMs }, 'post-copy: the source is heard again; pages resume'),
@@ -388,13 +429,67 @@ export class DestinationSession<S extends Terminable> {
     }
   }
 
-  /** The source's control connection closed. Once prepared, only its decision may drop the copy: it may have committed. */
+  /**
+   * The source's control connection closed. Once prepared, only its decision
+   * may drop the copy: it may have committed. During post-copy a source that
+   * closed (its agent died, say) may come back to serve the pages again: the
+   * copy waits for it up to the bound. One that went silent past the bound
+   * had its chance.
+   */
   sourceGone(): void {
     if (this.state === 'prepared') {
-      this.logger.warn('source disconnected after prepare; keeping the stopped copy until its decision arrives');
+      this.logger.warn('source disconnected after prepare; keeping the copy until its decision arrives');
       return;
     }
+    if (this.state === 'postcopy' && this.parts.postcopyGraceMs && !this.peer.heartbeat?.expired) {
+      this.awaitingPages = false;
+      return this.awaitSource('the source disconnected');
+    }
     void this.abort('the source disconnected');
+  }
+
+  /** Post-copy's page supply broke: the copy waits (its faults held) for the source to rejoin, up to the bound. */
+  private awaitSource(reason: string): void {
+    const bound = this.parts.postcopyGraceMs;
+    if (this.state !== 'postcopy' || !bound) {
+      if (this.live && !this.prepared) void this.fail(new FerryError('PEER_GONE', reason, { phase: this.phase }));
+      return;
+    }
+    if (this.sourceWait) return;
+    this.logger.warn({ phase: 'postcopy', boundMs: bound, reason }, 'post-copy: the page supply broke; the copy waits for the source to come back');
+    this.sourceWait = setTimeout(() => {
+      this.sourceWait = undefined;
+      void this.fail(new FerryError('PEER_GONE', `${reason}, and did not come back to serve the pages within ${bound} ms`, { phase: 'postcopy' }));
+    }, bound);
+  }
+
+  private stopSourceWait(): void {
+    if (this.sourceWait) clearTimeout(this.sourceWait);
+    this.sourceWait = undefined;
+  }
+
+  /**
+   * A restarted source agent, on a new connection, asks to serve the pages
+   * again. Taken while the copy waits on them (post-copy) or waits for the
+   * decision (prepared), from the offer's host, once the old connection is
+   * gone; returns why not otherwise.
+   */
+  rejoin(connection: SessionPeer): string | undefined {
+    if (this.state !== 'postcopy' && this.state !== 'prepared') return `migration ${this.migrationId} is ${this.state} here`;
+    if (this.source.open) return 'the source is still connected';
+    if (this.parts.sourceHost !== undefined && connection.peerName !== this.parts.sourceHost) {
+      return `only ${this.parts.sourceHost} may rejoin migration ${this.migrationId}`;
+    }
+    this.source = connection;
+    const prepared = this.state === 'prepared';
+    this.logger.warn({ phase: 'postcopy', prepared }, 'the source rejoined');
+    if (!prepared) {
+      this.awaitingPages = true;
+      // Its pages channel is made quick to notice a return once it comes (attach).
+      this.waitOutCuts(true, []);
+    }
+    connection.sendPeer({ type: 'rejoined', migrationId: this.migrationId, prepared });
+    return undefined;
   }
 
   /** A message that does not fit the state: before `prepared` it ends the migration; after, it is only logged. */

@@ -19,7 +19,7 @@ import { freeBytes } from '../../src/host/capacity.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { restoreContainer } from '../runtime/checkpoint.ts';
 import { LazyGuard } from '../../src/criu/lazy-guard.ts';
-import { relay } from '../../src/transport/relay.ts';
+import { PageRelay, pageServerLayout } from '../../src/transport/page-relay.ts';
 import { probeAddress, requireBridge } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import type { MigrationJournal } from './journal.ts';
@@ -51,7 +51,9 @@ export interface IncomingCopy<S> {
    * stopped, recorded as prepared. Post-copy: restored and resumed at once
    * (`running` is told so), then prepared once the last page is in.
    */
-  restore(files: Promise<void>, pages: PageList, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>>;
+  restore(files: Promise<void>, pages: PageList, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void, supplyLost?: (reason: string) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>>;
+  /** Post-copy: a new pages channel from the source, which serves what the copy still waits for. */
+  rejoinPages(socket: S): void;
   /** The prepared copy runs (recorded as done). */
   resume(warn: (message: string) => void): Promise<void>;
   /** The committed copy could not resume: it goes, recorded as lost. */
@@ -86,6 +88,7 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
   /** Post-copy: the pages channel, joined to the lazy-pages daemon once it runs. */
   private lazyChannel: WebSocket | undefined;
   private guard: LazyGuard | undefined;
+  private pageRelay: PageRelay | undefined;
 
   constructor(deps: LocalCopyDependencies, offer: Offer, signal: AbortSignal, logger: Logger) {
     this.deps = deps;
@@ -282,8 +285,13 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     }
   }
 
-  async restore(files: Promise<void>, pages: PageList, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
-    if (this.offer.lazyPages) return this.restoreLazily(files, running);
+  async restore(
+    files: Promise<void>,
+    pages: PageList,
+    running: (facts: Omit<Running, 'type' | 'migrationId'>) => void,
+    supplyLost: (reason: string) => void = () => undefined,
+  ): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
+    if (this.offer.lazyPages) return this.restoreLazily(files, running, supplyLost);
     const asked = performance.now();
     await withTimeout(Promise.all([files, this.allPages(pages)]), 60_000, 'receiving the images', 'stream').catch((error: unknown) => {
       const failure = toFerryError(error, 'stream');
@@ -331,7 +339,11 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
    * channel. Resolves once every page is here; rejects (the copy stopped,
    * never run on a missing page) when the supply broke.
    */
-  private async restoreLazily(files: Promise<void>, running: (facts: Omit<Running, 'type' | 'migrationId'>) => void): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
+  private async restoreLazily(
+    files: Promise<void>,
+    running: (facts: Omit<Running, 'type' | 'migrationId'>) => void,
+    supplyLost: (reason: string) => void,
+  ): Promise<Omit<Prepared, 'type' | 'migrationId'>> {
     const asked = performance.now();
     await withTimeout(files, 60_000, 'receiving the images', 'stream');
     this.ensureLive();
@@ -345,9 +357,16 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     });
     const guard = this.guard;
     this.signal.addEventListener('abort', () => void guard.stop(), { once: true });
-    const pages = relay(channel, guard.socket, 'postcopy');
-    // The channel closing ends the guard's stream: it stops the copy itself.
-    void pages.done.catch(() => guard.socket.destroy());
+    // The channel may go and another come (a restarted source): the daemon's connection stays open meanwhile, its faults waiting.
+    const pages = new PageRelay(guard.socket, pageServerLayout(this.criu.version));
+    this.pageRelay = pages;
+    pages.onDetached(supplyLost);
+    pages.attach(channel);
+    // A source that breaks CRIU's framing ends the guard's stream: it stops the copy itself.
+    void pages.done.catch((error: unknown) => {
+      this.logger.error({ err: error }, 'post-copy page stream refused');
+      guard.socket.destroy();
+    });
     let restored = started;
     try {
       const { restoreStats, timing } = await this.restoreStopped(true);
@@ -376,6 +395,19 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     await this.deps.journal.update(this.migrationId, 'prepared');
     this.logger.info({ phase: 'postcopy', ...stats, uffds: guard.heldUffds }, 'post-copy: every page is here');
     return { restoreMs: Math.round(restored - started), postcopy: stats };
+  }
+
+  rejoinPages(socket: WebSocket): void {
+    if (!this.pageRelay) {
+      socket.terminate();
+      return;
+    }
+    const { requests, deliveredOfFirst } = this.pageRelay.pending;
+    this.logger.info(
+      { phase: 'postcopy', requests, deliveredOfFirst, pageBytes: this.pageRelay.received },
+      'post-copy: a new page channel from the source; asking again for what is missing',
+    );
+    this.pageRelay.attach(socket);
   }
 
   async resume(warn: (message: string) => void): Promise<void> {

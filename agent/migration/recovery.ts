@@ -8,12 +8,16 @@ import type { ContainerRuntime } from '../runtime/runtime.ts';
 import { finishedRetentionMs, isFinal, type DestinationEntry, type JournalEntry, type MigrationJournal, type SourceEntry } from './journal.ts';
 import { destinationRecovery, sourceRecovery } from './decisions.ts';
 import { PeerLink, type PeerIdentity } from './peer.ts';
+import type { Criu } from '../../src/criu/criu.ts';
+import { rejoinPostcopy } from './rejoin.ts';
 
 export interface RecoveryDependencies {
   runtime: Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'store'>;
   journal: MigrationJournal;
   logger: Logger;
   identity: PeerIdentity;
+  /** Post-copy's rejoin dumps the frozen tasks again. */
+  criu: () => Promise<Pick<Criu, 'lazyDump'>>;
 }
 
 /**
@@ -57,12 +61,25 @@ async function recoverSource(deps: RecoveryDependencies, entry: SourceEntry, log
   const imagesDir = join(deps.journal.directory(entry.migrationId), 'images');
   if (!(await drainOrphanedPipes(imagesDir, () => cgroup.pids()))) logger.error('the tasks are still traced after 60 s (a CRIU of the dead agent?)');
   if (entry.state === 'postcopy') {
-    // The destination may run its copy (post-copy): this one thaws only once it says that copy is gone.
-    void deliverDecision(deps, entry, 'abort', logger).then(async (gone) => {
-      if (!gone) return logger.error('post-copy in doubt: the destination never confirmed its copy is gone; the container stays frozen here');
-      await thawAborted(deps, entry, logger);
-      await deps.journal.removeImages(entry.migrationId).catch(() => undefined);
-    });
+    // The destination's copy may still run on pages only these frozen tasks hold: serve them again.
+    // If it no longer waits, it may still run: this copy thaws only once it says that copy is gone.
+    void rejoinPostcopy(deps, entry, logger)
+      .catch((error: unknown) => {
+        logger.error({ err: error }, 'post-copy: rejoin failed');
+        return 'refused' as const;
+      })
+      .then(async (rejoined) => {
+        if (rejoined === 'committed') {
+          const after = await deps.journal.read(entry.migrationId).catch(() => undefined);
+          if (after?.role === 'source' && after.state === 'committed') void deliverDecision(deps, after, 'commit', logger);
+          return;
+        }
+        if (!(await deliverDecision(deps, entry, 'abort', logger))) {
+          return logger.error('post-copy in doubt: the destination never confirmed its copy is gone; the container stays frozen here');
+        }
+        await thawAborted(deps, entry, logger);
+        await deps.journal.removeImages(entry.migrationId).catch(() => undefined);
+      });
     return;
   }
   if (decision === 'abort') {
@@ -105,7 +122,7 @@ async function recoverDestination(deps: RecoveryDependencies, entry: Destination
 
 /** Retries until the destination acknowledges the decision (bounded: about 10 minutes); whether it did. */
 export async function deliverDecision(
-  deps: RecoveryDependencies,
+  deps: Pick<RecoveryDependencies, 'journal' | 'identity'>,
   entry: SourceEntry,
   decision: 'commit' | 'abort',
   logger: Logger,

@@ -232,6 +232,13 @@ export const peerMessageSchema = z.discriminatedUnion('type', [
     /** Trouble of a copy that runs (its network lock would not come off, say): for the source's report. */
     warnings: z.array(z.string().max(2000)).max(20).optional(),
   }),
+  /**
+   * Post-copy, from a restarted source agent on a new connection: it serves
+   * the pages of the still-frozen tasks again, if the copy still waits here.
+   */
+  z.object({ type: z.literal('rejoin'), migrationId }),
+  /** The copy waits: the source opens a new pages channel (prepared: every page is here already; only the decision is missing). */
+  z.object({ type: z.literal('rejoined'), migrationId, prepared: z.boolean() }),
   /** Either side gives up before the decision, saying why. */
   z.object({
     type: z.literal('abort'),
@@ -252,7 +259,7 @@ export const destinationSendsInStep = {
   freeze: [],
   dump: [],
   restore: ['prepared', 'running'],
-  postcopy: ['prepared'],
+  postcopy: ['rejoined', 'prepared'],
   confirm: ['decided'],
   cleanup: [],
 } as const satisfies Record<string, ReadonlyArray<PeerMessage['type']>>;

@@ -24,6 +24,8 @@ export interface Heartbeat {
   tolerate(boundMs: number | undefined, watch?: SilenceWatch): void;
   /** The longest the peer was silent while a bound was tolerated, in ms. */
   readonly longestSilenceMs: number;
+  /** The peer stayed silent past its window and the socket was cut for it (not closed by either end). */
+  readonly expired: boolean;
 }
 
 /**
@@ -40,6 +42,7 @@ export function keepAlive(socket: WebSocket, intervalMs = 2_000, missedLimit = d
   let longestSilenceMs = 0;
   let heardAt = performance.now();
   let reportedSilent = false;
+  let expired = false;
   // Any traffic proves the peer is alive; a busy link may delay pongs.
   const heard = () => {
     const now = performance.now();
@@ -56,6 +59,7 @@ export function keepAlive(socket: WebSocket, intervalMs = 2_000, missedLimit = d
   socket.on('message', heard);
   const timer = setInterval(() => {
     if (missed >= limit) {
+      expired = true;
       socket.terminate();
       return;
     }
@@ -80,6 +84,9 @@ export function keepAlive(socket: WebSocket, intervalMs = 2_000, missedLimit = d
     },
     get longestSilenceMs() {
       return Math.round(longestSilenceMs);
+    },
+    get expired() {
+      return expired;
     },
   };
 }

@@ -68,10 +68,21 @@ class FakeCopy implements IncomingCopy<FakeSocket> {
     this.calls.push('receivePages');
     return this.writer(this.pagesDone);
   }
-  async restore(files: Promise<void>, pages: PageList): Promise<typeof prepared> {
+  /** Post-copy's hooks, for a test to say the copy runs or its page supply broke. */
+  running: ((facts: typeof prepared) => void) | undefined;
+  supplyLost: ((reason: string) => void) | undefined;
+  async restore(files: Promise<void>, pages: PageList, running?: (facts: typeof prepared) => void, supplyLost?: (reason: string) => void): Promise<typeof prepared> {
     this.calls.push(`restore ${pages.length}`);
+    this.running = running;
+    this.supplyLost = supplyLost;
     await files;
-    return this.restoreDone.promise;
+    // Like the real restore, whose guard an abort stops.
+    return new Promise((resolve, reject) => {
+      this.restoreDone.promise.then(resolve, reject);
+      const stop = () => reject(new FerryError('CANCELLED', 'the migration was aborted'));
+      if (this.signal.aborted) stop();
+      else this.signal.addEventListener('abort', stop, { once: true });
+    });
   }
   resume(): Promise<void> {
     this.calls.push('resume');
@@ -86,10 +97,15 @@ class FakeCopy implements IncomingCopy<FakeSocket> {
   release(): void {
     this.calls.push('release');
   }
+  rejoinPages(): void {
+    this.calls.push('rejoinPages');
+  }
 }
 
 class FakePeer implements SessionPeer {
   open = true;
+  peerName: string | undefined = 'a';
+  heartbeat = { expired: false, tolerate: () => undefined };
   readonly sent: PeerMessage[] = [];
   sendPeer(message: PeerMessage): void {
     this.sent.push(message);
@@ -103,7 +119,7 @@ class FakePeer implements SessionPeer {
   }
 }
 
-function session() {
+function session(postcopyGraceMs?: number) {
   const copy = new FakeCopy();
   const peer = new FakePeer();
   const outcomes: string[] = [];
@@ -118,6 +134,8 @@ function session() {
     logger: pino({ level: 'silent' }),
     forget: () => (forgotten += 1),
     onOutcome: (outcome) => outcomes.push(outcome),
+    sourceHost: 'a',
+    ...(postcopyGraceMs ? { postcopyGraceMs } : {}),
   });
   return { machine, copy, peer, outcomes, forgotten: () => forgotten };
 }
@@ -126,8 +144,8 @@ function session() {
 const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 /** A session that accepted, with both channels attached. */
-async function receiving() {
-  const parts = session();
+async function receiving(postcopyGraceMs?: number) {
+  const parts = session(postcopyGraceMs);
   const started = parts.machine.start();
   parts.copy.preflightDone.resolve(facts);
   await started;
@@ -145,6 +163,89 @@ async function preparedSession() {
   expect(parts.machine.current).toBe('prepared');
   return parts;
 }
+
+/** A post-copy session whose copy runs here, its pages still to come. */
+async function postcopySession(boundMs: number) {
+  const parts = await receiving(boundMs);
+  parts.copy.filesDone.resolve();
+  const restoring = parts.machine.transferComplete([]);
+  await settle();
+  parts.copy.running!(prepared);
+  expect(parts.machine.current).toBe('postcopy');
+  return { ...parts, restoring };
+}
+
+describe('post-copy without its source', { timeout: 5_000 }, () => {
+  it('waits for a source that closed, takes its rejoin from the offer\'s host once the old link is gone, and a new pages channel', async () => {
+    const { machine, copy, peer, restoring } = await postcopySession(2_000);
+    const early = new FakePeer();
+    expect(machine.rejoin(early)).toBe('the source is still connected');
+    peer.open = false;
+    machine.sourceGone();
+    await settle();
+    expect(machine.current).toBe('postcopy');
+    const stranger = new FakePeer();
+    stranger.peerName = 'c';
+    expect(machine.rejoin(stranger)).toBe('only a may rejoin migration m-1');
+    // No channel before the rejoin.
+    expect(machine.attach('pages', new FakeSocket())).toBe('migration is postcopy, not receiving');
+    const back = new FakePeer();
+    expect(machine.rejoin(back)).toBeUndefined();
+    expect(back.sent).toEqual([{ type: 'rejoined', migrationId: 'm-1', prepared: false }]);
+    expect(machine.peer).toBe(back);
+    expect(machine.attach('pages', new FakeSocket())).toBeUndefined();
+    expect(copy.calls.at(-1)).toBe('rejoinPages');
+    // Only one new channel per rejoin.
+    expect(machine.attach('pages', new FakeSocket())).toBe('migration is postcopy, not receiving');
+    copy.restoreDone.resolve(prepared);
+    await restoring;
+    expect(machine.current).toBe('prepared');
+    expect(back.types).toEqual(['rejoined', 'prepared']);
+  });
+
+  it('stops the copy once the bound passes without a rejoin', async () => {
+    const { machine, copy, peer } = await postcopySession(100);
+    copy.supplyLost!('the post-copy page channel closed');
+    peer.open = false;
+    machine.sourceGone();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(machine.current).toBe('postcopy');
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    await settle();
+    expect(machine.current).toBe('aborted');
+    expect(copy.calls.at(-1)).toBe('discard');
+    expect(machine.rejoin(new FakePeer())).toBe('migration m-1 is aborted here');
+  });
+
+  it('does not wait for a source whose link went silent past the bound', async () => {
+    const { machine, copy, peer } = await postcopySession(2_000);
+    peer.open = false;
+    peer.heartbeat.expired = true;
+    machine.sourceGone();
+    await settle();
+    await settle();
+    expect(machine.current).toBe('aborted');
+    expect(copy.calls.at(-1)).toBe('discard');
+  });
+
+  it('tells a source that rejoins a prepared copy that only the decision is missing', async () => {
+    const { machine, peer, copy, restoring } = await postcopySession(2_000);
+    copy.restoreDone.resolve(prepared);
+    await restoring;
+    peer.open = false;
+    machine.sourceGone();
+    const back = new FakePeer();
+    expect(machine.rejoin(back)).toBeUndefined();
+    expect(back.sent).toEqual([{ type: 'rejoined', migrationId: 'm-1', prepared: true }]);
+    expect(machine.attach('pages', new FakeSocket())).toBe('migration is prepared, not receiving');
+  });
+
+  it('refuses a rejoin of a migration that is not post-copy', async () => {
+    const { machine, peer } = await receiving();
+    peer.open = false;
+    expect(machine.rejoin(new FakePeer())).toBe('migration m-1 is receiving here');
+  });
+});
 
 describe('the destination session', { timeout: 5_000 }, () => {
   it('in order: accept, staged, prepared, then resumes on commit and counts a success', async () => {

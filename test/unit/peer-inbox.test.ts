@@ -25,7 +25,7 @@ describe('what the destination may send in each step', () => {
       dump: [],
       // Post-copy: running once the copy runs there, prepared once its last page is in.
       restore: ['prepared', 'running'],
-      postcopy: ['prepared'],
+      postcopy: ['rejoined', 'prepared'],
       confirm: ['decided'],
       cleanup: [],
     });
