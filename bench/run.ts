@@ -508,7 +508,7 @@ function render(summary: {
         const lazy = size.postcopy;
         const pc = (pick: (run: FerryRun) => number) => median(lazy.map(pick));
         const tail = pc((run) => (run.postcopy ? run.postcopy.completeMs - run.postcopy.runningMs : 0));
-        return `| ${size.mib} MiB | ${spread(lazy.map((run) => run.downtimeMs))} | ${Math.round(size.median.ferryDowntimeMs)} ms | ${Math.round(size.median.baselineDowntimeMs)} ms | ${Math.round(pc((run) => run.totalMs))} ms | ${Math.round(size.median.ferryTotalMs)} ms | ${ratio(pc((run) => run.totalMs), size.median.ferryTotalMs)} | ${Math.round(tail)} ms | ${Math.round(pc((run) => run.postcopy?.faultedPages ?? 0))} / ${Math.round(pc((run) => run.postcopy?.pushedPages ?? 0))} | ${ms(pc((run) => (run.postcopy?.maxStallUs ?? 0) / 1000))} ms | ${pc((run) => run.progress ?? 0)} | ${median(size.ferry.map((run) => run.progress ?? 0))} |`;
+        return `| ${size.mib} MiB | ${spread(lazy.map((run) => run.downtimeMs))} | ${Math.round(size.median.ferryDowntimeMs)} ms | ${Math.round(size.median.baselineDowntimeMs)} ms | ${Math.round(pc((run) => run.totalMs))} ms | ${Math.round(size.median.ferryTotalMs)} ms | ${ratio(pc((run) => run.totalMs), size.median.ferryTotalMs)} | ${Math.round(tail)} ms | ${Math.round(pc((run) => run.postcopy?.faultedPages ?? 0))} / ${Math.round(pc((run) => run.postcopy?.pushedPages ?? 0))} | ${ms(pc((run) => (run.postcopy?.maxStallUs ?? 0) / 1000))} ms | ${pc((run) => run.progress ?? 0).toFixed(2)} | ${median(size.ferry.map((run) => run.progress ?? 0)).toFixed(2)} |`;
       }),
       '',
     );

@@ -5,6 +5,7 @@
 // userfaultfds, so no task ever sees a zero page for a missing one) and the
 // frozen copy on the source goes on, memory intact.
 import { readFile } from 'node:fs/promises';
+import { execa } from 'execa';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import {
@@ -157,6 +158,25 @@ it('stops the destination copy when its lazy-pages daemon dies, and the source g
   expect(await isAlive(pid)).toBe(true);
   await expectIntact(a, name, checksum);
   await removeQuietly(a, name);
+});
+
+it('resumes the source when the lazy restore fails on the destination', async () => {
+  const a = test.nodes[0]!;
+  const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_FAULTS: 'fail-restore' } });
+  const name = 'pc-restore';
+  const checksum = await startMemload(a, memloadSpec(name, 64));
+  const pid = await containerPid(a, name);
+  const error = await failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+  expect(error.phase).toBe('restore');
+  expect(error.code).toBe('CRIU_FAILED');
+  expect(error.message).toMatch(/criu restore/);
+  await waitUntilClean(b, name);
+  // The guard went with the copy: no ferry-lazy-guard or lazy-pages daemon is left on B.
+  expect((await execa('pgrep', ['-f', `lazy-pages.*${b.host.stateDir}`], { reject: false })).stdout).toBe('');
+  expect(await containerPid(a, name)).toBe(pid);
+  await expectIntact(a, name, checksum);
+  await removeQuietly(a, name);
+  await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
 });
 
 // What the guard prevents, shown with its kill delayed 8 s after the daemon died: holding the

@@ -369,6 +369,8 @@ export class LocalCopy implements IncomingCopy<WebSocket> {
     });
     let restored = started;
     try {
+      // Test fault: a real criu restore failure, as in restore(), the daemon already waiting for it.
+      if (faultActive('fail-restore')) await writeFile(join(this.imagesDir, 'pstree.img'), 'not a CRIU image\n');
       const { restoreStats, timing } = await this.restoreStopped(true);
       const afterRestore = performance.now();
       this.ensureLive();
