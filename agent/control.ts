@@ -82,6 +82,11 @@ export class ControlConnection {
     return this.helloName;
   }
 
+  /** Cuts the connection without a closing handshake. */
+  terminate(): void {
+    this.socket.terminate();
+  }
+
   get open(): boolean {
     return this.socket.readyState === this.socket.OPEN;
   }

@@ -26,7 +26,7 @@ import {
   type TestCluster,
 } from './helpers/migration.ts';
 import { memloadSpec as memloadWith, poll } from './helpers/workloads.ts';
-import { cutLink, cutOnSwitch, reconnectSoon } from './helpers/faults.ts';
+import { cutLink, cutOnSwitch, reconnectSoon, resetConnections } from './helpers/faults.ts';
 
 let test: TestCluster;
 
@@ -258,6 +258,27 @@ it('serves the pages again from a source agent SIGKILLed mid-post-copy and resta
   // The same copy, never restarted nor stopped: it ran on through the wait, and every page is as written.
   expect(await containerPid(b, name)).toBe(running);
   await expectIntact(b, name, checksum);
+  await removeQuietly(b, name);
+});
+
+it('serves the pages again on a new connection when the old ones are reset mid-post-copy: the move succeeds, the copy runs on', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-reset';
+  const checksum = await startMemload(a, memloadSpec(name, 256));
+  const moving = migrate(a, b, name, undefined, { strategy: 'postcopy' });
+  await guardOnceRunning(b, name);
+  const running = await containerPid(b, name);
+  await sleep(1_000);
+  await resetConnections(a, b, 1_500);
+  const report = await moving;
+  expect(report.outcome).toBe('succeeded');
+  expect((report.warnings ?? []).join('\n')).toMatch(/was lost during post-copy .*the source served the pages again on a new one/);
+  const again = await b.agent.waitForLog((line) => line.json?.msg === 'post-copy: a new page channel from the source; asking again for what is missing' && line.json?.container === name, 10_000);
+  console.log(`reset: ${again.json?.pageBytes} page bytes in before; ${again.json?.requests} requests asked again, the first from byte ${again.json?.deliveredOfFirst} of its answer`);
+  expect(await containerPid(b, name)).toBe(running);
+  await expectIntact(b, name, checksum);
+  await waitUntilClean(a, name);
   await removeQuietly(b, name);
 });
 

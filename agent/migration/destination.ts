@@ -51,6 +51,8 @@ export interface SessionPeer {
   readonly heartbeat?: Pick<Heartbeat, 'tolerate' | 'expired'>;
   /** The name the source gave when it connected. */
   readonly peerName?: string | undefined;
+  /** Cuts the connection now (a rejoined source replaces it). */
+  terminate?(): void;
 }
 
 /** All incoming migrations of this agent, keyed by migration id. */
@@ -88,7 +90,7 @@ export class DestinationSessions implements PeerHandler {
 
   onPeerClosed(connection: ControlConnection): void {
     for (const session of this.sessions.values()) {
-      if (session.peer === connection) session.sourceGone();
+      if (session.peer === connection) session.sourceGone(connection);
     }
   }
 
@@ -436,7 +438,9 @@ export class DestinationSession<S extends Terminable> {
    * copy waits for it up to the bound. One that went silent past the bound
    * had its chance.
    */
-  sourceGone(): void {
+  sourceGone(connection: SessionPeer = this.source): void {
+    // A connection a rejoined source replaced says nothing of the source.
+    if (connection !== this.source) return;
     if (this.state === 'prepared') {
       this.logger.warn('source disconnected after prepare; keeping the copy until its decision arrives');
       return;
@@ -469,18 +473,21 @@ export class DestinationSession<S extends Terminable> {
   }
 
   /**
-   * A restarted source agent, on a new connection, asks to serve the pages
-   * again. Taken while the copy waits on them (post-copy) or waits for the
-   * decision (prepared), from the offer's host, once the old connection is
-   * gone; returns why not otherwise.
+   * The source, on a new connection (its agent restarted, or its old
+   * connection was reset), asks to serve the pages again. Taken while the
+   * copy waits on them (post-copy) or waits for the decision (prepared), from
+   * the offer's host; returns why not otherwise. The old connection, if this
+   * side still holds it, is cut: the source has given it up.
    */
   rejoin(connection: SessionPeer): string | undefined {
     if (this.state !== 'postcopy' && this.state !== 'prepared') return `migration ${this.migrationId} is ${this.state} here`;
-    if (this.source.open) return 'the source is still connected';
     if (this.parts.sourceHost !== undefined && connection.peerName !== this.parts.sourceHost) {
       return `only ${this.parts.sourceHost} may rejoin migration ${this.migrationId}`;
     }
+    const old = this.source;
     this.source = connection;
+    // Replaced first, so that its close is not taken for the new source's.
+    if (old !== connection && old.open) old.terminate?.();
     const prepared = this.state === 'prepared';
     this.logger.warn({ phase: 'postcopy', prepared }, 'the source rejoined');
     if (!prepared) {

@@ -1,16 +1,18 @@
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import type { Criu } from '../../src/criu/criu.ts';
+import type WebSocket from 'ws';
+import type { Criu, LazyDump } from '../../src/criu/criu.ts';
+import type { Destination } from '../../src/protocol/messages.ts';
 import { toFerryError } from '../../src/errors.ts';
-import { relay } from '../../src/transport/relay.ts';
+import { relay, type Relay } from '../../src/transport/relay.ts';
 import { withTimeout } from '../../src/timeout.ts';
 import { removeHostEnd } from '../runtime/network.ts';
 import type { ContainerRuntime } from '../runtime/runtime.ts';
 import { commitOnce } from './decisions.ts';
 import type { MigrationJournal, SourceEntry } from './journal.ts';
-import { PeerLink, type PeerIdentity } from './peer.ts';
+import { PeerLink, type PeerIdentity, type SourcePeer } from './peer.ts';
 
 export interface RejoinDependencies {
   runtime: Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'store'>;
@@ -41,39 +43,28 @@ export async function rejoinPostcopy(deps: RejoinDependencies, entry: SourceEntr
     logger.warn('post-copy: the frozen copy here is not whole; not serving its pages again');
     return 'refused';
   }
-  const link = await connectAndRejoin(deps, entry, logger);
+  const link = await connectAndRejoin(deps.identity, entry, logger);
   if (!link) return 'refused';
   const { peer, prepared } = link;
-  let dump: ReturnType<Criu['lazyDump']> | undefined;
+  let served: ServedAgain | undefined;
   try {
     if (!prepared) {
-      const criu = await deps.criu();
-      const directory = journal.directory(entry.migrationId);
-      const imagesDir = join(directory, 'images', 'rejoin');
-      await rm(imagesDir, { recursive: true, force: true });
-      await mkdir(imagesDir, { recursive: true, mode: 0o700 });
-      dump = criu.lazyDump({
+      served = await serveAgain(await deps.criu(), {
+        peer,
+        migrationId: entry.migrationId,
         pid: record.pid,
-        imagesDir,
-        logFile: join(directory, 'dump-rejoin.log'),
-        freezeCgroup: cgroup.path,
-        leaveRunning: true,
+        cgroupPath: cgroup.path,
+        directory: journal.directory(entry.migrationId),
         privateNetwork: record.spec.privateNetwork,
       });
-      dump.socket.on('error', () => undefined);
-      dump.run.done.catch(() => undefined);
-      await withTimeout(dump.ready, 60_000, 'the lazy dump of the frozen copy', 'postcopy');
-      const channel = await peer.openChannel(entry.migrationId, 'pages');
-      const pages = relay(channel, dump.socket, 'postcopy');
       logger.warn('post-copy: serving the pages again after a restart');
       await peer.inbox.expect('prepared', pagesTimeoutMs, 'postcopy');
-      logger.info({ pageBytes: pages.sent }, 'post-copy: every page is on the destination');
-      await withTimeout(dump.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch(() => dump?.run.kill());
+      logger.info({ pageBytes: served.relay.sent }, 'post-copy: every page is on the destination');
+      await served.finish();
     }
   } catch (error) {
     logger.error({ err: error }, 'post-copy: could not serve the pages again');
-    dump?.socket.destroy();
-    if (dump) await withTimeout(dump.run.done.catch(() => undefined), 30_000, 'the lazy dump to exit', 'postcopy').catch(() => dump?.run.kill());
+    await served?.stop();
     peer.close();
     return 'refused';
   }
@@ -97,12 +88,68 @@ export async function rejoinPostcopy(deps: RejoinDependencies, entry: SourceEntr
   return 'committed';
 }
 
-/** A link on which the destination took the rejoin; undefined when it refused or could not be reached. */
-async function connectAndRejoin(deps: RejoinDependencies, entry: SourceEntry, logger: Logger): Promise<{ peer: PeerLink; prepared: boolean } | undefined> {
-  for (let attempt = 1; attempt <= rejoinAttempts; attempt += 1) {
+/** A lazy dump serving the frozen tasks' pages again, joined to a new pages channel. */
+export interface ServedAgain {
+  dump: LazyDump;
+  relay: Relay;
+  channel: WebSocket;
+  /** Every page is there: the page server exits (killed if it does not). */
+  finish(): Promise<void>;
+  /** Ends it early: the page server goes, the tasks stay frozen. */
+  stop(): Promise<void>;
+}
+
+/**
+ * A new `criu dump --lazy-pages` of the frozen tasks (the same memory as at
+ * the freeze) into its own directory, its page server joined to a new pages
+ * channel on `peer`. The destination's page relay asks again for whatever
+ * it still lacks.
+ */
+export async function serveAgain(
+  criu: Pick<Criu, 'lazyDump'>,
+  target: { peer: SourcePeer; migrationId: string; pid: number; cgroupPath: string; directory: string; privateNetwork: boolean | undefined },
+): Promise<ServedAgain> {
+  const imagesDir = join(target.directory, 'images', `again-${Date.now()}`);
+  await mkdir(imagesDir, { recursive: true, mode: 0o700 });
+  const dump = criu.lazyDump({
+    pid: target.pid,
+    imagesDir,
+    logFile: join(target.directory, 'dump-again.log'),
+    freezeCgroup: target.cgroupPath,
+    leaveRunning: true,
+    ...(target.privateNetwork ? { privateNetwork: true } : {}),
+  });
+  dump.socket.on('error', () => undefined);
+  dump.run.done.catch(() => undefined);
+  const exit = (what: string) => withTimeout(dump.run.done.then(() => undefined, () => undefined), 30_000, what, 'postcopy').catch(() => dump.run.kill());
+  const stop = async () => {
+    dump.socket.destroy();
+    await exit('the lazy dump to exit');
+  };
+  try {
+    await withTimeout(dump.ready, 60_000, 'the lazy dump of the frozen copy', 'postcopy');
+    const channel = await target.peer.openChannel(target.migrationId, 'pages');
+    return { dump, relay: relay(channel, dump.socket, 'postcopy'), channel, finish: () => exit('the lazy dump to exit'), stop };
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+}
+
+/**
+ * A link on which the destination took the rejoin; undefined when it
+ * refused (its copy no longer waits) or could not be reached in time.
+ */
+export async function connectAndRejoin(
+  identity: PeerIdentity,
+  entry: { destination: Destination; migrationId: string },
+  logger: Logger,
+  deadline = performance.now() + rejoinAttempts * 1_000,
+): Promise<{ peer: PeerLink; prepared: boolean } | undefined> {
+  for (let attempt = 1; ; attempt += 1) {
     let peer: PeerLink | undefined;
     try {
-      peer = await PeerLink.connect(entry.destination, deps.identity);
+      peer = await PeerLink.connect(entry.destination, identity);
       peer.inbox.enter('postcopy');
       peer.send({ type: 'rejoin', migrationId: entry.migrationId });
       const rejoined = await peer.inbox.expect('rejoined', 30_000, 'postcopy');
@@ -110,12 +157,12 @@ async function connectAndRejoin(deps: RejoinDependencies, entry: SourceEntry, lo
     } catch (error) {
       peer?.close();
       const failure = toFerryError(error);
-      // The destination may not have noticed yet that the dead agent's connection is gone.
-      const retry = failure.code === 'PEER_GONE' || failure.code === 'TIMEOUT' || /still connected/.test(failure.message) || !peer;
+      // Not reached (the link may still be down): asked again until the deadline. Refused: its copy no longer waits.
+      // Nobody listening there: that agent is down, and its copy with it (its guard stops it); the caller settles that.
+      const refused = (peer !== undefined && failure.code === 'NOT_FOUND') || /ECONNREFUSED/.test(failure.message);
       logger.warn({ err: failure, attempt }, 'post-copy: the destination did not take the rejoin');
-      if (!retry || attempt === rejoinAttempts) return undefined;
+      if (refused || performance.now() + 1_000 > deadline) return undefined;
       await sleep(1_000);
     }
   }
-  return undefined;
 }

@@ -14,6 +14,7 @@ import {
   roundStreamName,
   type MigrationOptions,
   type MigrationReport,
+  type PeerMessage,
   type ProgressEvent,
   type SourceStep,
 } from '../../src/protocol/migration.ts';
@@ -37,6 +38,7 @@ import { withTimeout } from '../../src/timeout.ts';
 import { lazyPipeBytes, readPipeMaxSize } from '../../src/host/pipe-size.ts';
 import { PeerLink, type PeerIdentity, type SourcePeer } from './peer.ts';
 import { PageShipper } from './pages.ts';
+import { connectAndRejoin, serveAgain } from './rejoin.ts';
 import { PrecopyRounds } from './precopy.ts';
 import { choosePostcopy } from '../../src/precopy/strategy.ts';
 import { commitOnce } from './decisions.ts';
@@ -52,6 +54,9 @@ import { TransferMeter } from './meter.ts';
 /** What an outgoing migration uses of the agent's runtime and of CRIU. */
 export type SourceRuntime = Pick<ContainerRuntime, 'cgroup' | 'destroy' | 'forget' | 'get' | 'hold' | 'hostName' | 'status' | 'store'>;
 export type SourceCriu = Pick<Criu, 'cpuinfoDump' | 'dump' | 'lazyDump' | 'memoryTracking' | 'preDump' | 'socketCheckpoint' | 'version'>;
+
+/** Post-copy: how many times one migration may serve its pages again on a new connection. */
+const maxRejoins = 3;
 
 export interface SourceDependencies {
   runtime: SourceRuntime;
@@ -113,6 +118,8 @@ export class MigrationSource {
   private remoteMayRun = false;
   private lazyDump: LazyDump | undefined;
   private lazyRelay: Relay | undefined;
+  /** Post-copy: page bytes sent on channels before a rejoin replaced them. */
+  private pageBytesBefore = 0;
 
   constructor(deps: SourceDependencies, request: MigrateRequest) {
     this.deps = deps;
@@ -541,10 +548,10 @@ export class MigrationSource {
 
   /** Post-copy: pages go to the destination until it says every one is there (prepared). */
   private async serveRemainingPages(): Promise<void> {
-    const prepared = await this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy');
+    const prepared = await this.awaitPrepared();
     const heartbeat = this.peer!.heartbeat;
     heartbeat.tolerate(undefined);
-    const pageBytes = this.lazyRelay?.sent ?? 0;
+    const pageBytes = this.pageBytesBefore + (this.lazyRelay?.sent ?? 0);
     this.meter.counter('pages')(pageBytes);
     if (prepared.postcopy) {
       const silence = { longestSilenceMs: heartbeat.longestSilenceMs, graceMs: this.graceMs };
@@ -557,6 +564,72 @@ export class MigrationSource {
       return undefined;
     });
     this.facts.dumpStats = stats;
+  }
+
+  /**
+   * The destination's `prepared`. A connection lost on its own (reset, not
+   * silent past the bound, no abort from the destination) is not the end:
+   * the destination's copy waits up to the bound, so the pages are served
+   * again on a new one (rejoin).
+   */
+  private async awaitPrepared(): Promise<Extract<PeerMessage, { type: 'prepared' }>> {
+    for (let rejoins = 0; ; rejoins += 1) {
+      try {
+        // The pages channel lost on its own (its end here fails) is a lost connection too.
+        const pagesLost = new Promise<never>((_, reject) => this.lazyRelay?.done.catch(reject));
+        return await Promise.race([this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy'), pagesLost]);
+      } catch (error) {
+        const lost = toFerryError(error, 'postcopy');
+        if (rejoins >= maxRejoins || !(await this.onlyTheLinkWasLost(lost))) throw error;
+        await this.rejoin(lost);
+      }
+    }
+  }
+
+  private async onlyTheLinkWasLost(error: FerryError): Promise<boolean> {
+    const peer = this.peer!;
+    if (this.stopReason || error.code !== 'PEER_GONE' || peer.heartbeat.expired) return false;
+    return !(await peer.inbox.abortReason(0, 'postcopy'));
+  }
+
+  /**
+   * Post-copy on a new connection: the old page server goes (its socket may
+   * hold half an answer), a new lazy dump of the frozen tasks serves the
+   * pages on a new pages channel, and the destination's relay asks again for
+   * what it lacks. Throws when the destination does not take it back within
+   * the bound; the rollback follows.
+   */
+  private async rejoin(lost: FerryError): Promise<void> {
+    const where = this.peer!.peerName;
+    const deadline = performance.now() + this.graceMs;
+    this.logger.warn({ phase: 'postcopy', err: lost }, 'post-copy: the connection to the destination was lost; serving the pages again on a new one');
+    this.request.progress({ migrationId: this.migrationId, phase: 'postcopy', message: `lost the connection to ${where}; serving the pages again on a new one`, ...this.meter.snapshot() });
+    this.pageBytesBefore += this.lazyRelay?.sent ?? 0;
+    this.lazyRelay?.end();
+    this.lazyRelay = undefined;
+    this.lazyDump?.socket.destroy();
+    await withTimeout(this.lazyDump!.run.done.catch(() => undefined), 30_000, 'the lazy dump to exit', 'postcopy').catch(() => this.lazyDump!.run.kill());
+    this.lazyDump = undefined;
+    this.disconnect();
+    const link = await connectAndRejoin(this.deps.identity, { destination: this.request.destination, migrationId: this.migrationId }, this.logger, deadline);
+    if (!link) throw lost;
+    this.peer = link.peer;
+    this.peer.onClose(() => this.disconnect());
+    if (!link.prepared) {
+      const served = await serveAgain(this.criu, {
+        peer: this.peer,
+        migrationId: this.migrationId,
+        pid: this.record.pid,
+        cgroupPath: this.deps.runtime.cgroup(this.request.name).path,
+        directory: this.directory,
+        privateNetwork: this.record.spec.privateNetwork,
+      });
+      this.lazyDump = served.dump;
+      this.lazyRelay = served.relay;
+      this.channels = { files: this.channels!.files, pages: served.channel };
+    }
+    this.waitOutCuts();
+    this.facts.warnings.push(`the connection to ${where} was lost during post-copy (${lost.message}); the source served the pages again on a new one`);
   }
 
   /** The rootfs final pass (the snapshot): what changed since pass 1, and the deletions; the container is frozen. */

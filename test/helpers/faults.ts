@@ -266,3 +266,21 @@ export async function cutOnSwitch(cluster: Cluster, node: Node, downMs: number):
   }
   return { downAt, upAt: Date.now() };
 }
+
+/**
+ * Resets `from`'s established TCP connections to `to`'s agent for `ms`:
+ * each packet `from` sends on one is answered, locally, with an RST. The
+ * link stays up and new connections work once it ends: connections broken,
+ * not cut.
+ */
+export async function resetConnections(from: Node, to: Node, ms: number): Promise<void> {
+  const { hostname, port } = new URL(to.agent.url);
+  const table = 'ferry_reset';
+  const rules = `table inet ${table} {\n  chain output {\n    type filter hook output priority 0; policy accept;\n    ip daddr ${hostname} tcp dport ${port} ct state established reject with tcp reset\n  }\n}\n`;
+  await execa('ip', ['netns', 'exec', from.host.netns, 'nft', '-f', '-'], { input: rules });
+  try {
+    await sleep(ms);
+  } finally {
+    await execa('ip', ['netns', 'exec', from.host.netns, 'nft', 'delete', 'table', 'inet', table]);
+  }
+}

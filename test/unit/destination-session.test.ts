@@ -106,6 +106,7 @@ class FakePeer implements SessionPeer {
   open = true;
   peerName: string | undefined = 'a';
   heartbeat = { expired: false, tolerate: () => undefined };
+  terminate: (() => void) | undefined;
   readonly sent: PeerMessage[] = [];
   sendPeer(message: PeerMessage): void {
     this.sent.push(message);
@@ -178,8 +179,6 @@ async function postcopySession(boundMs: number) {
 describe('post-copy without its source', { timeout: 5_000 }, () => {
   it('waits for a source that closed, takes its rejoin from the offer\'s host once the old link is gone, and a new pages channel', async () => {
     const { machine, copy, peer, restoring } = await postcopySession(2_000);
-    const early = new FakePeer();
-    expect(machine.rejoin(early)).toBe('the source is still connected');
     peer.open = false;
     machine.sourceGone();
     await settle();
@@ -238,6 +237,24 @@ describe('post-copy without its source', { timeout: 5_000 }, () => {
     expect(machine.rejoin(back)).toBeUndefined();
     expect(back.sent).toEqual([{ type: 'rejoined', migrationId: 'm-1', prepared: true }]);
     expect(machine.attach('pages', new FakeSocket())).toBe('migration is prepared, not receiving');
+  });
+
+  it('takes a rejoin while it still holds the old connection, and cuts that one', async () => {
+    const { machine, peer } = await postcopySession(2_000);
+    let cut = false;
+    peer.terminate = () => {
+      cut = true;
+      peer.open = false;
+      // Its close reaches the session, which knows it is no longer the source's.
+      machine.sourceGone(peer);
+    };
+    const back = new FakePeer();
+    expect(machine.rejoin(back)).toBeUndefined();
+    expect(cut).toBe(true);
+    expect(machine.peer).toBe(back);
+    await settle();
+    expect(machine.current).toBe('postcopy');
+    expect(machine.attach('pages', new FakeSocket())).toBeUndefined();
   });
 
   it('refuses a rejoin of a migration that is not post-copy', async () => {
