@@ -179,36 +179,40 @@ it('resumes the source when the lazy restore fails on the destination', async ()
   await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
 });
 
-// What the guard prevents, shown with its kill delayed 8 s after the daemon died: holding the
+// What the guard prevents, shown with its kill delayed 12 s after the daemon died: holding the
 // uffds, the copy's next read of a missing page waits (and dies with the copy); without
 // them (test fault no-hold) the same read gets a zero page and memload reports the mismatch.
 for (const hold of [true, false]) {
   it(`a copy whose page supply broke ${hold ? 'waits on a missing page, never reading a zero' : 'reads zero pages when nobody holds its uffds (the guard disabled)'}`, async () => {
     const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'postcopy-slow:2' } });
-    const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:8000${hold ? '' : ',no-hold'}` } });
+    const b = await test.restartAgent(1, { token: test.nodes[1]!.agent.token, env: { FERRY_GUARD_FAULTS: `kill-after:12000${hold ? '' : ',no-hold'}` } });
     const name = hold ? 'pc-held' : 'pc-unheld';
-    const checksum = await startMemload(a, memloadSpec(name, 256));
-    const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
-    const daemon = await daemonOf(await guardOnceRunning(b, name));
-    process.kill(daemon, 'SIGKILL');
-    // The copy on B, still there for 8 s, is asked to check every page against its pattern.
-    const before = (await logsOf(b, name)).split('\n').length - 1;
-    process.kill(await containerPid(b, name), 'SIGUSR2');
-    const after = async () => (await logsOf(b, name)).split('\n').slice(before).join('\n');
-    if (hold) {
-      await sleep(2_000);
-      expect(await after()).not.toMatch(/^verify /m);
-    } else {
-      // Before the guard's delayed kill (8 s); a loaded machine may take a while to print it.
-      const answer = await poll('memload to answer the verify', 7_000, async () => (/^verify /m.test(await after()) ? after() : undefined));
-      expect(answer).toMatch(/^verify mismatch page \d+/m);
+    try {
+      const checksum = await startMemload(a, memloadSpec(name, 256));
+      const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+      const daemon = await daemonOf(await guardOnceRunning(b, name));
+      process.kill(daemon, 'SIGKILL');
+      // The copy on B, still there for 12 s, is asked to check every page against its pattern.
+      const before = (await logsOf(b, name)).split('\n').length - 1;
+      process.kill(await containerPid(b, name), 'SIGUSR2');
+      const after = async () => (await logsOf(b, name)).split('\n').slice(before).join('\n');
+      if (hold) {
+        await sleep(2_000);
+        expect(await after()).not.toMatch(/^verify /m);
+      } else {
+        // Before the guard's delayed kill (12 s); a loaded machine may take a while to print it (over 7 s once, in a full run).
+        const answer = await poll('memload to answer the verify', 11_000, async () => (/^verify /m.test(await after()) ? after() : undefined));
+        expect(answer).toMatch(/^verify mismatch page \d+/m);
+      }
+      const error = await moving;
+      expect(error.phase).toBe('postcopy');
+      await waitUntilClean(b, name);
+      await expectIntact(a, name, checksum);
+    } finally {
+      // A failure here must not leave the container to the tests after it.
+      await removeQuietly(a, name);
+      await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
     }
-    const error = await moving;
-    expect(error.phase).toBe('postcopy');
-    await waitUntilClean(b, name);
-    await expectIntact(a, name, checksum);
-    await removeQuietly(a, name);
-    await test.restartAgent(1, { token: test.nodes[1]!.agent.token });
   });
 }
 
@@ -279,6 +283,26 @@ it('serves the pages again on a new connection when the old ones are reset mid-p
   expect(await containerPid(b, name)).toBe(running);
   await expectIntact(b, name, checksum);
   await waitUntilClean(a, name);
+  await removeQuietly(b, name);
+});
+
+it('commits from a restarted source agent that died once every page was in: the copy that ran on goes on', async () => {
+  const a = await test.restartAgent(0, { env: { FERRY_FAULTS: 'die-at-prepared' } });
+  const b = test.nodes[1]!;
+  const name = 'pc-prepared';
+  const checksum = await startMemload(a, memloadSpec(name, 64));
+  const moving = failureOf(migrate(a, b, name, undefined, { strategy: 'postcopy' }));
+  await guardOnceRunning(b, name);
+  const running = await containerPid(b, name);
+  await moving;
+  await b.agent.waitForLog((line) => line.json?.msg === 'source disconnected after prepare; keeping the copy until its decision arrives' && line.json?.container === name, 30_000);
+  const restarted = await test.restartAgent(0);
+  const rejoined = await b.agent.waitForLog((line) => line.json?.msg === 'the source rejoined' && line.json?.container === name, 30_000);
+  expect(rejoined.json?.prepared).toBe(true);
+  await restarted.agent.waitForLog((line) => line.json?.msg === 'post-copy finished after a restart: committed, the container runs on the destination', 60_000);
+  await waitUntilClean(restarted, name);
+  expect(await containerPid(b, name)).toBe(running);
+  await expectIntact(b, name, checksum);
   await removeQuietly(b, name);
 });
 

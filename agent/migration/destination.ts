@@ -259,6 +259,8 @@ export class DestinationSession<S extends Terminable> {
   private sourceWait: NodeJS.Timeout | undefined;
   /** A rejoined source's new pages channel is expected. */
   private awaitingPages = false;
+  /** What prepared said, for a source that rejoins after it was sent. */
+  private preparedMessage: Extract<PeerMessage, { type: 'prepared' }> | undefined;
 
   constructor(parts: SessionParts<S>) {
     this.parts = parts;
@@ -371,7 +373,8 @@ export class DestinationSession<S extends Terminable> {
       this.waitOutCuts(false);
       if (!this.live) return;
       this.transition('prepared');
-      this.peer.sendPeer({ type: 'prepared', migrationId: this.migrationId, ...prepared });
+      this.preparedMessage = { type: 'prepared', migrationId: this.migrationId, ...prepared };
+      this.peer.sendPeer(this.preparedMessage);
     } catch (error) {
       this.waitOutCuts(false);
       await this.fail(error);
@@ -496,6 +499,8 @@ export class DestinationSession<S extends Terminable> {
       this.waitOutCuts(true, []);
     }
     connection.sendPeer({ type: 'rejoined', migrationId: this.migrationId, prepared });
+    // It may not have heard it on the old connection.
+    if (prepared && this.preparedMessage) connection.sendPeer(this.preparedMessage);
     return undefined;
   }
 

@@ -31,6 +31,7 @@ export class PeerInbox {
   private failure: FerryError | undefined;
   /** A message out of order: it outranks anything queued after it. */
   private broken: FerryError | undefined;
+  private abortHeard = false;
 
   constructor(peerName: string) {
     this.peerName = peerName;
@@ -58,8 +59,14 @@ export class PeerInbox {
     this.wake();
   }
 
+  /** The destination sent an abort (whether or not a wait has taken it since). */
+  get heardAbort(): boolean {
+    return this.abortHeard;
+  }
+
   private accept(message: PeerMessage): void {
     const allowed: ReadonlyArray<PeerMessage['type']> = destinationSendsInStep[this.step];
+    if (message.type === 'abort') this.abortHeard = true;
     if (message.type === 'abort' || allowed.includes(message.type)) this.messages.push(message);
     else this.broken ??= new FerryError('BAD_MESSAGE', `${this.peerName} sent ${message.type} during ${this.step}, out of order`);
   }

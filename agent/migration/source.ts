@@ -549,6 +549,8 @@ export class MigrationSource {
   /** Post-copy: pages go to the destination until it says every one is there (prepared). */
   private async serveRemainingPages(): Promise<void> {
     const prepared = await this.awaitPrepared();
+    // Test fault: the agent dies with every page on the destination, before its decision.
+    if (faultActive('die-at-prepared')) process.kill(process.pid, 'SIGKILL');
     const heartbeat = this.peer!.heartbeat;
     heartbeat.tolerate(undefined);
     const pageBytes = this.pageBytesBefore + (this.lazyRelay?.sent ?? 0);
@@ -558,12 +560,15 @@ export class MigrationSource {
       this.facts.postcopy = { stats: prepared.postcopy, completeAt: performance.now(), pageBytes, ...silence };
     }
     // The daemon said goodbye to CRIU's page server, which exits; its tasks stay frozen until the commit.
-    const stats = await withTimeout(this.lazyDump!.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch((error: unknown) => {
+    const dump = this.lazyDump;
+    if (!dump) return;
+    const stats = await withTimeout(dump.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch((error: unknown) => {
       this.facts.warnings.push(`the source's page server did not exit cleanly: ${toFerryError(error).message}`);
-      this.lazyDump!.run.kill();
+      dump.run.kill();
       return undefined;
     });
-    this.facts.dumpStats = stats;
+    // The first dump's figures (the freeze's) when the pages were served again.
+    this.facts.dumpStats ??= stats;
   }
 
   /**
@@ -574,22 +579,32 @@ export class MigrationSource {
    */
   private async awaitPrepared(): Promise<Extract<PeerMessage, { type: 'prepared' }>> {
     for (let rejoins = 0; ; rejoins += 1) {
+      const prepared = this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy');
+      prepared.catch(() => undefined);
       try {
         // The pages channel lost on its own (its end here fails) is a lost connection too.
         const pagesLost = new Promise<never>((_, reject) => this.lazyRelay?.done.catch(reject));
-        return await Promise.race([this.peer!.inbox.expect('prepared', this.request.options.timeoutMs, 'postcopy'), pagesLost]);
+        return await Promise.race([prepared, pagesLost]);
       } catch (error) {
-        const lost = toFerryError(error, 'postcopy');
-        if (rejoins >= maxRejoins || !(await this.onlyTheLinkWasLost(lost))) throw error;
+        // A channel that ended with the last page: prepared follows on the control link.
+        // A channel the destination closed: its abort, on the control link, says why.
+        const late = await withTimeout(prepared, 1_000, 'prepared', 'postcopy').then(
+          (message) => ({ message }),
+          (reason: unknown) => ({ reason }),
+        );
+        if ('message' in late) return late.message;
+        const timedOut = toFerryError(late.reason).code === 'TIMEOUT';
+        const cause = timedOut ? error : late.reason;
+        const lost = toFerryError(cause, 'postcopy');
+        if (rejoins >= maxRejoins || !this.onlyTheLinkWasLost(lost)) throw cause;
         await this.rejoin(lost);
       }
     }
   }
 
-  private async onlyTheLinkWasLost(error: FerryError): Promise<boolean> {
+  private onlyTheLinkWasLost(error: FerryError): boolean {
     const peer = this.peer!;
-    if (this.stopReason || error.code !== 'PEER_GONE' || peer.heartbeat.expired) return false;
-    return !(await peer.inbox.abortReason(0, 'postcopy'));
+    return !this.stopReason && error.code === 'PEER_GONE' && !peer.heartbeat.expired && !peer.inbox.heardAbort;
   }
 
   /**
@@ -607,9 +622,16 @@ export class MigrationSource {
     this.pageBytesBefore += this.lazyRelay?.sent ?? 0;
     this.lazyRelay?.end();
     this.lazyRelay = undefined;
-    this.lazyDump?.socket.destroy();
-    await withTimeout(this.lazyDump!.run.done.catch(() => undefined), 30_000, 'the lazy dump to exit', 'postcopy').catch(() => this.lazyDump!.run.kill());
+    const old = this.lazyDump;
     this.lazyDump = undefined;
+    if (old) {
+      old.socket.destroy();
+      const stats = await withTimeout(old.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch(() => {
+        old.run.kill();
+        return undefined;
+      });
+      this.facts.dumpStats ??= stats;
+    }
     this.disconnect();
     const link = await connectAndRejoin(this.deps.identity, { destination: this.request.destination, migrationId: this.migrationId }, this.logger, deadline);
     if (!link) throw lost;

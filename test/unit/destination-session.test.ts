@@ -235,7 +235,7 @@ describe('post-copy without its source', { timeout: 5_000 }, () => {
     machine.sourceGone();
     const back = new FakePeer();
     expect(machine.rejoin(back)).toBeUndefined();
-    expect(back.sent).toEqual([{ type: 'rejoined', migrationId: 'm-1', prepared: true }]);
+    expect(back.sent).toEqual([{ type: 'rejoined', migrationId: 'm-1', prepared: true }, { type: 'prepared', migrationId: 'm-1', ...prepared }]);
     expect(machine.attach('pages', new FakeSocket())).toBe('migration is prepared, not receiving');
   });
 

@@ -81,7 +81,12 @@ describe('PeerInbox', { timeout: 5_000 }, () => {
       inbox.receive(text({ type: 'abort', migrationId, error: { code: 'NO_SPACE', message: 'disk full', phase: 'stream' } }));
       expect((await inbox.abortReason(0, 'dump'))?.code).toBe('NO_SPACE');
       await expect(inbox.expect('prepared', 1000, 'restore')).rejects.toMatchObject({ code: 'NO_SPACE', phase: 'stream', message: 'destination b: disk full' });
+      // Taken by the wait, still remembered: a post-copy source does not take it for a lost link.
+      expect(inbox.heardAbort).toBe(true);
     }
+    const quiet = new PeerInbox('b');
+    quiet.fail(new FerryError('PEER_GONE', 'lost the connection to b'));
+    expect(quiet.heardAbort).toBe(false);
   });
 
   it('reads a refusal on the connection as an abort, and drops frames that are not messages', async () => {
