@@ -21,7 +21,7 @@ export interface RejoinDependencies {
   criu: () => Promise<Pick<Criu, 'lazyDump'>>;
 }
 
-/** How long a restarted source keeps asking a destination that still hears the dead agent's connection. */
+/** How many seconds a restarted source keeps trying to reach the destination (its link may still be down). */
 const rejoinAttempts = 10;
 /** A post-copy's last pages: as long as the migration's own default timeout. */
 const pagesTimeoutMs = 30 * 60_000;
@@ -121,15 +121,15 @@ export async function serveAgain(
   });
   dump.socket.on('error', () => undefined);
   dump.run.done.catch(() => undefined);
-  const exit = (what: string) => withTimeout(dump.run.done.then(() => undefined, () => undefined), 30_000, what, 'postcopy').catch(() => dump.run.kill());
+  const finish = () => dump.run.letFinish('the lazy dump to exit', 'postcopy');
   const stop = async () => {
     dump.socket.destroy();
-    await exit('the lazy dump to exit');
+    await finish();
   };
   try {
     await withTimeout(dump.ready, 60_000, 'the lazy dump of the frozen copy', 'postcopy');
     const channel = await target.peer.openChannel(target.migrationId, 'pages');
-    return { dump, relay: relay(channel, dump.socket, 'postcopy'), channel, finish: () => exit('the lazy dump to exit'), stop };
+    return { dump, relay: relay(channel, dump.socket, 'postcopy'), channel, finish, stop };
   } catch (error) {
     await stop();
     throw error;

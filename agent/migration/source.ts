@@ -626,11 +626,8 @@ export class MigrationSource {
     this.lazyDump = undefined;
     if (old) {
       old.socket.destroy();
-      const stats = await withTimeout(old.run.done, 30_000, 'the lazy dump to exit', 'postcopy').catch(() => {
-        old.run.kill();
-        return undefined;
-      });
-      this.facts.dumpStats ??= stats;
+      await old.run.letFinish('the lazy dump to exit', 'postcopy');
+      this.facts.dumpStats ??= await old.run.done.catch(() => undefined);
     }
     this.disconnect();
     const link = await connectAndRejoin(this.deps.identity, { destination: this.request.destination, migrationId: this.migrationId }, this.logger, deadline);

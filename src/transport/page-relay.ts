@@ -132,10 +132,6 @@ export class PageRelay {
     return { requests: this.outstanding.length, deliveredOfFirst: this.outstanding[0]?.delivered ?? 0 };
   }
 
-  get attached(): boolean {
-    return this.channel !== undefined;
-  }
-
   /** Told each time the channel goes while the daemon still waits on it. */
   onDetached(listener: (reason: string) => void): void {
     this.detachedListeners.push(listener);
